@@ -1,0 +1,20 @@
+"""hubert-ray: distributed HuBERT feature extraction on Ray Data.
+
+Importing this package is cheap: it imports neither torch nor Ray.
+"""
+
+from hubert_ray.config import DecodeConfig, ExtractConfig, ModelConfig
+from hubert_ray.errors import ConfigError, ManifestError
+
+__all__ = [
+    "ConfigError", "DecodeConfig", "ExtractConfig", "ManifestError", "ModelConfig",
+    "read_features",
+]
+__version__ = "0.1.0"
+
+
+def read_features(uri, segment_ids=None, layer=None, storage_options=None):
+    """Read features written by the job; see :func:`hubert_ray.output.read_features`."""
+    from hubert_ray.output import read_features as _read
+
+    return _read(uri, segment_ids=segment_ids, layer=layer, storage_options=storage_options)

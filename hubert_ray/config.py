@@ -1,0 +1,170 @@
+"""Plain, frozen, validated configuration objects.
+
+Every config validates itself in ``__post_init__`` and raises :class:`ConfigError` naming the
+field, the value and what is allowed, so bad options fail before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hubert_ray.errors import ConfigError
+
+SAMPLE_RATE_HZ = 16_000
+MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
+DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
+STORAGE_DTYPES = ("float16", "float32")
+_LAYERS_RE = re.compile(r"^(all|last|\d+(\s*,\s*\d+)*)$")
+
+
+def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
+    """Resolve a layer spec (``"12"``, ``"6,9,12"``, ``"all"``, ``"last"``) to sorted indices.
+
+    Layer 0 is the projected CNN features before the first transformer layer
+    (transformers' ``hidden_states[0]``); layer k is the output of transformer layer k.
+    """
+    spec = spec.strip().lower()
+    if spec == "all":
+        return tuple(range(num_hidden_layers + 1))
+    if spec == "last":
+        return (num_hidden_layers,)
+    layers = sorted({int(p) for p in spec.split(",")})
+    bad = [k for k in layers if k > num_hidden_layers]
+    if bad:
+        raise ConfigError(
+            f"layers={spec!r} asks for layer(s) {bad}, but the model has "
+            f"{num_hidden_layers} transformer layers; allowed: 0..{num_hidden_layers}, 'all', 'last'"
+        )
+    return tuple(layers)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """CPU decode stage: fsspec open → soundfile decode → mono → soxr → cut → normalise."""
+
+    sample_rate_hz: int = SAMPLE_RATE_HZ
+    min_samples: int = MIN_SAMPLES
+    # A segment ending past the end of its audio by at most this much is clipped to the end;
+    # further out it is an error row (segment_out_of_range).
+    end_tolerance_s: float = 0.1
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.sample_rate_hz == SAMPLE_RATE_HZ, "sample_rate_hz", self.sample_rate_hz,
+                 f"{SAMPLE_RATE_HZ} (HuBERT is trained on 16 kHz audio)")
+        _require(self.min_samples >= MIN_SAMPLES, "min_samples", self.min_samples,
+                 f"an integer >= {MIN_SAMPLES}")
+        _require(0 <= self.end_tolerance_s <= 5, "end_tolerance_s", self.end_tolerance_s,
+                 "a number of seconds in [0, 5]")
+        _require(isinstance(self.storage_options, dict), "storage_options",
+                 self.storage_options, "a JSON object (dict)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model stage: one model per actor, exact padded batching, chunking, dtype."""
+
+    model_uri: str
+    layers: str = "last"
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU
+    storage_dtype: str = "float16"
+    chunk_seconds: float = 10.0
+    # Upper bound on padded samples in one forward micro-batch (rows x longest chunk).
+    max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
+    device: str = "auto"  # auto | cuda | cpu
+    num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model_uri, str) and bool(self.model_uri), "model",
+                 self.model_uri, "a local path or URL of a transformers model directory")
+        _require(isinstance(self.layers, str) and bool(_LAYERS_RE.match(self.layers.strip().lower())),
+                 "layers", self.layers, "'all', 'last', or comma-separated layer indices like 6,9,12")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, ", ".join(DTYPES))
+        _require(self.storage_dtype in STORAGE_DTYPES, "storage_dtype", self.storage_dtype,
+                 ", ".join(STORAGE_DTYPES))
+        _require(isinstance(self.chunk_seconds, (int, float))
+                 and self.chunk_seconds * SAMPLE_RATE_HZ >= MIN_SAMPLES,
+                 "chunk_seconds", self.chunk_seconds,
+                 f"a number of seconds >= {MIN_SAMPLES / SAMPLE_RATE_HZ}")
+        _require(isinstance(self.max_batch_samples, int)
+                 and self.max_batch_samples >= self.chunk_samples,
+                 "max_batch_samples", self.max_batch_samples,
+                 f"an integer >= one chunk ({self.chunk_samples} samples)")
+        _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
+        _require(isinstance(self.num_threads, int) and self.num_threads >= 0, "num_threads",
+                 self.num_threads, "an integer >= 0")
+
+    @property
+    def chunk_samples(self) -> int:
+        return int(round(self.chunk_seconds * SAMPLE_RATE_HZ))
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The whole job. Built by ``jobs.extract`` from the CLI and/or a YAML/JSON file."""
+
+    manifest: str
+    model: str
+    output: str
+    layers: str = "last"
+    dtype: str = "auto"
+    storage_dtype: str = "float16"
+    chunk_seconds: float = 10.0
+    batch_size: int = 64  # rows (segments) per model-actor call
+    max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
+    num_gpus: int | None = None  # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
+    num_cpu_actors: int = 1  # model actors when running on CPU
+    cpus_per_actor: float = 1.0
+    decode_batch_size: int = 16  # segments per decode task batch
+    rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
+    end_tolerance_s: float = 0.1
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("manifest", "model", "output"):
+            value = getattr(self, name)
+            _require(isinstance(value, str) and bool(value.strip()), name, value,
+                     "a non-empty local path or URL")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
+                 self.batch_size, "an integer >= 1")
+        _require(self.num_gpus is None or (isinstance(self.num_gpus, int) and self.num_gpus >= 0),
+                 "num_gpus", self.num_gpus, "an integer >= 0 (0 = run the model on CPU)")
+        _require(isinstance(self.num_cpu_actors, int) and self.num_cpu_actors >= 1,
+                 "num_cpu_actors", self.num_cpu_actors, "an integer >= 1")
+        _require(isinstance(self.cpus_per_actor, (int, float)) and self.cpus_per_actor > 0,
+                 "cpus_per_actor", self.cpus_per_actor, "a number > 0")
+        _require(isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,
+                 "decode_batch_size", self.decode_batch_size, "an integer >= 1")
+        _require(isinstance(self.rows_per_file, int) and self.rows_per_file >= 1,
+                 "rows_per_file", self.rows_per_file, "an integer >= 1")
+        # Validate the nested stage configs now, so errors surface at construction.
+        self.decode_config()
+        self.model_config()
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(end_tolerance_s=self.end_tolerance_s,
+                            storage_options=dict(self.storage_options))
+
+    def model_config(self, device: str = "auto") -> ModelConfig:
+        return ModelConfig(
+            model_uri=self.model, layers=self.layers, dtype=self.dtype,
+            storage_dtype=self.storage_dtype, chunk_seconds=self.chunk_seconds,
+            max_batch_samples=self.max_batch_samples, device=device,
+            storage_options=dict(self.storage_options),
+        )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

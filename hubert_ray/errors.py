@@ -1,0 +1,31 @@
+"""Error types and the error-row vocabulary shared by every stage.
+
+A failed segment is never dropped: it becomes one row with these fields, written to
+``<output>/errors/*.parquet`` and counted in the summary by ``reason``.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class ManifestError(ValueError):
+    """A manifest record is invalid; the message names the source, line and field."""
+
+
+# Stages that can produce error rows.
+STAGE_DECODE = "decode"
+STAGE_MODEL = "model"
+
+# Reasons (the summary's ``errors_by_reason`` keys).
+MISSING_FILE = "missing_file"  # the audio object does not exist
+READ_ERROR = "read_error"  # the object exists but could not be read (permissions, I/O)
+UNREADABLE_AUDIO = "unreadable_audio"  # corrupt, truncated, empty or unknown format
+SEGMENT_OUT_OF_RANGE = "segment_out_of_range"  # segment starts/ends outside the audio
+TOO_SHORT = "too_short"  # fewer than 400 samples at 16 kHz: HuBERT yields 0 frames
+NON_FINITE = "non_finite"  # NaN/inf in the input audio or in the model output
+MODEL_ERROR = "model_error"  # the forward pass raised for this segment
+
+ERROR_COLUMNS = ("segment_id", "recording_id", "stage", "reason", "message")
