@@ -22,7 +22,7 @@ _LAYERS_RE = re.compile(r"^(all|last|\d+(\s*,\s*\d+)*)$")
 
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}", field=name)
 
 
 def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
@@ -41,7 +41,8 @@ def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
     if bad:
         raise ConfigError(
             f"layers={spec!r} asks for layer(s) {bad}, but the model has "
-            f"{num_hidden_layers} transformer layers; allowed: 0..{num_hidden_layers}, 'all', 'last'"
+            f"{num_hidden_layers} transformer layers; allowed: 0..{num_hidden_layers}, 'all', 'last'",
+            field="layers",
         )
     return tuple(layers)
 
@@ -154,11 +155,11 @@ class ExtractConfig:
         return DecodeConfig(end_tolerance_s=self.end_tolerance_s,
                             storage_options=dict(self.storage_options))
 
-    def model_config(self, device: str = "auto") -> ModelConfig:
+    def model_config(self, device: str = "auto", num_threads: int = 0) -> ModelConfig:
         return ModelConfig(
             model_uri=self.model, layers=self.layers, dtype=self.dtype,
             storage_dtype=self.storage_dtype, chunk_seconds=self.chunk_seconds,
-            max_batch_samples=self.max_batch_samples, device=device,
+            max_batch_samples=self.max_batch_samples, device=device, num_threads=num_threads,
             storage_options=dict(self.storage_options),
         )
 

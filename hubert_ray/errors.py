@@ -8,7 +8,13 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
+    """A configuration value is invalid; the message names the field and what is allowed.
+
+    ``field`` is the config field at fault (the CLI maps it to its ``--option``)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ManifestError(ValueError):

@@ -1,0 +1,167 @@
+"""HuBERT forward pass with exact padded batching (imports torch; load it only in actors/tests).
+
+Why this exists: HuBERT-base's first conv layer normalises with GroupNorm over *time*, so zero
+padding changes every output frame of a padded item (the reason the model card says "no attention
+mask" and fairseq's dumper runs batch 1). :class:`ExactHubert` makes a padded batch give the
+same features as each item run alone:
+
+1. first-layer GroupNorm statistics are computed over each item's valid conv frames only
+   (in float32, whatever the compute dtype);
+2. the remaining conv layers have no padding and no normalisation, so valid frames only see
+   valid samples;
+3. padded frames are zeroed before the positional convolution (an item run alone sees zeros
+   there too: the conv's own zero padding);
+4. the transformer gets an attention mask over the padded frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hubert_ray.config import parse_layers
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def conv_output_lengths(lengths: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    return torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+
+
+def masked_group_norm(h: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm over ``h`` [B, C, T] using only the first ``lengths[b]`` time steps of item b
+    for the statistics (computed in float32). Padded steps are returned as zeros."""
+    b, c, t = h.shape
+    g = norm.num_groups
+    x = h.float().reshape(b, g, c // g, t)
+    mask = (torch.arange(t, device=h.device)[None, :] < lengths[:, None]).to(x.dtype)
+    mask = mask[:, None, None, :]
+    count = (lengths.to(x.dtype) * (c // g)).clamp(min=1)[:, None, None, None]
+    mean = (x * mask).sum(dim=(2, 3), keepdim=True) / count
+    var = (((x - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / count
+    x = (x - mean) * torch.rsqrt(var + norm.eps) * mask
+    x = x.reshape(b, c, t)
+    if norm.affine:
+        x = x * norm.weight.float()[None, :, None] + norm.bias.float()[None, :, None]
+    return x.to(h.dtype)
+
+
+class ExactHubert(nn.Module):
+    """Wraps a transformers ``HubertModel`` (or wav2vec2-style twin) for exact padded batches.
+
+    ``forward(x, lengths, layers)`` returns ``{layer: [B, F, H]}`` and the valid frame counts;
+    layer 0 is the encoder input after the positional convolution and layer norm
+    (transformers' ``hidden_states[0]``), layer k the output of transformer layer k.
+    Layers above the highest requested one are not computed.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        if getattr(self.config, "do_stable_layer_norm", False):
+            raise ValueError("stable-layer-norm (large) HuBERT variants are not supported yet")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def _feature_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for k, s in zip(self.config.conv_kernel, self.config.conv_stride, strict=True):
+            lengths = conv_output_lengths(lengths, k, s)
+        return lengths.clamp(min=0)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, layers: tuple[int, ...]):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        model = self.model
+        convs = list(model.feature_extractor.conv_layers)
+        h = x[:, None, :]
+        first = convs[0]
+        if isinstance(getattr(first, "layer_norm", None), nn.GroupNorm):
+            h = first.conv(h)
+            l0 = conv_output_lengths(lengths, self.config.conv_kernel[0], self.config.conv_stride[0])
+            h = first.activation(masked_group_norm(h, l0, first.layer_norm))
+            convs = convs[1:]
+        for conv in convs:
+            h = conv(h)
+        h = h.transpose(1, 2)  # [B, F, C]
+        frame_lengths = self._feature_lengths(lengths)
+        frame_mask = torch.arange(h.shape[1], device=h.device)[None, :] < frame_lengths[:, None]
+
+        h = model.feature_projection(h)
+        if isinstance(h, tuple):  # older transformers return (hidden, normed extract features)
+            h = h[0]
+        h = h.masked_fill(~frame_mask[..., None], 0.0)
+        encoder = model.encoder
+        attn_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=h, attention_mask=frame_mask
+        )
+        h = h + encoder.pos_conv_embed(h)
+        h = encoder.layer_norm(h)
+        out = {}
+        if 0 in layers:
+            out[0] = h
+        top = max(layers)
+        for i, layer in enumerate(encoder.layers, start=1):
+            if i > top:
+                break
+            h = layer(h, attention_mask=attn_mask)
+            if isinstance(h, tuple):
+                h = h[0]
+            if i in layers:
+                out[i] = h
+        return out, frame_lengths
+
+
+def model_revision(model_dir: str) -> str:
+    """Short content hash of the weights and config, recorded with every feature row."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith((".safetensors", ".json", ".bin")):
+            digest.update(name.encode())
+            with open(os.path.join(model_dir, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_name(model_dir: str) -> str:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    name = cfg.get("_name_or_path") or ""
+    return name if name and not os.path.isabs(name) else os.path.basename(model_dir.rstrip("/"))
+
+
+def load_hubert(model_dir: str, device: str | torch.device, dtype: str = "float32",
+                allow_pickle: bool = False) -> ExactHubert:
+    """``from_pretrained`` on a local directory (safetensors), eval mode, on ``device``."""
+    from transformers import HubertModel
+
+    model = HubertModel.from_pretrained(
+        model_dir, use_safetensors=not allow_pickle, attn_implementation="sdpa"
+    )
+    model.eval()
+    if dtype == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    else:
+        model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
+    return ExactHubert(model)
+
+
+@dataclass
+class ForwardResult:
+    """Per-item feature arrays: ``features[layer][i]`` is a [frames_i, hidden] tensor on CPU."""
+
+    features: dict[int, list[torch.Tensor]]
+    non_finite: list[bool]
+
+
+def resolve_layers(spec: str, model: ExactHubert) -> tuple[int, ...]:
+    return parse_layers(spec, model.num_hidden_layers)

@@ -1,0 +1,172 @@
+"""Output dataset: Parquet part files, the summary pass, and a Ray-free reader.
+
+Layout under ``<output>/``::
+
+    features/part-*.parquet   one row per segment (DESIGN.md schema), run config in metadata
+    errors/part-*.parquet     one row per failed segment: segment_id, recording_id, stage,
+                              reason, message
+    _summary.json             counts, errors by reason, audio seconds, wall time, x-realtime
+
+Part files appear whole: local files are written under a temporary name and renamed; object
+stores make an object visible only when its upload completes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import uuid
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hubert_ray import storage
+from hubert_ray.errors import ERROR_COLUMNS
+
+FEATURES_DIR = "features"
+ERRORS_DIR = "errors"
+SUMMARY_FILE = "_summary.json"
+META_KEY = b"hubert_ray.run"
+ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
+_MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
+
+
+def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Split model-stage output into (features rows, error rows)."""
+    failed = block.column("error_reason").is_valid()
+    ok = block.filter(pa.compute.invert(failed)).drop_columns(list(_MODEL_ERROR_FIELDS))
+    bad = block.filter(failed)
+    errs = pa.table(
+        {
+            "segment_id": bad.column("segment_id"),
+            "recording_id": bad.column("recording_id"),
+            "stage": bad.column("error_stage"),
+            "reason": bad.column("error_reason"),
+            "message": bad.column("error_message"),
+        },
+        schema=ERROR_SCHEMA,
+    )
+    return ok, errs
+
+
+def write_part(table: pa.Table, directory: str, metadata: dict | None,
+               storage_options: dict | None = None) -> str:
+    """Write ``table`` as one new Parquet file in ``directory``; returns its URL."""
+    if metadata:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), META_KEY: json.dumps(metadata).encode()}
+        )
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    fs, path = storage.filesystem(directory, storage_options)
+    final = f"{path.rstrip('/')}/{name}"
+    if storage.is_remote(directory):
+        with fs.open(final, "wb") as f:
+            pq.write_table(table, f)
+    else:
+        os.makedirs(path, exist_ok=True)
+        tmp = f"{path.rstrip('/')}/.{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+    return storage.join(directory, name)
+
+
+def _part_files(directory: str, storage_options: dict | None) -> tuple[object, list[str]]:
+    fs, path = storage.filesystem(directory, storage_options)
+    if not fs.exists(path):
+        return fs, []
+    if fs.isfile(path):
+        return fs, [path]
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                   and not os.path.basename(p).startswith("."))
+    return fs, files
+
+
+def read_table(directory: str, columns: list[str] | None = None,
+               storage_options: dict | None = None, filters=None) -> pa.Table | None:
+    """All part files of one output directory as a table (``None`` if there are none)."""
+    fs, files = _part_files(directory, storage_options)
+    if not files:
+        return None
+    return pq.ParquetDataset(files, filesystem=fs, filters=filters).read(columns=columns)
+
+
+def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
+    """The run config stored in the features files' Parquet metadata."""
+    fs, files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
+    if not files:
+        return {}
+    meta = pq.read_schema(files[0], filesystem=fs).metadata or {}
+    return json.loads(meta.get(META_KEY, b"{}"))
+
+
+def read_features(uri: str, segment_ids=None, layer: int | None = None,
+                  storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """Features of a finished job as ``{segment_id: array[num_frames, hidden]}`` (float16 or
+    float32 as stored). ``uri`` is the job's output directory (or its ``features/`` dir or one
+    Parquet file); ``layer`` defaults to the highest layer stored. Needs no Ray.
+    """
+    directory = uri if uri.rstrip("/").endswith((FEATURES_DIR, ".parquet")) else storage.join(
+        uri, FEATURES_DIR)
+    if not uri.rstrip("/").endswith(".parquet") and directory != uri:
+        fs, path = storage.filesystem(uri, storage_options)
+        if fs.exists(path) and not fs.exists(f"{path.rstrip('/')}/{SUMMARY_FILE}"):
+            warnings.warn(f"{uri} has no {SUMMARY_FILE}: the job has not finished; "
+                          "the dataset may be incomplete", stacklevel=2)
+    fs, files = _part_files(directory, storage_options)
+    if not files:
+        return {}
+    names = pq.read_schema(files[0], filesystem=fs).names
+    layers = sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("layer_"))
+    if layer is None:
+        layer = layers[-1]
+    if layer not in layers:
+        raise KeyError(f"layer {layer} not stored; available: {layers}")
+    filters = None
+    if segment_ids is not None:
+        filters = [("segment_id", "in", list(segment_ids))]
+    table = pq.ParquetDataset(files, filesystem=fs, filters=filters).read(
+        columns=["segment_id", f"layer_{layer}"])
+    out: dict[str, np.ndarray] = {}
+    ids = table.column("segment_id").to_pylist()
+    col = table.column(f"layer_{layer}").combine_chunks()
+    hidden = col.type.value_type.list_size
+    offsets = col.offsets.to_numpy()
+    flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, hidden)
+    for i, sid in enumerate(ids):
+        out[sid] = flat[offsets[i] : offsets[i + 1]]
+    return out
+
+
+def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = None) -> dict:
+    """Count what the output holds, checking every manifest segment appears exactly once."""
+    feats = read_table(storage.join(uri, FEATURES_DIR),
+                       ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype"],
+                       storage_options)
+    errs = read_table(storage.join(uri, ERRORS_DIR), None, storage_options)
+    ok_ids = feats.column("segment_id").to_pylist() if feats is not None else []
+    err_ids = errs.column("segment_id").to_pylist() if errs is not None else []
+    seen = collections.Counter(ok_ids) + collections.Counter(err_ids)
+    expected = set(segment_ids)
+    summary = {
+        "segments_total": len(segment_ids),
+        "segments_ok": len(ok_ids),
+        "segments_failed": len(err_ids),
+        "segments_missing": len(expected - set(seen)),
+        "segments_duplicated": sum(1 for c in seen.values() if c > 1),
+        "segments_unexpected": len(set(seen) - expected),
+        "errors_by_reason": dict(sorted(collections.Counter(
+            errs.column("reason").to_pylist() if errs is not None else []).items())),
+        "audio_seconds": 0.0,
+        "frames": 0,
+        "compute_dtype_counts": {},
+    }
+    if feats is not None:
+        dur = pa.compute.subtract(feats.column("end_s"), feats.column("start_s"))
+        summary["audio_seconds"] = round(float(pa.compute.sum(dur).as_py() or 0.0), 3)
+        summary["frames"] = int(pa.compute.sum(feats.column("num_frames")).as_py() or 0)
+        summary["compute_dtype_counts"] = dict(collections.Counter(
+            feats.column("compute_dtype").to_pylist()))
+    return summary

@@ -1,0 +1,193 @@
+"""The one module that talks to Ray: wires the stages into a Ray Data pipeline and runs it.
+
+read (segment rows, recording-ordered blocks) → DecodeStage (CPU tasks) → HubertStage (actor
+pool: one model per GPU, or CPU actors) → FeatureSink (features/ and errors/ Parquet parts) →
+summary pass over the written files → ``_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pyarrow as pa
+
+from hubert_ray import manifest, output, storage
+from hubert_ray.config import ExtractConfig, parse_layers
+from hubert_ray.errors import ConfigError
+
+log = logging.getLogger("hubert_ray")
+
+
+# -- checks that run before any Ray work -------------------------------------------------------
+def read_model_config(model_uri: str, storage_options: dict | None = None) -> dict:
+    """The model directory's ``config.json``, checking the weights are safetensors."""
+    fs, path = storage.filesystem(model_uri, storage_options)
+    cfg_path = f"{path.rstrip('/')}/config.json"
+    if not fs.exists(cfg_path):
+        raise ConfigError(f"model={model_uri!r} has no config.json; expected a directory written "
+                          "by save_pretrained (config.json + model.safetensors)", field="model")
+    names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ConfigError(f"model={model_uri!r} has no *.safetensors weights (found: "
+                          f"{sorted(names)}); pickle-based weights are not loaded", field="model")
+    with fs.open(cfg_path, "r") as f:
+        return json.load(f)
+
+
+def redacted(cfg: ExtractConfig) -> dict:
+    """The run config as recorded in outputs: storage option values are never written."""
+    d = cfg.to_dict()
+    d["storage_options"] = sorted(d["storage_options"])
+    return d
+
+
+def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
+    """Cut the recording-ordered segment table into blocks of about ``target_rows`` rows at
+    recording boundaries, so each decode task decodes each of its recordings once."""
+    rec = table.column("recording_id").to_pylist()
+    blocks, start = [], 0
+    for i in range(1, len(rec) + 1):
+        if i == len(rec) or (i - start >= target_rows and rec[i] != rec[i - 1]):
+            blocks.append(table.slice(start, i - start))
+            start = i
+    return blocks
+
+
+def prepare_output(cfg: ExtractConfig, overwrite: bool) -> None:
+    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
+    existing = [
+        p for p in (output.FEATURES_DIR, output.ERRORS_DIR, output.SUMMARY_FILE)
+        if fs.exists(f"{path.rstrip('/')}/{p}")
+    ]
+    if existing and not overwrite:
+        raise ConfigError(f"output={cfg.output!r} already holds a dataset ({', '.join(existing)});"
+                          " pass --overwrite to replace it", field="output")
+    for p in existing:
+        fs.rm(f"{path.rstrip('/')}/{p}", recursive=True)
+
+
+# -- Ray wiring ---------------------------------------------------------------------------------
+_DECODERS: dict[str, object] = {}
+
+
+def _decode(batch: pa.Table, config) -> pa.Table:
+    """Task UDF: one DecodeStage per worker process (keeps its last-recording cache)."""
+    from hubert_ray.audio import DecodeStage
+
+    key = repr(config)
+    if key not in _DECODERS:
+        _DECODERS.clear()
+        _DECODERS[key] = DecodeStage(config)
+    return _DECODERS[key](batch)
+
+
+def _make_sink(cfg: ExtractConfig, metadata: dict):
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource import Datasink
+
+    class FeatureSink(Datasink):
+        """Writes each block's feature rows and error rows as Parquet parts."""
+
+        def write(self, blocks, ctx):
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return {"ok": 0, "failed": 0}
+            ok, bad = output.split_block(pa.concat_tables(tables))
+            for start in range(0, ok.num_rows, cfg.rows_per_file):
+                output.write_part(ok.slice(start, cfg.rows_per_file),
+                                  storage.join(cfg.output, output.FEATURES_DIR), metadata,
+                                  cfg.storage_options)
+            if bad.num_rows:
+                output.write_part(bad, storage.join(cfg.output, output.ERRORS_DIR), metadata,
+                                  cfg.storage_options)
+            return {"ok": ok.num_rows, "failed": bad.num_rows}
+
+        @property
+        def min_rows_per_write(self):
+            return cfg.rows_per_file
+
+        def get_name(self) -> str:
+            return "HubertFeatures"
+
+    return FeatureSink()
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+
+
+def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
+    """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
+    t_start = time.time()
+    recordings = manifest.read_manifest(cfg.manifest, cfg.storage_options)
+    segments = manifest.segment_table(recordings)
+    model_json = read_model_config(cfg.model, cfg.storage_options)
+    layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
+    prepare_output(cfg, overwrite)
+    log.info("manifest: %d recordings, %d segments; layers %s", len(recordings),
+             segments.num_rows, list(layers))
+
+    import ray
+
+    init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n_gpu_actors = gpus if cfg.num_gpus is None else cfg.num_gpus
+    if cfg.num_gpus and cfg.num_gpus > gpus:
+        raise ConfigError(f"num_gpus={cfg.num_gpus} but the cluster has {gpus} GPU(s)",
+                          field="num_gpus")
+    if n_gpu_actors:
+        model_cfg = cfg.model_config(device="auto")
+        resources = {"num_gpus": 1}
+        pool = n_gpu_actors
+    else:
+        model_cfg = cfg.model_config(device="cpu", num_threads=max(1, int(cfg.cpus_per_actor)))
+        resources = {"num_cpus": cfg.cpus_per_actor}
+        pool = cfg.num_cpu_actors
+    log.info("model actors: %d on %s", pool, "GPU" if n_gpu_actors else "CPU")
+
+    metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
+    ds = ray.data.from_arrow(segment_blocks(segments, cfg.decode_batch_size))
+    ds = ds.map_batches(_decode, fn_kwargs={"config": cfg.decode_config()}, batch_size=None,
+                        batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(
+        _model_stage_cls(), fn_constructor_kwargs={"config": model_cfg},
+        compute=ray.data.ActorPoolStrategy(size=pool), batch_size=cfg.batch_size,
+        batch_format="pyarrow", **resources,
+    )
+    ds.write_datasink(_make_sink(cfg, metadata))
+
+    summary = output.summarize(cfg.output, segments.column("segment_id").to_pylist(),
+                               cfg.storage_options)
+    wall = time.time() - t_start
+    summary.update({
+        "wall_seconds": round(wall, 3),
+        "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
+        "recordings_total": len(recordings),
+        "layers": list(layers),
+        "model_actors": pool,
+        "device": "gpu" if n_gpu_actors else "cpu",
+        "config": redacted(cfg),
+    })
+    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
+    with fs.open(f"{path.rstrip('/')}/{output.SUMMARY_FILE}", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _model_stage_cls():
+    from hubert_ray.extractor import HubertStage
+
+    return HubertStage

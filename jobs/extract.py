@@ -1,0 +1,118 @@
+"""Run the extraction job.
+
+    python -m jobs.extract --manifest M --model DIR --output OUT [--layers 6,9,12]
+        [--dtype float16] [--chunk-seconds 10] [--batch-size 64] [--num-gpus N] [--config FILE]
+
+Options may also come from a YAML/JSON file (``--config``; keys are the option names with
+``_`` or ``-``); command-line options override the file. Under ``ray job submit`` the job joins
+the cluster named by ``RAY_ADDRESS``; otherwise it starts Ray locally. Bad options exit with
+code 2 and a message naming the option and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from hubert_ray.config import ExtractConfig
+from hubert_ray.errors import ConfigError, ManifestError
+
+# option -> (type, help); every option maps to the ExtractConfig field of the same name.
+OPTIONS: dict[str, tuple[type, str]] = {
+    "manifest": (str, "manifest: JSONL, Parquet (raw or canonical) or fairseq TSV; path or URL"),
+    "model": (str, "model directory (save_pretrained, safetensors); path or URL"),
+    "output": (str, "output directory; path or URL"),
+    "layers": (str, "layers to store: 'last' (default), 'all', or e.g. 6,9,12 (0 = CNN proj.)"),
+    "dtype": (str, "compute dtype: auto (float16 on GPU, float32 on CPU), float16, bfloat16, "
+                   "float32, int8 (CPU dynamic quantisation)"),
+    "storage_dtype": (str, "stored feature dtype: float16 (default) or float32"),
+    "chunk_seconds": (float, "split segments longer than this into chunks (default 10)"),
+    "batch_size": (int, "segments per model-actor call (default 64)"),
+    "max_batch_samples": (int, "padded-sample budget of one forward micro-batch"),
+    "num_gpus": (int, "model actors on GPUs (default: all GPUs in the cluster; 0 = CPU)"),
+    "num_cpu_actors": (int, "model actors when running on CPU (default 1)"),
+    "cpus_per_actor": (float, "CPUs (and torch threads) per CPU model actor (default 1)"),
+    "decode_batch_size": (int, "segments per decode task (default 16)"),
+    "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
+    "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
+    "storage_options": (json.loads, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors already exit 2; keep its format
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m jobs.extract", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML or JSON file with any of the options below")
+    for name, (typ, help_) in OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=help_)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def load_config_file(path: str) -> dict:
+    import fsspec
+    import yaml
+
+    with fsspec.open(path, "r") as f:
+        data = yaml.safe_load(f)  # YAML is a superset of JSON
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option: value",
+                          field="config")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(OPTIONS) - {"overwrite"})
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}; allowed: "
+                          f"{sorted(OPTIONS)}", field="config")
+    return data
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
+    values = load_config_file(args.config) if args.config else {}
+    overwrite = bool(values.pop("overwrite", False)) or args.overwrite
+    values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
+    missing = [k for k in ("manifest", "model", "output") if not values.get(k)]
+    if missing:
+        raise ConfigError(f"missing required option(s): "
+                          f"{', '.join('--' + m for m in missing)}", field=missing[0])
+    return ExtractConfig(**values), overwrite
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg, overwrite = config_from_args(args)
+        from hubert_ray import pipeline
+
+        if args.quiet:
+            import ray.data
+
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        summary = pipeline.run(cfg, overwrite=overwrite)
+    except ConfigError as e:
+        option = f"--{e.field.replace('_', '-')}: " if e.field else ""
+        print(f"error: {option}{e}", file=sys.stderr)
+        return 2
+    except ManifestError as e:
+        print(f"error: --manifest: {e}", file=sys.stderr)
+        return 2
+    shown = {k: v for k, v in summary.items() if k != "config"}
+    print(json.dumps(shown, indent=2))
+    print(f"features: {cfg.output.rstrip('/')}/features  errors: {cfg.output.rstrip('/')}/errors"
+          f"  summary: {cfg.output.rstrip('/')}/_summary.json")
+    bad = summary["segments_missing"] + summary["segments_duplicated"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
