@@ -239,8 +239,10 @@ class DecodeStage:
                 offsets[i + 1] = total
                 continue
             try:
-                if ends[i] is None:
-                    out_end[i] = audio.shape[0] / sr
+                # Whole-file segments get the real end; ends clipped within the tolerance
+                # report where the audio actually ends.
+                duration = audio.shape[0] / sr
+                out_end[i] = duration if ends[i] is None else min(float(ends[i]), duration)
                 start = 0.0 if starts[i] is None else float(starts[i])
                 try:
                     seg = cut_segment(audio, start, ends[i], cfg.end_tolerance_s, sr)

@@ -1,0 +1,36 @@
+"""Shared fixtures: one local Ray session for the whole run, a tiny model, a generated corpus."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from hubert_ray.synth import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-hubert"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """Path of the generated corpus' JSONL manifest (expected.json lies beside it)."""
+    from hubert_ray.synth import make_corpus
+
+    return make_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Local Ray with enough logical CPUs for the decode tasks plus two CPU model actors."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,112 @@
+"""Pure tests of frame counting, chunk planning and micro-batch packing (no torch, no Ray)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hubert_ray.chunking import HOP, RECEPTIVE_FIELD, num_frames, pack_micro_batches, plan_chunks
+
+OVERLAP = RECEPTIVE_FIELD - HOP  # 80 samples
+
+
+@pytest.mark.parametrize(
+    "n, expected",
+    [(0, 0), (1, 0), (399, 0), (400, 1), (719, 1), (720, 2), (16000, 49), (160000, 499)],
+)
+def test_num_frames_values(n, expected):
+    assert num_frames(n) == expected
+
+
+def test_num_frames_formula():
+    for n in range(0, 5000):
+        expected = 0 if n < 400 else (n - 400) // 320 + 1
+        assert num_frames(n) == expected
+
+
+def _sample_lengths(chunk_samples: int, rng: random.Random) -> list[int]:
+    edges = {0, 1, 399, 400, 401, 719, 720, 721, 16000, 160000}
+    for m in (1, 2, 3, 7):
+        base = m * chunk_samples
+        edges.update(base + d for d in (-321, -320, -81, -80, -1, 0, 1, 80, 319, 320, 321))
+    edges.update(rng.randrange(0, 40 * chunk_samples) for _ in range(150))
+    return sorted(n for n in edges if n >= 0)
+
+
+@pytest.mark.parametrize("chunk_samples", [400, 720, 1000, 8000, 16000, 160000])
+def test_plan_chunks_covers_exactly(chunk_samples):
+    rng = random.Random(chunk_samples)
+    for n in _sample_lengths(chunk_samples, rng):
+        chunks = plan_chunks(n, chunk_samples)
+        assert chunks, n
+        assert chunks[0][0] == 0
+        assert chunks[-1][1] == n
+        for (s0, e0), (s1, _) in zip(chunks, chunks[1:], strict=False):
+            # contiguous coverage with exactly the receptive-field overlap
+            assert s1 == e0 - OVERLAP, (n, chunk_samples, chunks)
+        for i, (s, e) in enumerate(chunks):
+            assert s % HOP == 0, (n, chunk_samples, chunks)
+            assert e > s or n == 0
+            if i < len(chunks) - 1:
+                assert e - s <= chunk_samples, (n, chunk_samples, chunks)
+                assert e - s >= RECEPTIVE_FIELD
+            else:
+                assert e - s < chunk_samples + HOP, (n, chunk_samples, chunks)
+        assert sum(num_frames(e - s) for s, e in chunks) == num_frames(n), (n, chunk_samples)
+        if num_frames(n) <= num_frames(chunk_samples):
+            assert chunks == [(0, n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 399, 400, 720, 7999, 8000, 8079])
+def test_plan_chunks_short_input_is_one_chunk(n):
+    # up to num_frames(8000) == 24 frames (8079 samples) fit in one 8000-sample chunk
+    assert plan_chunks(n, 8000) == [(0, n)]
+
+
+def test_plan_chunks_one_frame_over_splits():
+    assert num_frames(8080) == num_frames(8000) + 1
+    assert len(plan_chunks(8080, 8000)) == 2
+
+
+def test_plan_chunks_frames_spread_evenly():
+    # 10.5 s at 10 s chunks: two similar chunks, not 10 s + 0.5 s.
+    chunks = plan_chunks(168000, 160000)
+    frames = [num_frames(e - s) for s, e in chunks]
+    assert len(chunks) == 2
+    assert max(frames) - min(frames) <= 1
+
+
+def _check_packing(lengths, budget):
+    batches = pack_micro_batches(lengths, budget)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
+    for b in batches:
+        assert b, batches
+        if len(b) > 1:
+            assert len(b) * max(lengths[i] for i in b) <= budget, (b, budget)
+    # longest first: flattened order is non-increasing in length
+    flat_lengths = [lengths[i] for i in flat]
+    assert flat_lengths == sorted(flat_lengths, reverse=True)
+    return batches
+
+
+def test_pack_micro_batches_random():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randrange(0, 60)
+        lengths = [rng.randrange(1, 200000) for _ in range(n)]
+        budget = rng.choice([400, 8000, 16000, 160000, 640000, 10**7])
+        _check_packing(lengths, budget)
+
+
+def test_pack_micro_batches_cases():
+    assert pack_micro_batches([], 1000) == []
+    # an item longer than the budget runs alone
+    batches = _check_packing([5000, 10, 20], 1000)
+    assert batches[0] == [0]
+    # everything fits into one batch
+    assert _check_packing([100, 300, 200], 900) == [[1, 2, 0]]
+    # budget allows exactly two of the longest
+    batches = _check_packing([100] * 5, 200)
+    assert [len(b) for b in batches] == [2, 2, 1]
