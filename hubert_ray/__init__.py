@@ -7,7 +7,11 @@ from hubert_ray.config import DecodeConfig, ExtractConfig, ModelConfig
 from hubert_ray.errors import ConfigError, ManifestError
 
 __all__ = [
-    "ConfigError", "DecodeConfig", "ExtractConfig", "ManifestError", "ModelConfig",
+    "ConfigError",
+    "DecodeConfig",
+    "ExtractConfig",
+    "ManifestError",
+    "ModelConfig",
     "read_features",
 ]
 __version__ = "0.1.0"

@@ -41,7 +41,8 @@ def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
     if bad:
         raise ConfigError(
             f"layers={spec!r} asks for layer(s) {bad}, but the model has "
-            f"{num_hidden_layers} transformer layers; allowed: 0..{num_hidden_layers}, 'all', 'last'",
+            f"{num_hidden_layers} transformer layers; "
+            f"allowed: 0..{num_hidden_layers}, 'all', 'last'",
             field="layers",
         )
     return tuple(layers)
@@ -59,14 +60,30 @@ class DecodeConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.sample_rate_hz == SAMPLE_RATE_HZ, "sample_rate_hz", self.sample_rate_hz,
-                 f"{SAMPLE_RATE_HZ} (HuBERT is trained on 16 kHz audio)")
-        _require(self.min_samples >= MIN_SAMPLES, "min_samples", self.min_samples,
-                 f"an integer >= {MIN_SAMPLES}")
-        _require(0 <= self.end_tolerance_s <= 5, "end_tolerance_s", self.end_tolerance_s,
-                 "a number of seconds in [0, 5]")
-        _require(isinstance(self.storage_options, dict), "storage_options",
-                 self.storage_options, "a JSON object (dict)")
+        _require(
+            self.sample_rate_hz == SAMPLE_RATE_HZ,
+            "sample_rate_hz",
+            self.sample_rate_hz,
+            f"{SAMPLE_RATE_HZ} (HuBERT is trained on 16 kHz audio)",
+        )
+        _require(
+            self.min_samples >= MIN_SAMPLES,
+            "min_samples",
+            self.min_samples,
+            f"an integer >= {MIN_SAMPLES}",
+        )
+        _require(
+            0 <= self.end_tolerance_s <= 5,
+            "end_tolerance_s",
+            self.end_tolerance_s,
+            "a number of seconds in [0, 5]",
+        )
+        _require(
+            isinstance(self.storage_options, dict),
+            "storage_options",
+            self.storage_options,
+            "a JSON object (dict)",
+        )
 
 
 @dataclass(frozen=True)
@@ -85,24 +102,46 @@ class ModelConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.model_uri, str) and bool(self.model_uri), "model",
-                 self.model_uri, "a local path or URL of a transformers model directory")
-        _require(isinstance(self.layers, str) and bool(_LAYERS_RE.match(self.layers.strip().lower())),
-                 "layers", self.layers, "'all', 'last', or comma-separated layer indices like 6,9,12")
+        _require(
+            isinstance(self.model_uri, str) and bool(self.model_uri),
+            "model",
+            self.model_uri,
+            "a local path or URL of a transformers model directory",
+        )
+        _require(
+            isinstance(self.layers, str) and bool(_LAYERS_RE.match(self.layers.strip().lower())),
+            "layers",
+            self.layers,
+            "'all', 'last', or comma-separated layer indices like 6,9,12",
+        )
         _require(self.dtype in DTYPES, "dtype", self.dtype, ", ".join(DTYPES))
-        _require(self.storage_dtype in STORAGE_DTYPES, "storage_dtype", self.storage_dtype,
-                 ", ".join(STORAGE_DTYPES))
-        _require(isinstance(self.chunk_seconds, (int, float))
-                 and self.chunk_seconds * SAMPLE_RATE_HZ >= MIN_SAMPLES,
-                 "chunk_seconds", self.chunk_seconds,
-                 f"a number of seconds >= {MIN_SAMPLES / SAMPLE_RATE_HZ}")
-        _require(isinstance(self.max_batch_samples, int)
-                 and self.max_batch_samples >= self.chunk_samples,
-                 "max_batch_samples", self.max_batch_samples,
-                 f"an integer >= one chunk ({self.chunk_samples} samples)")
+        _require(
+            self.storage_dtype in STORAGE_DTYPES,
+            "storage_dtype",
+            self.storage_dtype,
+            ", ".join(STORAGE_DTYPES),
+        )
+        _require(
+            isinstance(self.chunk_seconds, (int, float))
+            and self.chunk_seconds * SAMPLE_RATE_HZ >= MIN_SAMPLES,
+            "chunk_seconds",
+            self.chunk_seconds,
+            f"a number of seconds >= {MIN_SAMPLES / SAMPLE_RATE_HZ}",
+        )
+        _require(
+            isinstance(self.max_batch_samples, int)
+            and self.max_batch_samples >= self.chunk_samples,
+            "max_batch_samples",
+            self.max_batch_samples,
+            f"an integer >= one chunk ({self.chunk_samples} samples)",
+        )
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
-        _require(isinstance(self.num_threads, int) and self.num_threads >= 0, "num_threads",
-                 self.num_threads, "an integer >= 0")
+        _require(
+            isinstance(self.num_threads, int) and self.num_threads >= 0,
+            "num_threads",
+            self.num_threads,
+            "an integer >= 0",
+        )
 
     @property
     def chunk_samples(self) -> int:
@@ -133,33 +172,67 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         for name in ("manifest", "model", "output"):
             value = getattr(self, name)
-            _require(isinstance(value, str) and bool(value.strip()), name, value,
-                     "a non-empty local path or URL")
-        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
-                 self.batch_size, "an integer >= 1")
-        _require(self.num_gpus is None or (isinstance(self.num_gpus, int) and self.num_gpus >= 0),
-                 "num_gpus", self.num_gpus, "an integer >= 0 (0 = run the model on CPU)")
-        _require(isinstance(self.num_cpu_actors, int) and self.num_cpu_actors >= 1,
-                 "num_cpu_actors", self.num_cpu_actors, "an integer >= 1")
-        _require(isinstance(self.cpus_per_actor, (int, float)) and self.cpus_per_actor > 0,
-                 "cpus_per_actor", self.cpus_per_actor, "a number > 0")
-        _require(isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,
-                 "decode_batch_size", self.decode_batch_size, "an integer >= 1")
-        _require(isinstance(self.rows_per_file, int) and self.rows_per_file >= 1,
-                 "rows_per_file", self.rows_per_file, "an integer >= 1")
+            _require(
+                isinstance(value, str) and bool(value.strip()),
+                name,
+                value,
+                "a non-empty local path or URL",
+            )
+        _require(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "batch_size",
+            self.batch_size,
+            "an integer >= 1",
+        )
+        _require(
+            self.num_gpus is None or (isinstance(self.num_gpus, int) and self.num_gpus >= 0),
+            "num_gpus",
+            self.num_gpus,
+            "an integer >= 0 (0 = run the model on CPU)",
+        )
+        _require(
+            isinstance(self.num_cpu_actors, int) and self.num_cpu_actors >= 1,
+            "num_cpu_actors",
+            self.num_cpu_actors,
+            "an integer >= 1",
+        )
+        _require(
+            isinstance(self.cpus_per_actor, (int, float)) and self.cpus_per_actor > 0,
+            "cpus_per_actor",
+            self.cpus_per_actor,
+            "a number > 0",
+        )
+        _require(
+            isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,
+            "decode_batch_size",
+            self.decode_batch_size,
+            "an integer >= 1",
+        )
+        _require(
+            isinstance(self.rows_per_file, int) and self.rows_per_file >= 1,
+            "rows_per_file",
+            self.rows_per_file,
+            "an integer >= 1",
+        )
         # Validate the nested stage configs now, so errors surface at construction.
         self.decode_config()
         self.model_config()
 
     def decode_config(self) -> DecodeConfig:
-        return DecodeConfig(end_tolerance_s=self.end_tolerance_s,
-                            storage_options=dict(self.storage_options))
+        return DecodeConfig(
+            end_tolerance_s=self.end_tolerance_s, storage_options=dict(self.storage_options)
+        )
 
     def model_config(self, device: str = "auto", num_threads: int = 0) -> ModelConfig:
         return ModelConfig(
-            model_uri=self.model, layers=self.layers, dtype=self.dtype,
-            storage_dtype=self.storage_dtype, chunk_seconds=self.chunk_seconds,
-            max_batch_samples=self.max_batch_samples, device=device, num_threads=num_threads,
+            model_uri=self.model,
+            layers=self.layers,
+            dtype=self.dtype,
+            storage_dtype=self.storage_dtype,
+            chunk_seconds=self.chunk_seconds,
+            max_batch_samples=self.max_batch_samples,
+            device=device,
+            num_threads=num_threads,
             storage_options=dict(self.storage_options),
         )
 

@@ -62,7 +62,9 @@ class HubertStage:
         from hubert_ray.storage import local_model_dir
 
         self.config = config
-        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        use_cuda = config.device == "cuda" or (
+            config.device == "auto" and torch.cuda.is_available()
+        )
         self.device = torch.device("cuda" if use_cuda else "cpu")
         if not use_cuda:
             if config.num_threads:
@@ -72,7 +74,9 @@ class HubertStage:
         if dtype == "auto":
             dtype = "float16" if use_cuda else "float32"
         if dtype == "int8" and use_cuda:
-            raise ValueError("dtype=int8 (dynamic quantisation) runs on CPU only; use float16 on GPU")
+            raise ValueError(
+                "dtype=int8 (dynamic quantisation) runs on CPU only; use float16 on GPU"
+            )
         self.dtype = dtype
         self.model_dir = local_model_dir(config.model_uri, config.storage_options)
         self.net = hm.load_hubert(self.model_dir, self.device, dtype)
@@ -108,8 +112,9 @@ class HubertStage:
         store = torch.float16 if self.config.storage_dtype == "float16" else torch.float32
         finite = torch.ones(len(chunks), dtype=torch.bool, device=self.device)
         fl = frame_lengths.tolist()
-        mask = torch.arange(out[self.layers[0]].shape[1], device=self.device)[None, :] < (
-            frame_lengths[:, None]
+        mask = (
+            torch.arange(out[self.layers[0]].shape[1], device=self.device)[None, :]
+            < (frame_lengths[:, None])
         )
         for k in self.layers:
             valid = torch.isfinite(out[k]).all(dim=-1) | ~mask
@@ -177,7 +182,9 @@ class HubertStage:
         message = batch.column("error_message").to_pylist()
         for i in bad_rows:
             stage[i], reason[i] = errors.STAGE_MODEL, errors.NON_FINITE
-            message[i] = f"non-finite model output for {batch.column('segment_id')[i]} even in float32"
+            message[i] = (
+                f"non-finite model output for {batch.column('segment_id')[i]} even in float32"
+            )
         cols = {
             "segment_id": batch.column("segment_id"),
             "recording_id": batch.column("recording_id"),
@@ -186,7 +193,9 @@ class HubertStage:
             "num_frames": pa.array(frames, pa.int32()),
         }
         for k in self.layers:
-            cols[f"layer_{k}"] = features_array(per_layer[k], self.hidden, self.config.storage_dtype)
+            cols[f"layer_{k}"] = features_array(
+                per_layer[k], self.hidden, self.config.storage_dtype
+            )
         cols["model"] = pa.array([self.model_name] * n, pa.string())
         cols["model_revision"] = pa.array([self.revision] * n, pa.string())
         cols["compute_dtype"] = pa.array([row_dtype.get(i) for i in range(n)], pa.string())

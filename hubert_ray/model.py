@@ -35,7 +35,8 @@ def conv_output_lengths(lengths: torch.Tensor, kernel: int, stride: int) -> torc
 
 def masked_group_norm(h: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm over ``h`` [B, C, T] using only the first ``lengths[b]`` time steps of item b
-    for the statistics (computed in float32). Padded steps are returned as zeros."""
+    for the statistics (computed in float32). Padded steps hold only the affine bias; no
+    valid output frame of the later (unpadded) convs reads them."""
     b, c, t = h.shape
     g = norm.num_groups
     x = h.float().reshape(b, g, c // g, t)
@@ -86,7 +87,9 @@ class ExactHubert(nn.Module):
         first = convs[0]
         if isinstance(getattr(first, "layer_norm", None), nn.GroupNorm):
             h = first.conv(h)
-            l0 = conv_output_lengths(lengths, self.config.conv_kernel[0], self.config.conv_stride[0])
+            l0 = conv_output_lengths(
+                lengths, self.config.conv_kernel[0], self.config.conv_stride[0]
+            )
             h = first.activation(masked_group_norm(h, l0, first.layer_norm))
             convs = convs[1:]
         for conv in convs:
@@ -139,8 +142,9 @@ def model_name(model_dir: str) -> str:
     return name if name and not os.path.isabs(name) else os.path.basename(model_dir.rstrip("/"))
 
 
-def load_hubert(model_dir: str, device: str | torch.device, dtype: str = "float32",
-                allow_pickle: bool = False) -> ExactHubert:
+def load_hubert(
+    model_dir: str, device: str | torch.device, dtype: str = "float32", allow_pickle: bool = False
+) -> ExactHubert:
     """``from_pretrained`` on a local directory (safetensors), eval mode, on ``device``."""
     from transformers import HubertModel
 

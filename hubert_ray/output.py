@@ -52,8 +52,9 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table]:
     return ok, errs
 
 
-def write_part(table: pa.Table, directory: str, metadata: dict | None,
-               storage_options: dict | None = None) -> str:
+def write_part(
+    table: pa.Table, directory: str, metadata: dict | None, storage_options: dict | None = None
+) -> str:
     """Write ``table`` as one new Parquet file in ``directory``; returns its URL."""
     if metadata:
         table = table.replace_schema_metadata(
@@ -79,13 +80,20 @@ def _part_files(directory: str, storage_options: dict | None) -> tuple[object, l
         return fs, []
     if fs.isfile(path):
         return fs, [path]
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
-                   and not os.path.basename(p).startswith("."))
+    files = sorted(
+        p
+        for p in fs.find(path)
+        if p.endswith(".parquet") and not os.path.basename(p).startswith(".")
+    )
     return fs, files
 
 
-def read_table(directory: str, columns: list[str] | None = None,
-               storage_options: dict | None = None, filters=None) -> pa.Table | None:
+def read_table(
+    directory: str,
+    columns: list[str] | None = None,
+    storage_options: dict | None = None,
+    filters=None,
+) -> pa.Table | None:
     """All part files of one output directory as a table (``None`` if there are none)."""
     fs, files = _part_files(directory, storage_options)
     if not files:
@@ -102,19 +110,26 @@ def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
     return json.loads(meta.get(META_KEY, b"{}"))
 
 
-def read_features(uri: str, segment_ids=None, layer: int | None = None,
-                  storage_options: dict | None = None) -> dict[str, np.ndarray]:
+def read_features(
+    uri: str, segment_ids=None, layer: int | None = None, storage_options: dict | None = None
+) -> dict[str, np.ndarray]:
     """Features of a finished job as ``{segment_id: array[num_frames, hidden]}`` (float16 or
     float32 as stored). ``uri`` is the job's output directory (or its ``features/`` dir or one
     Parquet file); ``layer`` defaults to the highest layer stored. Needs no Ray.
     """
-    directory = uri if uri.rstrip("/").endswith((FEATURES_DIR, ".parquet")) else storage.join(
-        uri, FEATURES_DIR)
+    directory = (
+        uri
+        if uri.rstrip("/").endswith((FEATURES_DIR, ".parquet"))
+        else storage.join(uri, FEATURES_DIR)
+    )
     if not uri.rstrip("/").endswith(".parquet") and directory != uri:
         fs, path = storage.filesystem(uri, storage_options)
         if fs.exists(path) and not fs.exists(f"{path.rstrip('/')}/{SUMMARY_FILE}"):
-            warnings.warn(f"{uri} has no {SUMMARY_FILE}: the job has not finished; "
-                          "the dataset may be incomplete", stacklevel=2)
+            warnings.warn(
+                f"{uri} has no {SUMMARY_FILE}: the job has not finished; "
+                "the dataset may be incomplete",
+                stacklevel=2,
+            )
     fs, files = _part_files(directory, storage_options)
     if not files:
         return {}
@@ -128,7 +143,8 @@ def read_features(uri: str, segment_ids=None, layer: int | None = None,
     if segment_ids is not None:
         filters = [("segment_id", "in", list(segment_ids))]
     table = pq.ParquetDataset(files, filesystem=fs, filters=filters).read(
-        columns=["segment_id", f"layer_{layer}"])
+        columns=["segment_id", f"layer_{layer}"]
+    )
     out: dict[str, np.ndarray] = {}
     ids = table.column("segment_id").to_pylist()
     col = table.column(f"layer_{layer}").combine_chunks()
@@ -142,9 +158,11 @@ def read_features(uri: str, segment_ids=None, layer: int | None = None,
 
 def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = None) -> dict:
     """Count what the output holds, checking every manifest segment appears exactly once."""
-    feats = read_table(storage.join(uri, FEATURES_DIR),
-                       ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype"],
-                       storage_options)
+    feats = read_table(
+        storage.join(uri, FEATURES_DIR),
+        ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype"],
+        storage_options,
+    )
     errs = read_table(storage.join(uri, ERRORS_DIR), None, storage_options)
     ok_ids = feats.column("segment_id").to_pylist() if feats is not None else []
     err_ids = errs.column("segment_id").to_pylist() if errs is not None else []
@@ -157,8 +175,13 @@ def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = N
         "segments_missing": len(expected - set(seen)),
         "segments_duplicated": sum(1 for c in seen.values() if c > 1),
         "segments_unexpected": len(set(seen) - expected),
-        "errors_by_reason": dict(sorted(collections.Counter(
-            errs.column("reason").to_pylist() if errs is not None else []).items())),
+        "errors_by_reason": dict(
+            sorted(
+                collections.Counter(
+                    errs.column("reason").to_pylist() if errs is not None else []
+                ).items()
+            )
+        ),
         "audio_seconds": 0.0,
         "frames": 0,
         "compute_dtype_counts": {},
@@ -167,6 +190,7 @@ def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = N
         dur = pa.compute.subtract(feats.column("end_s"), feats.column("start_s"))
         summary["audio_seconds"] = round(float(pa.compute.sum(dur).as_py() or 0.0), 3)
         summary["frames"] = int(pa.compute.sum(feats.column("num_frames")).as_py() or 0)
-        summary["compute_dtype_counts"] = dict(collections.Counter(
-            feats.column("compute_dtype").to_pylist()))
+        summary["compute_dtype_counts"] = dict(
+            collections.Counter(feats.column("compute_dtype").to_pylist())
+        )
     return summary

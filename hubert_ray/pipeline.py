@@ -27,12 +27,18 @@ def read_model_config(model_uri: str, storage_options: dict | None = None) -> di
     fs, path = storage.filesystem(model_uri, storage_options)
     cfg_path = f"{path.rstrip('/')}/config.json"
     if not fs.exists(cfg_path):
-        raise ConfigError(f"model={model_uri!r} has no config.json; expected a directory written "
-                          "by save_pretrained (config.json + model.safetensors)", field="model")
+        raise ConfigError(
+            f"model={model_uri!r} has no config.json; expected a directory written "
+            "by save_pretrained (config.json + model.safetensors)",
+            field="model",
+        )
     names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
     if not any(n.endswith(".safetensors") for n in names):
-        raise ConfigError(f"model={model_uri!r} has no *.safetensors weights (found: "
-                          f"{sorted(names)}); pickle-based weights are not loaded", field="model")
+        raise ConfigError(
+            f"model={model_uri!r} has no *.safetensors weights (found: "
+            f"{sorted(names)}); pickle-based weights are not loaded",
+            field="model",
+        )
     with fs.open(cfg_path, "r") as f:
         return json.load(f)
 
@@ -59,12 +65,16 @@ def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
 def prepare_output(cfg: ExtractConfig, overwrite: bool) -> None:
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     existing = [
-        p for p in (output.FEATURES_DIR, output.ERRORS_DIR, output.SUMMARY_FILE)
+        p
+        for p in (output.FEATURES_DIR, output.ERRORS_DIR, output.SUMMARY_FILE)
         if fs.exists(f"{path.rstrip('/')}/{p}")
     ]
     if existing and not overwrite:
-        raise ConfigError(f"output={cfg.output!r} already holds a dataset ({', '.join(existing)});"
-                          " pass --overwrite to replace it", field="output")
+        raise ConfigError(
+            f"output={cfg.output!r} already holds a dataset ({', '.join(existing)});"
+            " pass --overwrite to replace it",
+            field="output",
+        )
     for p in existing:
         fs.rm(f"{path.rstrip('/')}/{p}", recursive=True)
 
@@ -98,12 +108,16 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
                 return {"ok": 0, "failed": 0}
             ok, bad = output.split_block(pa.concat_tables(tables))
             for start in range(0, ok.num_rows, cfg.rows_per_file):
-                output.write_part(ok.slice(start, cfg.rows_per_file),
-                                  storage.join(cfg.output, output.FEATURES_DIR), metadata,
-                                  cfg.storage_options)
+                output.write_part(
+                    ok.slice(start, cfg.rows_per_file),
+                    storage.join(cfg.output, output.FEATURES_DIR),
+                    metadata,
+                    cfg.storage_options,
+                )
             if bad.num_rows:
-                output.write_part(bad, storage.join(cfg.output, output.ERRORS_DIR), metadata,
-                                  cfg.storage_options)
+                output.write_part(
+                    bad, storage.join(cfg.output, output.ERRORS_DIR), metadata, cfg.storage_options
+                )
             return {"ok": ok.num_rows, "failed": bad.num_rows}
 
         @property
@@ -137,8 +151,12 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     model_json = read_model_config(cfg.model, cfg.storage_options)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
     prepare_output(cfg, overwrite)
-    log.info("manifest: %d recordings, %d segments; layers %s", len(recordings),
-             segments.num_rows, list(layers))
+    log.info(
+        "manifest: %d recordings, %d segments; layers %s",
+        len(recordings),
+        segments.num_rows,
+        list(layers),
+    )
 
     import ray
 
@@ -146,8 +164,9 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n_gpu_actors = gpus if cfg.num_gpus is None else cfg.num_gpus
     if cfg.num_gpus and cfg.num_gpus > gpus:
-        raise ConfigError(f"num_gpus={cfg.num_gpus} but the cluster has {gpus} GPU(s)",
-                          field="num_gpus")
+        raise ConfigError(
+            f"num_gpus={cfg.num_gpus} but the cluster has {gpus} GPU(s)", field="num_gpus"
+        )
     if n_gpu_actors:
         model_cfg = cfg.model_config(device="auto")
         resources = {"num_gpus": 1}
@@ -160,27 +179,38 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
 
     metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
     ds = ray.data.from_arrow(segment_blocks(segments, cfg.decode_batch_size))
-    ds = ds.map_batches(_decode, fn_kwargs={"config": cfg.decode_config()}, batch_size=None,
-                        batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
-        _model_stage_cls(), fn_constructor_kwargs={"config": model_cfg},
-        compute=ray.data.ActorPoolStrategy(size=pool), batch_size=cfg.batch_size,
-        batch_format="pyarrow", **resources,
+        _decode,
+        fn_kwargs={"config": cfg.decode_config()},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        _model_stage_cls(),
+        fn_constructor_kwargs={"config": model_cfg},
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        **resources,
     )
     ds.write_datasink(_make_sink(cfg, metadata))
 
-    summary = output.summarize(cfg.output, segments.column("segment_id").to_pylist(),
-                               cfg.storage_options)
+    summary = output.summarize(
+        cfg.output, segments.column("segment_id").to_pylist(), cfg.storage_options
+    )
     wall = time.time() - t_start
-    summary.update({
-        "wall_seconds": round(wall, 3),
-        "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
-        "recordings_total": len(recordings),
-        "layers": list(layers),
-        "model_actors": pool,
-        "device": "gpu" if n_gpu_actors else "cpu",
-        "config": redacted(cfg),
-    })
+    summary.update(
+        {
+            "wall_seconds": round(wall, 3),
+            "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
+            "recordings_total": len(recordings),
+            "layers": list(layers),
+            "model_actors": pool,
+            "device": "gpu" if n_gpu_actors else "cpu",
+            "config": redacted(cfg),
+        }
+    )
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     with fs.open(f"{path.rstrip('/')}/{output.SUMMARY_FILE}", "w") as f:
         json.dump(summary, f, indent=2)

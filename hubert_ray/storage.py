@@ -42,7 +42,9 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def local_model_dir(uri: str, storage_options: dict | None = None, cache_root: str | None = None) -> str:
+def local_model_dir(
+    uri: str, storage_options: dict | None = None, cache_root: str | None = None
+) -> str:
     """A local directory holding the model at ``uri``.
 
     Local paths (and ``file://``) are used in place. Remote directories are copied once per node
@@ -58,7 +60,9 @@ def local_model_dir(uri: str, storage_options: dict | None = None, cache_root: s
     if not is_remote(uri):
         fs, path = filesystem(uri, storage_options)
         return path
-    cache_root = cache_root or os.path.join(os.path.expanduser("~"), ".cache", "hubert_ray", "models")
+    cache_root = cache_root or os.path.join(
+        os.path.expanduser("~"), ".cache", "hubert_ray", "models"
+    )
     os.makedirs(cache_root, exist_ok=True)
     final = os.path.join(cache_root, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24])
     if os.path.isdir(final):

@@ -25,8 +25,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "model": (str, "model directory (save_pretrained, safetensors); path or URL"),
     "output": (str, "output directory; path or URL"),
     "layers": (str, "layers to store: 'last' (default), 'all', or e.g. 6,9,12 (0 = CNN proj.)"),
-    "dtype": (str, "compute dtype: auto (float16 on GPU, float32 on CPU), float16, bfloat16, "
-                   "float32, int8 (CPU dynamic quantisation)"),
+    "dtype": (
+        str,
+        "compute dtype: auto (float16 on GPU, float32 on CPU), float16, bfloat16, "
+        "float32, int8 (CPU dynamic quantisation)",
+    ),
     "storage_dtype": (str, "stored feature dtype: float16 (default) or float32"),
     "chunk_seconds": (float, "split segments longer than this into chunks (default 10)"),
     "batch_size": (int, "segments per model-actor call (default 64)"),
@@ -51,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jobs.extract", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML or JSON file with any of the options below")
     for name, (typ, help_) in OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       help=help_)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -65,13 +67,16 @@ def load_config_file(path: str) -> dict:
     with fsspec.open(path, "r") as f:
         data = yaml.safe_load(f)  # YAML is a superset of JSON
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of option: value",
-                          field="config")
+        raise ConfigError(
+            f"config file {path!r} must hold a mapping of option: value", field="config"
+        )
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(OPTIONS) - {"overwrite"})
     if unknown:
-        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}; allowed: "
-                          f"{sorted(OPTIONS)}", field="config")
+        raise ConfigError(
+            f"config file {path!r}: unknown option(s) {unknown}; allowed: {sorted(OPTIONS)}",
+            field="config",
+        )
     return data
 
 
@@ -81,8 +86,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
     values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
     missing = [k for k in ("manifest", "model", "output") if not values.get(k)]
     if missing:
-        raise ConfigError(f"missing required option(s): "
-                          f"{', '.join('--' + m for m in missing)}", field=missing[0])
+        raise ConfigError(
+            f"missing required option(s): {', '.join('--' + m for m in missing)}", field=missing[0]
+        )
     return ExtractConfig(**values), overwrite
 
 
@@ -108,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shown = {k: v for k, v in summary.items() if k != "config"}
     print(json.dumps(shown, indent=2))
-    print(f"features: {cfg.output.rstrip('/')}/features  errors: {cfg.output.rstrip('/')}/errors"
-          f"  summary: {cfg.output.rstrip('/')}/_summary.json")
+    print(
+        f"features: {cfg.output.rstrip('/')}/features  errors: {cfg.output.rstrip('/')}/errors"
+        f"  summary: {cfg.output.rstrip('/')}/_summary.json"
+    )
     bad = summary["segments_missing"] + summary["segments_duplicated"]
     return 1 if bad else 0
 

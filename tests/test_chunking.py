@@ -42,7 +42,7 @@ def test_plan_chunks_covers_exactly(chunk_samples):
         assert chunks, n
         assert chunks[0][0] == 0
         assert chunks[-1][1] == n
-        for (s0, e0), (s1, _) in zip(chunks, chunks[1:], strict=False):
+        for (_, e0), (s1, _) in zip(chunks, chunks[1:], strict=False):
             # contiguous coverage with exactly the receptive-field overlap
             assert s1 == e0 - OVERLAP, (n, chunk_samples, chunks)
         for i, (s, e) in enumerate(chunks):

@@ -219,9 +219,7 @@ def test_stage_chunk_stitching_and_passthrough(affine_dir, nets):
     assert out.num_rows == batch.num_rows
     assert out.column("segment_id").to_pylist() == ["long", "bad", "short", "mid"]
     for k in ALL_LAYERS:
-        assert out.schema.field(f"layer_{k}").type == pa.list_(
-            pa.list_(pa.float16(), HIDDEN)
-        )
+        assert out.schema.field(f"layer_{k}").type == pa.list_(pa.list_(pa.float16(), HIDDEN))
     assert out.column("num_frames").to_pylist() == [
         num_frames(32000),
         0,
@@ -287,8 +285,12 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
     lengths = [400, 1000, 3000, 5000, 8000, 2500, 7999]
     batch = _decoded_batch([(f"s{i}", _audio(n, seed=i), None) for i, n in enumerate(lengths)])
     common = dict(
-        model_uri=affine_dir, layers="all", dtype="float32", storage_dtype="float32",
-        chunk_seconds=0.5, device="cpu",
+        model_uri=affine_dir,
+        layers="all",
+        dtype="float32",
+        storage_dtype="float32",
+        chunk_seconds=0.5,
+        device="cpu",
     )
     small = HubertStage(ModelConfig(max_batch_samples=8000, **common))
     big = HubertStage(ModelConfig(max_batch_samples=10**7, **common))
@@ -319,7 +321,10 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
 def test_storage_float32_type(affine_dir, nets):
     audio = _audio(5000, 0)
     cfg = ModelConfig(
-        model_uri=affine_dir, layers="last", dtype="float32", storage_dtype="float32",
+        model_uri=affine_dir,
+        layers="last",
+        dtype="float32",
+        storage_dtype="float32",
         device="cpu",
     )
     out = HubertStage(cfg)(_decoded_batch([("a", audio, None)]))
@@ -362,8 +367,11 @@ def test_float16_overflow_falls_back_to_float32(overflow_dirs):
         + [("bad", None, errors.TOO_SHORT)]
     )
     cfg = ModelConfig(
-        model_uri=overflow_dirs["fp16_overflow"], layers="all", dtype="float16",
-        storage_dtype="float32", device="cpu",
+        model_uri=overflow_dirs["fp16_overflow"],
+        layers="all",
+        dtype="float16",
+        storage_dtype="float32",
+        device="cpu",
     )
     stage = HubertStage(cfg)
     out = stage(batch)

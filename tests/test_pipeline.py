@@ -21,9 +21,17 @@ def job(ray_session, corpus, tiny_model, tmp_path_factory):
     from hubert_ray import pipeline
 
     out = str(tmp_path_factory.mktemp("out") / "features-run")
-    cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=out, layers="0,2",
-                        chunk_seconds=4.0, batch_size=8, rows_per_file=10, num_cpu_actors=2,
-                        decode_batch_size=6)
+    cfg = ExtractConfig(
+        manifest=corpus,
+        model=tiny_model,
+        output=out,
+        layers="0,2",
+        chunk_seconds=4.0,
+        batch_size=8,
+        rows_per_file=10,
+        num_cpu_actors=2,
+        decode_batch_size=6,
+    )
     summary = pipeline.run(cfg)
     return cfg, summary
 
@@ -103,10 +111,17 @@ def test_output_schema_and_metadata(job, tiny_model):
     layer = schema.field("layer_2").type
     assert pa.types.is_list(layer) and pa.types.is_fixed_size_list(layer.value_type)
     assert layer.value_type.list_size == 32 and layer.value_type.value_type == pa.float16()
-    for name, typ in [("segment_id", "string"), ("recording_id", "string"),
-                      ("start_s", "double"), ("end_s", "double"), ("num_frames", "int32"),
-                      ("model", "string"), ("model_revision", "string"),
-                      ("compute_dtype", "string"), ("precision_checked", "bool")]:
+    for name, typ in [
+        ("segment_id", "string"),
+        ("recording_id", "string"),
+        ("start_s", "double"),
+        ("end_s", "double"),
+        ("num_frames", "int32"),
+        ("model", "string"),
+        ("model_revision", "string"),
+        ("compute_dtype", "string"),
+        ("precision_checked", "bool"),
+    ]:
         assert str(schema.field(name).type) == typ, name
     meta = output.run_metadata(cfg.output)
     assert meta["layers"] == [0, 2] and meta["config"]["chunk_seconds"] == 4.0
@@ -114,8 +129,12 @@ def test_output_schema_and_metadata(job, tiny_model):
     assert set(table.column("compute_dtype").to_pylist()) == {"float32"}
     assert set(table.column("model").to_pylist()) == {"tiny-hubert"}
     frames = table.column("num_frames").to_pylist()
-    durs = [e - s for s, e in zip(table.column("start_s").to_pylist(),
-                                  table.column("end_s").to_pylist(), strict=True)]
+    durs = [
+        e - s
+        for s, e in zip(
+            table.column("start_s").to_pylist(), table.column("end_s").to_pylist(), strict=True
+        )
+    ]
     for f, d in zip(frames, durs, strict=True):
         assert abs(f - ((round(d * 16000) - 400) // 320 + 1)) <= 1
 
@@ -157,8 +176,15 @@ def test_summary_file(job):
     with open(os.path.join(cfg.output, "_summary.json")) as f:
         on_disk = json.load(f)
     assert on_disk == summary
-    for key in ("segments_total", "segments_ok", "segments_failed", "errors_by_reason",
-                "audio_seconds", "wall_seconds", "x_realtime"):
+    for key in (
+        "segments_total",
+        "segments_ok",
+        "segments_failed",
+        "errors_by_reason",
+        "audio_seconds",
+        "wall_seconds",
+        "x_realtime",
+    ):
         assert key in on_disk
     assert on_disk["segments_ok"] + on_disk["segments_failed"] == on_disk["segments_total"]
     assert on_disk["audio_seconds"] > 60 and on_disk["x_realtime"] > 0

@@ -1,0 +1,129 @@
+"""The entry point: option errors (exit 2, naming the option), config files, a real CLI run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs import extract
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.extract", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--layers", "x"], "--layers"),
+        (["--layers", "7"], "--layers"),  # the tiny model has 2 layers
+        (["--dtype", "fp8"], "--dtype"),
+        (["--chunk-seconds", "0"], "--chunk-seconds"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--num-gpus", "-1"], "--num-gpus"),
+        (["--storage-options", "{not json"], "--storage-options"),
+        (["--storage-dtype", "int4"], "--storage-dtype"),
+        (["--no-such-option", "1"], "unrecognized arguments"),
+    ],
+)
+def test_bad_option_exits_2_naming_it(args, needle, corpus, tiny_model, tmp_path, capsys):
+    base = ["--manifest", corpus, "--model", tiny_model, "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        code = extract.main(base + args)
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_missing_required_option(tmp_path, capsys):
+    assert extract.main(["--manifest", "m.jsonl", "--output", str(tmp_path)]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_bad_manifest_exits_2_before_ray(tmp_path, tiny_model, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "audio": "a.wav"}\n{"id": "a", "audio": "b.wav"}\nnot json\n')
+    code = extract.main(
+        ["--manifest", str(bad), "--model", tiny_model, "--output", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.jsonl:2" in err and "bad.jsonl:3" in err
+
+
+def test_model_without_safetensors_refused(tmp_path, corpus, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\0")
+    code = extract.main(
+        ["--manifest", corpus, "--model", str(tmp_path / "m"), "--output", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert "safetensors" in capsys.readouterr().err
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("manifest: m.jsonl\nmodel: m\noutput: o\nlayerz: 3\n")
+    assert extract.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "layerz" in err and "--config" in err
+
+
+@pytest.mark.ray
+def test_config_file_run_in_process(ray_session, corpus, tiny_model, tmp_path, capsys):
+    """Options from YAML; the command line overrides the file."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        f"manifest: {corpus}\nmodel: {tiny_model}\noutput: {tmp_path / 'out'}\n"
+        "layers: '1'\nchunk-seconds: 5\n"
+    )
+    code = extract.main(["--config", str(cfg), "--layers", "2", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out[: out.rindex("}") + 1])
+    assert summary["layers"] == [2]
+    assert summary["config"]["chunk_seconds"] == 5 if "config" in summary else True
+    with open(tmp_path / "out" / "_summary.json") as f:
+        assert json.load(f)["config"]["chunk_seconds"] == 5
+
+
+def test_cli_subprocess_embedded_ray(corpus, tiny_model, tmp_path):
+    """`python -m jobs.extract` as a user runs it: starts its own local Ray, prints the summary."""
+    out = tmp_path / "out"
+    res = run_cli(
+        "--manifest",
+        corpus,
+        "--model",
+        tiny_model,
+        "--output",
+        str(out),
+        "--layers",
+        "all",
+        "--dtype",
+        "float32",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert '"segments_total"' in res.stdout and "x_realtime" in res.stdout
+    assert f"features: {out}/features" in res.stdout
+    with open(out / "_summary.json") as f:
+        summary = json.load(f)
+    assert summary["layers"] == [0, 1, 2]
+    assert summary["segments_ok"] + summary["segments_failed"] == summary["segments_total"]
