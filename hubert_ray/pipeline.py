@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from hubert_ray import manifest, output, storage
-from hubert_ray.config import ExtractConfig, parse_layers
+from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
 from hubert_ray.errors import ConfigError
 
 log = logging.getLogger("hubert_ray")
@@ -143,6 +144,67 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the model stage runs: ``pool`` actors, each on one GPU or on CPU."""
+
+    pool: int
+    gpu: bool
+    model_config: ModelConfig
+
+
+def plan_placement(cfg: ExtractConfig, cluster_gpus: int) -> Placement:
+    """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU."""
+    if cfg.num_gpus and cfg.num_gpus > cluster_gpus:
+        raise ConfigError(
+            f"num_gpus={cfg.num_gpus} but the cluster has {cluster_gpus} GPU(s)", field="num_gpus"
+        )
+    n_gpu = cluster_gpus if cfg.num_gpus is None else cfg.num_gpus
+    if n_gpu:
+        return Placement(n_gpu, True, cfg.model_config(device="auto"))
+    threads = max(1, int(cfg.cpus_per_actor))
+    return Placement(cfg.num_cpu_actors, False, cfg.model_config("cpu", num_threads=threads))
+
+
+def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
+    """The keyword arguments of every ``map_batches`` call, in one place."""
+    import ray
+
+    if stage == "decode":
+        # CPU tasks, spread over the cluster (CPU-only nodes included). The two stages' different
+        # scheduling strategies also keep Ray from fusing decode into the model actors (on CPU
+        # both ask for 1 CPU and would be fused, moving all decoding into the model actor).
+        return dict(
+            fn_kwargs={"config": cfg.decode_config()},
+            batch_size=None,  # one block = whole recordings, see segment_blocks
+            batch_format="pyarrow",
+            num_cpus=1,
+            scheduling_strategy="SPREAD",
+        )
+    if stage == "model":
+        resources = {"num_gpus": 1} if placement.gpu else {"num_cpus": cfg.cpus_per_actor}
+        return dict(
+            fn_constructor_kwargs={"config": placement.model_config},
+            compute=ray.data.ActorPoolStrategy(size=placement.pool),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            scheduling_strategy="DEFAULT",
+            **resources,
+        )
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
+    """segment rows → decode tasks → model actors (not yet executed)."""
+    import ray
+
+    from hubert_ray.extractor import HubertStage
+
+    ds = ray.data.from_arrow(segment_blocks(segments, cfg.decode_batch_size))
+    ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
+    return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
+
+
 def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
     t_start = time.time()
@@ -161,39 +223,11 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     import ray
 
     init_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_gpu_actors = gpus if cfg.num_gpus is None else cfg.num_gpus
-    if cfg.num_gpus and cfg.num_gpus > gpus:
-        raise ConfigError(
-            f"num_gpus={cfg.num_gpus} but the cluster has {gpus} GPU(s)", field="num_gpus"
-        )
-    if n_gpu_actors:
-        model_cfg = cfg.model_config(device="auto")
-        resources = {"num_gpus": 1}
-        pool = n_gpu_actors
-    else:
-        model_cfg = cfg.model_config(device="cpu", num_threads=max(1, int(cfg.cpus_per_actor)))
-        resources = {"num_cpus": cfg.cpus_per_actor}
-        pool = cfg.num_cpu_actors
-    log.info("model actors: %d on %s", pool, "GPU" if n_gpu_actors else "CPU")
+    placement = plan_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    log.info("model actors: %d on %s", placement.pool, "GPU" if placement.gpu else "CPU")
 
     metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
-    ds = ray.data.from_arrow(segment_blocks(segments, cfg.decode_batch_size))
-    ds = ds.map_batches(
-        _decode,
-        fn_kwargs={"config": cfg.decode_config()},
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=1,
-    )
-    ds = ds.map_batches(
-        _model_stage_cls(),
-        fn_constructor_kwargs={"config": model_cfg},
-        compute=ray.data.ActorPoolStrategy(size=pool),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        **resources,
-    )
+    ds = build_dataset(cfg, segments, placement)
     ds.write_datasink(_make_sink(cfg, metadata))
 
     summary = output.summarize(
@@ -206,8 +240,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
             "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
             "recordings_total": len(recordings),
             "layers": list(layers),
-            "model_actors": pool,
-            "device": "gpu" if n_gpu_actors else "cpu",
+            "model_actors": placement.pool,
+            "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
         }
     )
@@ -215,9 +249,3 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     with fs.open(f"{path.rstrip('/')}/{output.SUMMARY_FILE}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-def _model_stage_cls():
-    from hubert_ray.extractor import HubertStage
-
-    return HubertStage

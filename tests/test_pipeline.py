@@ -200,3 +200,34 @@ def test_existing_output_refused_then_overwritten(job, ray_session):
     again = pipeline.run(cfg, overwrite=True)
     assert again["segments_ok"] == summary["segments_ok"]
     assert again["segments_duplicated"] == 0
+
+
+def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_path):
+    """Decode must stay CPU tasks (placeable on CPU-only nodes), not run inside model actors."""
+    from hubert_ray import manifest, pipeline
+
+    cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
+    recs = manifest.read_manifest(corpus)[:3]
+    placement = pipeline.plan_placement(cfg, cluster_gpus=0)
+    ds = pipeline.build_dataset(cfg, manifest.segment_table(recs), placement).materialize()
+    stats = ds.stats()
+    assert "MapBatches(_decode)->MapBatches(HubertStage)" not in stats
+    assert "MapBatches(_decode)" in stats and "MapBatches(HubertStage)" in stats
+    assert ds.count() == sum(len(r.segments) for r in recs)
+
+
+def test_placement_plan():
+    from hubert_ray import pipeline
+    from hubert_ray.errors import ConfigError
+
+    cfg = ExtractConfig(manifest="m.jsonl", model="m", output="o")
+    gpu = pipeline.plan_placement(cfg, cluster_gpus=4)
+    assert gpu.gpu and gpu.pool == 4 and gpu.model_config.device == "auto"
+    cpu = pipeline.plan_placement(cfg, cluster_gpus=0)
+    assert not cpu.gpu and cpu.pool == 1 and cpu.model_config.device == "cpu"
+    two = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_gpus=2)
+    assert pipeline.plan_placement(two, cluster_gpus=4).pool == 2
+    with pytest.raises(ConfigError, match="num_gpus"):
+        pipeline.plan_placement(two, cluster_gpus=1)
+    forced_cpu = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_gpus=0)
+    assert not pipeline.plan_placement(forced_cpu, cluster_gpus=4).gpu
