@@ -165,6 +165,7 @@ class ExtractConfig:
     num_cpu_actors: int = 1  # model actors when running on CPU
     cpus_per_actor: float = 1.0
     decode_batch_size: int = 16  # segments per decode task batch
+    decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
     end_tolerance_s: float = 0.1
     storage_options: dict = field(default_factory=dict)
@@ -207,6 +208,12 @@ class ExtractConfig:
             "decode_batch_size",
             self.decode_batch_size,
             "an integer >= 1",
+        )
+        _require(
+            isinstance(self.decode_memory_mb, int) and self.decode_memory_mb >= 64,
+            "decode_memory_mb",
+            self.decode_memory_mb,
+            "an integer number of MiB >= 64",
         )
         _require(
             isinstance(self.rows_per_file, int) and self.rows_per_file >= 1,

@@ -171,15 +171,16 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
     import ray
 
     if stage == "decode":
-        # CPU tasks, spread over the cluster (CPU-only nodes included). The two stages' different
-        # scheduling strategies also keep Ray from fusing decode into the model actors (on CPU
-        # both ask for 1 CPU and would be fused, moving all decoding into the model actor).
+        # 1-CPU tasks, placeable on any node (CPU-only ones included). The memory reservation
+        # covers a block's decoded recordings; it also keeps Ray from fusing decode into the
+        # model actors (on CPU both ask for 1 CPU and would be fused, moving all decoding into
+        # the model actor).
         return dict(
             fn_kwargs={"config": cfg.decode_config()},
             batch_size=None,  # one block = whole recordings, see segment_blocks
             batch_format="pyarrow",
             num_cpus=1,
-            scheduling_strategy="SPREAD",
+            memory=cfg.decode_memory_mb * 2**20,
         )
     if stage == "model":
         resources = {"num_gpus": 1} if placement.gpu else {"num_cpus": cfg.cpus_per_actor}
@@ -188,7 +189,6 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
             compute=ray.data.ActorPoolStrategy(size=placement.pool),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            scheduling_strategy="DEFAULT",
             **resources,
         )
     raise ValueError(f"unknown stage {stage!r}")

@@ -38,6 +38,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "num_cpu_actors": (int, "model actors when running on CPU (default 1)"),
     "cpus_per_actor": (float, "CPUs (and torch threads) per CPU model actor (default 1)"),
     "decode_batch_size": (int, "segments per decode task (default 16)"),
+    "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
     "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
     "storage_options": (json.loads, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'"),
