@@ -173,7 +173,10 @@ class HubertStage:
             expected = num_frames(len(audio[i]))
             if frames[i] != expected:
                 raise AssertionError(f"frame count {frames[i]} != {expected} for row {i}")
-        return self._assemble(batch, per_layer, frames, row_dtype, bad_rows)
+        out = self._assemble(batch, per_layer, frames, row_dtype, bad_rows)
+        if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
+            raise AssertionError("model stage must return one row per input row, in order")
+        return out
 
     def _assemble(self, batch, per_layer, frames, row_dtype, bad_rows) -> pa.Table:
         n = batch.num_rows
