@@ -32,7 +32,7 @@ from hubert_ray.errors import (
     TOO_SHORT,
     UNREADABLE_AUDIO,
 )
-from hubert_ray.storage import filesystem
+from hubert_ray.storage import filesystem, with_retries
 
 TARGET_SR = 16_000
 _MAX_DETAIL = 160
@@ -76,15 +76,24 @@ def _detail(exc: BaseException) -> str:
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
 
 
+def _read_object(fs, path: str) -> bytes:
+    """The whole object in one request. s3fs would first size it (HEAD) to split objects over
+    50 MB into parallel ranged GETs; decoding is far slower than one GET streams, so skip that."""
+    if getattr(fs, "max_concurrency", 1) > 1:
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
 def read_audio(uri: str, storage_options: dict | None = None) -> tuple[np.ndarray, int]:
     """Read and decode one audio object: ``(samples [frames, channels] float32, sample_rate)``.
 
-    The object is fetched with one whole-object read, then decoded from memory.
+    The object is fetched with one whole-object read (retried while it fails transiently, see
+    :func:`hubert_ray.storage.with_retries`), then decoded from memory.
     Raises :class:`DecodeError` with reason missing_file / read_error / unreadable_audio.
     """
     try:
         fs, path = filesystem(uri, storage_options)
-        data = fs.cat_file(path)
+        data = with_retries(_read_object, fs, path)
     except FileNotFoundError as exc:
         raise DecodeError(MISSING_FILE, f"{uri}: audio object not found") from exc
     except Exception as exc:  # permissions, I/O, bad URL / filesystem

@@ -57,7 +57,8 @@ class DecodeConfig:
     # A segment ending past the end of its audio by at most this much is clipped to the end;
     # further out it is an error row (segment_out_of_range).
     end_tolerance_s: float = 0.1
-    storage_options: dict = field(default_factory=dict)
+    # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         _require(
@@ -81,8 +82,47 @@ class DecodeConfig:
         _require(
             isinstance(self.storage_options, dict),
             "storage_options",
-            self.storage_options,
+            type(self.storage_options).__name__,  # not the value: it may hold credentials
             "a JSON object (dict)",
+        )
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Sampled FP32 rechecks and what to do when reduced precision strays too far."""
+
+    precision_sample_rate: float = 0.01  # fraction of segments recomputed in FP32
+    precision_warn: float = 0.005  # relative L2 error that logs a warning (the seed's 0.5 %)
+    precision_limit: float = 0.02  # relative L2 error that triggers on_precision_breach
+    on_precision_breach: str = "fallback"  # fallback (recompute in FP32) | fail | warn
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.precision_sample_rate, (int, float))
+            and 0 <= self.precision_sample_rate <= 1,
+            "precision_sample_rate",
+            self.precision_sample_rate,
+            "a fraction in [0, 1] (0 = no checks, 1 = check every segment)",
+        )
+        for name in ("precision_warn", "precision_limit"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and value > 0,
+                name,
+                value,
+                "a relative error > 0, e.g. 0.005",
+            )
+        _require(
+            self.precision_limit >= self.precision_warn,
+            "precision_limit",
+            self.precision_limit,
+            f">= precision_warn ({self.precision_warn})",
+        )
+        _require(
+            self.on_precision_breach in ("fallback", "fail", "warn"),
+            "on_precision_breach",
+            self.on_precision_breach,
+            "fallback, fail, warn",
         )
 
 
@@ -99,7 +139,9 @@ class ModelConfig:
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
-    storage_options: dict = field(default_factory=dict)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         _require(
@@ -168,7 +210,12 @@ class ExtractConfig:
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
     end_tolerance_s: float = 0.1
-    storage_options: dict = field(default_factory=dict)
+    precision_sample_rate: float = 0.01
+    precision_warn: float = 0.005
+    precision_limit: float = 0.02
+    on_precision_breach: str = "fallback"
+    # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("manifest", "model", "output"):
@@ -221,6 +268,12 @@ class ExtractConfig:
             self.rows_per_file,
             "an integer >= 1",
         )
+        _require(
+            isinstance(self.storage_options, dict),
+            "storage_options",
+            type(self.storage_options).__name__,  # not the value: it may hold credentials
+            "a JSON object (dict)",
+        )
         # Validate the nested stage configs now, so errors surface at construction.
         self.decode_config()
         self.model_config()
@@ -240,7 +293,16 @@ class ExtractConfig:
             max_batch_samples=self.max_batch_samples,
             device=device,
             num_threads=num_threads,
+            precision=self.precision_config(),
             storage_options=dict(self.storage_options),
+        )
+
+    def precision_config(self) -> PrecisionConfig:
+        return PrecisionConfig(
+            precision_sample_rate=self.precision_sample_rate,
+            precision_warn=self.precision_warn,
+            precision_limit=self.precision_limit,
+            on_precision_breach=self.on_precision_breach,
         )
 
     @classmethod

@@ -1,4 +1,5 @@
-"""The model stage: one HuBERT per actor, exact padded micro-batches, chunking, NaN guard.
+"""The model stage: one HuBERT per actor, exact padded micro-batches, chunking, NaN guard,
+sampled FP32 precision checks with fallback.
 
 Strictly one row in, one row out: decode-error rows pass through untouched, every other row
 gets its features (or becomes an error row when the model output is non-finite even in FP32).
@@ -16,10 +17,24 @@ import pyarrow as pa
 from hubert_ray import errors
 from hubert_ray.chunking import num_frames, pack_micro_batches, plan_chunks
 from hubert_ray.config import ModelConfig, parse_layers
+from hubert_ray.precision import PrecisionBreach, compare, is_sampled
 
 log = logging.getLogger(__name__)
 
 ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
+PRECISION_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("layer", pa.int32()),
+            ("checked_dtype", pa.string()),
+            ("cos_mean", pa.float64()),
+            ("cos_min", pa.float64()),
+            ("rel_l2", pa.float64()),
+            ("max_abs", pa.float64()),
+            ("action", pa.string()),  # none | warn | fallback | breach_ignored
+        ]
+    )
+)
 
 
 def feature_type(hidden: int, storage_dtype: str) -> pa.DataType:
@@ -84,20 +99,26 @@ class HubertStage:
         self.layers = parse_layers(config.layers, self.net.num_hidden_layers)
         self.model_name = hm.model_name(self.model_dir)
         self.revision = hm.model_revision(self.model_dir)
+        self.precision = config.precision
+        self.checking = dtype != "float32" and self.precision.precision_sample_rate > 0
+        # The FP32 reference exists from the start only while sampling is on; otherwise it is
+        # loaded on the first non-finite fallback.
         self._fp32 = self.net if dtype == "float32" else None
-        self.stats = {"batches": 0, "fallbacks": 0, "forward_s": 0.0}
+        if self.checking:
+            self._reference()
+        self.stats = {"batches": 0, "forward_s": 0.0}
 
-    # -- forward --------------------------------------------------------------------------
-    def _fp32_net(self):
+    def _reference(self):
         if self._fp32 is None:
             from hubert_ray import model as hm
 
             self._fp32 = hm.load_hubert(self.model_dir, self.device, "float32")
         return self._fp32
 
-    def _run(self, net, chunks: list[np.ndarray]):
-        """One padded forward. Returns per-chunk {layer: [F, H] tensor on CPU} and a
-        per-chunk finite flag."""
+    # -- forward --------------------------------------------------------------------------
+    def _run(self, net, chunks: list[np.ndarray], keep_float32: bool = False):
+        """One padded forward. Returns per-chunk ``{layer: [F, H] CPU tensor}`` in the storage
+        dtype (float32 with ``keep_float32``) and a per-chunk flag: all stored values finite."""
         import torch
 
         lengths = [len(c) for c in chunks]
@@ -109,23 +130,43 @@ class HubertStage:
         xt = torch.from_numpy(x).to(self.device, non_blocking=True).to(dtype)
         lt = torch.tensor(lengths, device=self.device)
         out, frame_lengths = net(xt, lt, self.layers)
-        store = torch.float16 if self.config.storage_dtype == "float16" else torch.float32
-        finite = torch.ones(len(chunks), dtype=torch.bool, device=self.device)
-        fl = frame_lengths.tolist()
+        float16 = self.config.storage_dtype == "float16" and not keep_float32
+        store = torch.float16 if float16 else torch.float32
+        host = {k: out[k].to(store) for k in self.layers}
         mask = (
-            torch.arange(out[self.layers[0]].shape[1], device=self.device)[None, :]
+            torch.arange(host[self.layers[0]].shape[1], device=self.device)[None, :]
             < (frame_lengths[:, None])
         )
-        for k in self.layers:
-            valid = torch.isfinite(out[k]).all(dim=-1) | ~mask
-            finite &= valid.all(dim=-1)
-        host = {k: out[k].to(store).cpu() for k in self.layers}
+        finite = torch.ones(len(chunks), dtype=torch.bool, device=self.device)
+        for k in self.layers:  # checked after the storage cast: float16 can overflow too
+            finite &= (torch.isfinite(host[k]).all(dim=-1) | ~mask).all(dim=-1)
+        host = {k: v.cpu() for k, v in host.items()}
+        fl = frame_lengths.tolist()
         per_chunk = [{k: host[k][i, : fl[i]] for k in self.layers} for i in range(len(chunks))]
         return per_chunk, finite.cpu().tolist()
+
+    def _forward_chunks(self, net, chunks, indices, results, keep_float32=False):
+        """Forward ``chunks[j] for j in indices`` in packed micro-batches into ``results[j]``.
+        Returns the micro-batches (lists of chunk indices) and the non-finite chunk indices."""
+        groups = [
+            [indices[g] for g in group]
+            for group in pack_micro_batches(
+                [len(chunks[j]) for j in indices], self.config.max_batch_samples
+            )
+        ]
+        bad = []
+        for group in groups:
+            feats, finite = self._run(net, [chunks[j] for j in group], keep_float32)
+            for j, f, ok in zip(group, feats, finite, strict=True):
+                results[j] = f
+                if not ok:
+                    bad.append(j)
+        return groups, bad
 
     # -- batch ----------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        seg_ids = batch.column("segment_id").to_pylist()
         reasons = batch.column("error_reason").to_pylist()
         audio = audio_views(batch.column("audio"))
         ok_rows = [i for i in range(n) if reasons[i] is None]
@@ -137,48 +178,155 @@ class HubertStage:
             for s, e in plan_chunks(len(audio[i]), self.config.chunk_samples):
                 chunks.append(audio[i][s:e])
                 owner.append(i)
+        chunks_of: dict[int, list[int]] = {}
+        for j, i in enumerate(owner):
+            chunks_of.setdefault(i, []).append(j)
         results: list[dict | None] = [None] * len(chunks)
         row_dtype = {i: self.dtype for i in ok_rows}
-        bad_rows: set[int] = set()
+        fallback: dict[int, str] = {}
         t0 = time.perf_counter()
-        for group in pack_micro_batches([len(c) for c in chunks], self.config.max_batch_samples):
-            feats, finite = self._run(self.net, [chunks[j] for j in group])
-            if not all(finite) and self.dtype != "float32":
-                # Non-finite in reduced precision: recompute the micro-batch in FP32.
-                self.stats["fallbacks"] += 1
-                feats, finite = self._run(self._fp32_net(), [chunks[j] for j in group])
-                for j in group:
-                    row_dtype[owner[j]] = "float32"
-            for j, f, fin in zip(group, feats, finite, strict=True):
-                results[j] = f
-                if not fin:
-                    bad_rows.add(owner[j])
+
+        groups, bad = self._forward_chunks(self.net, chunks, list(range(len(chunks))), results)
+        bad_rows = {owner[j] for j in bad}
+        if bad and self.dtype != "float32" and self.precision.on_precision_breach == "fail":
+            j = bad[0]
+            layer = next(k for k, v in results[j].items() if not bool(v.isfinite().all()))
+            raise PrecisionBreach(
+                f"precision breach: segment {seg_ids[owner[j]]!r} layer {layer}: non-finite "
+                f"output in {self.dtype}; rerun with --dtype float32 or "
+                "--on-precision-breach fallback"
+            )
+        if bad and self.dtype != "float32":
+            # Non-finite in reduced precision: recompute the affected micro-batches' rows in FP32.
+            rows = {owner[j] for g in groups if set(g) & set(bad) for j in g}
+            again = self._recompute_rows(
+                rows, "non_finite", chunks, chunks_of, results, row_dtype, fallback
+            )
+            bad_rows = (bad_rows - rows) | again
+
+        precision = [None] * n
+        if self.checking:
+            bad_rows |= self._check_precision(
+                seg_ids,
+                ok_rows,
+                bad_rows,
+                groups,
+                chunks,
+                owner,
+                chunks_of,
+                results,
+                row_dtype,
+                fallback,
+                precision,
+            )
         self.stats["forward_s"] += time.perf_counter() - t0
         self.stats["batches"] += 1
 
-        # Stitch chunk features back per row.
         per_layer: dict[int, list[np.ndarray | None]] = {k: [None] * n for k in self.layers}
-        by_row: dict[int, list[dict]] = {}
-        for j, i in enumerate(owner):
-            by_row.setdefault(i, []).append(results[j])
-        import torch
-
         frames = [0] * n
-        for i, parts in by_row.items():
+        for i, js in chunks_of.items():
             if i in bad_rows:
                 continue
-            for k in self.layers:
-                per_layer[k][i] = torch.cat([p[k] for p in parts]).numpy()
+            for k, feats in self._stitch(results, js).items():
+                per_layer[k][i] = feats
             frames[i] = per_layer[self.layers[0]][i].shape[0]
-            expected = num_frames(len(audio[i]))
-            if frames[i] != expected:
-                raise AssertionError(f"frame count {frames[i]} != {expected} for row {i}")
-        out = self._assemble(batch, per_layer, frames, row_dtype, bad_rows)
+            if frames[i] != num_frames(len(audio[i])):
+                raise AssertionError(
+                    f"{seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
+                )
+        out = self._assemble(batch, per_layer, frames, row_dtype, bad_rows, fallback, precision)
         if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
             raise AssertionError("model stage must return one row per input row, in order")
         return out
 
-    def _assemble(self, batch, per_layer, frames, row_dtype, bad_rows) -> pa.Table:
+    def _stitch(self, results, js) -> dict[int, np.ndarray]:
+        import torch
+
+        return {k: torch.cat([results[j][k] for j in js]).numpy() for k in self.layers}
+
+    def _recompute_rows(self, rows, why, chunks, chunks_of, results, row_dtype, fallback):
+        """Recompute every chunk of ``rows`` in FP32 and mark those rows as float32.
+        Returns the rows still non-finite."""
+        js = sorted(j for i in rows for j in chunks_of[i])
+        _, bad = self._forward_chunks(self._reference(), chunks, js, results)
+        for i in rows:
+            row_dtype[i] = "float32"
+            fallback.setdefault(i, why)
+        return {i for i in rows if set(chunks_of[i]) & set(bad)}
+
+    def _check_precision(
+        self,
+        seg_ids,
+        ok_rows,
+        bad_rows,
+        groups,
+        chunks,
+        owner,
+        chunks_of,
+        results,
+        row_dtype,
+        fallback,
+        precision,
+    ):
+        """Recompute sampled rows in FP32; record metrics; warn / fall back / fail.
+        Returns rows left non-finite by a fallback recompute (normally none)."""
+        cfg = self.precision
+        sampled = [
+            i
+            for i in ok_rows
+            if i not in bad_rows
+            and row_dtype[i] == self.dtype
+            and is_sampled(seg_ids[i], cfg.precision_sample_rate)
+        ]
+        if not sampled:
+            return set()
+        ref: list[dict | None] = [None] * len(chunks)
+        js = [j for i in sampled for j in chunks_of[i]]
+        self._forward_chunks(self._reference(), chunks, js, ref, keep_float32=True)
+        group_of = {j: g for g, group in enumerate(groups) for j in group}
+        breached: set[int] = set()
+        for i in sampled:
+            got = self._stitch(results, chunks_of[i])
+            want = self._stitch(ref, chunks_of[i])
+            metrics = {k: compare(got[k], want[k]) for k in self.layers}
+            worst_layer = max(metrics, key=lambda k: metrics[k]["rel_l2"])
+            worst = metrics[worst_layer]["rel_l2"]
+            action = "none"
+            if worst > cfg.precision_warn:
+                action = "warn"
+                log.warning(
+                    "precision: %s layer %d relative error %.4g > warn %.4g (%s)",
+                    seg_ids[i],
+                    worst_layer,
+                    worst,
+                    cfg.precision_warn,
+                    self.dtype,
+                )
+            if worst > cfg.precision_limit:
+                if cfg.on_precision_breach == "fail":
+                    raise PrecisionBreach(
+                        f"precision breach: segment {seg_ids[i]!r} layer {worst_layer}: "
+                        f"relative L2 error {worst:.4g} > precision_limit "
+                        f"{cfg.precision_limit:g} in {self.dtype}; rerun with --dtype float32 "
+                        "or --on-precision-breach fallback"
+                    )
+                action = "fallback" if cfg.on_precision_breach == "fallback" else "breach_ignored"
+                if cfg.on_precision_breach == "fallback":
+                    breached.add(i)
+            precision[i] = [
+                {"layer": k, "checked_dtype": self.dtype, **m, "action": action}
+                for k, m in metrics.items()
+            ]
+        if breached:
+            # The affected micro-batches are recomputed and written in FP32 (all their rows).
+            hit = {group_of[j] for i in breached for j in chunks_of[i]}
+            rows = {owner[j] for g in hit for j in groups[g]}
+            return self._recompute_rows(
+                rows, "precision", chunks, chunks_of, results, row_dtype, fallback
+            )
+        return set()
+
+    def _assemble(self, batch, per_layer, frames, row_dtype, bad_rows, fallback, precision):
         n = batch.num_rows
         stage = batch.column("error_stage").to_pylist()
         reason = batch.column("error_reason").to_pylist()
@@ -187,6 +335,7 @@ class HubertStage:
             stage[i], reason[i] = errors.STAGE_MODEL, errors.NON_FINITE
             message[i] = (
                 f"non-finite model output for {batch.column('segment_id')[i]} even in float32"
+                f" (stored as {self.config.storage_dtype})"
             )
         cols = {
             "segment_id": batch.column("segment_id"),
@@ -199,10 +348,15 @@ class HubertStage:
             cols[f"layer_{k}"] = features_array(
                 per_layer[k], self.hidden, self.config.storage_dtype
             )
+        ok = [reason[i] is None for i in range(n)]
         cols["model"] = pa.array([self.model_name] * n, pa.string())
         cols["model_revision"] = pa.array([self.revision] * n, pa.string())
-        cols["compute_dtype"] = pa.array([row_dtype.get(i) for i in range(n)], pa.string())
-        cols["precision_checked"] = pa.array([False] * n, pa.bool_())
+        cols["compute_dtype"] = pa.array(
+            [row_dtype.get(i) if ok[i] else None for i in range(n)], pa.string()
+        )
+        cols["precision_checked"] = pa.array([p is not None for p in precision], pa.bool_())
+        cols["fallback_reason"] = pa.array([fallback.get(i) for i in range(n)], pa.string())
+        cols["precision"] = pa.array(precision, PRECISION_TYPE)
         cols["error_stage"] = pa.array(stage, pa.string())
         cols["error_reason"] = pa.array(reason, pa.string())
         cols["error_message"] = pa.array(message, pa.string())

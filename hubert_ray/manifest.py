@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,11 +184,10 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> list[Recordi
     return recordings
 
 
-def write_canonical(
-    recordings: list[Recording], uri: str, storage_options: dict | None = None
-) -> None:
-    """Write recordings as canonical Parquet (:data:`CANONICAL_SCHEMA`, one row per recording)."""
-    table = pa.Table.from_pydict(
+def canonical_table(recordings: Iterable[Recording]) -> pa.Table:
+    """Recordings as a :data:`CANONICAL_SCHEMA` table (one row per recording)."""
+    recordings = list(recordings)
+    return pa.Table.from_pydict(
         {
             "recording_id": [r.recording_id for r in recordings],
             "audio_uri": [r.audio_uri for r in recordings],
@@ -203,13 +202,39 @@ def write_canonical(
         },
         schema=CANONICAL_SCHEMA,
     )
+
+
+def write_canonical(
+    recordings: Iterable[Recording],
+    uri: str,
+    storage_options: dict | None = None,
+    metadata: dict[str, str] | None = None,
+    rows_per_group: int = 10_000,
+    segments_per_group: int = 50_000,
+) -> None:
+    """Write recordings as canonical Parquet (:data:`CANONICAL_SCHEMA`, one row per recording).
+
+    ``recordings`` may be a generator: it is consumed and written in row groups of at most
+    ``rows_per_group`` recordings or about ``segments_per_group`` segments, so a streamed corpus
+    is never held in memory whole. ``metadata`` goes into the file's key-value metadata.
+    """
+    schema = CANONICAL_SCHEMA.with_metadata(metadata) if metadata else CANONICAL_SCHEMA
     fs, path = storage.filesystem(uri, storage_options)
     if not storage.is_remote(uri):
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        batch: list[Recording] = []
+        n_segments = 0
+        for rec in recordings:
+            batch.append(rec)
+            n_segments += len(rec.segments)
+            if len(batch) >= rows_per_group or n_segments >= segments_per_group:
+                writer.write_table(canonical_table(batch))
+                batch, n_segments = [], 0
+        if batch:
+            writer.write_table(canonical_table(batch))
 
 
 def segment_table(recordings: list[Recording]) -> pa.Table:

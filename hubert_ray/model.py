@@ -19,12 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from hubert_ray.config import parse_layers
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -142,8 +139,37 @@ def model_name(model_dir: str) -> str:
     return name if name and not os.path.isabs(name) else os.path.basename(model_dir.rstrip("/"))
 
 
+class Fp32LayerNorm(nn.Module):
+    """Runs a LayerNorm in float32 whatever the model's dtype (as fairseq does for FP16)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+def keep_layer_norms_fp32(model: nn.Module) -> int:
+    """Wrap every ``nn.LayerNorm`` of ``model`` in :class:`Fp32LayerNorm`; returns how many.
+    (The first conv layer's GroupNorm already runs in float32: see masked_group_norm.)"""
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.LayerNorm)
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, Fp32LayerNorm(child))
+    return len(targets)
+
+
 def load_hubert(
-    model_dir: str, device: str | torch.device, dtype: str = "float32", allow_pickle: bool = False
+    model_dir: str,
+    device: str | torch.device,
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    fp32_norms: bool = False,
 ) -> ExactHubert:
     """``from_pretrained`` on a local directory (safetensors), eval mode, on ``device``."""
     from transformers import HubertModel
@@ -156,16 +182,6 @@ def load_hubert(
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     else:
         model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
+        if fp32_norms and dtype != "float32":
+            keep_layer_norms_fp32(model)
     return ExactHubert(model)
-
-
-@dataclass
-class ForwardResult:
-    """Per-item feature arrays: ``features[layer][i]`` is a [frames_i, hidden] tensor on CPU."""
-
-    features: dict[int, list[torch.Tensor]]
-    non_finite: list[bool]
-
-
-def resolve_layers(spec: str, model: ExactHubert) -> tuple[int, ...]:
-    return parse_layers(spec, model.num_hidden_layers)

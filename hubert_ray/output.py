@@ -7,8 +7,9 @@ Layout under ``<output>/``::
                               reason, message
     _summary.json             counts, errors by reason, audio seconds, wall time, x-realtime
 
-Part files appear whole: local files are written under a temporary name and renamed; object
-stores make an object visible only when its upload completes.
+Part files appear whole: local files are written under a temporary name and renamed; remote
+ones are written to a local temporary file and uploaded with one PUT (multipart when large),
+which object stores make visible only when the upload completes.
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ from hubert_ray.errors import ERROR_COLUMNS
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
+PRECISION_DIR = "precision"
+PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "max_abs", "action")
 SUMMARY_FILE = "_summary.json"
 META_KEY = b"hubert_ray.run"
 ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
 _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
 
 
-def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Split model-stage output into (features rows, error rows)."""
+def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Split model-stage output into (features rows, error rows, precision-check rows)."""
     failed = block.column("error_reason").is_valid()
-    ok = block.filter(pa.compute.invert(failed)).drop_columns(list(_MODEL_ERROR_FIELDS))
+    ok = block.filter(pa.compute.invert(failed)).drop_columns([*_MODEL_ERROR_FIELDS, "precision"])
     bad = block.filter(failed)
     errs = pa.table(
         {
@@ -49,7 +52,19 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table]:
         },
         schema=ERROR_SCHEMA,
     )
-    return ok, errs
+    checked = block.filter(block.column("precision").is_valid())
+    lists = checked.column("precision").combine_chunks()
+    repeat = pa.compute.list_value_length(lists).to_numpy(zero_copy_only=False)
+    idx = pa.array(np.repeat(np.arange(checked.num_rows), repeat))
+    flat = lists.flatten()
+    cols = {
+        "segment_id": checked.column("segment_id").take(idx),
+        "recording_id": checked.column("recording_id").take(idx),
+        "num_frames": checked.column("num_frames").take(idx),
+        "written_dtype": checked.column("compute_dtype").take(idx),
+    }
+    cols.update({name: flat.field(name) for name in PRECISION_FIELDS})
+    return ok, errs, pa.table(cols)
 
 
 def write_part(
@@ -64,18 +79,30 @@ def write_part(
     fs, path = storage.filesystem(directory, storage_options)
     final = f"{path.rstrip('/')}/{name}"
     if storage.is_remote(directory):
-        with fs.open(final, "wb") as f:
-            pq.write_table(table, f)
+        # Serialise locally, then upload in one PUT (or a multipart upload, completed last): the
+        # object appears whole or not at all. (Writing through ``fs.open(..., "wb")`` would
+        # upload whatever was buffered if the Parquet writer failed half-way.)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=".hubert-ray-part-", suffix=".parquet")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            storage.with_retries(fs.put_file, tmp, final)
+        finally:
+            os.remove(tmp)
     else:
         os.makedirs(path, exist_ok=True)
         tmp = f"{path.rstrip('/')}/.{name}.tmp"
-        pq.write_table(table, tmp)
+        storage.with_retries(pq.write_table, table, tmp)
         os.replace(tmp, final)
     return storage.join(directory, name)
 
 
 def _part_files(directory: str, storage_options: dict | None) -> tuple[object, list[str]]:
     fs, path = storage.filesystem(directory, storage_options)
+    # Other processes wrote these files: a listing this process cached (s3fs) may predate them.
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return fs, []
     if fs.isfile(path):
@@ -160,7 +187,7 @@ def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = N
     """Count what the output holds, checking every manifest segment appears exactly once."""
     feats = read_table(
         storage.join(uri, FEATURES_DIR),
-        ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype"],
+        ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"],
         storage_options,
     )
     errs = read_table(storage.join(uri, ERRORS_DIR), None, storage_options)
@@ -186,6 +213,7 @@ def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = N
         "frames": 0,
         "compute_dtype_counts": {},
     }
+    summary["precision"] = precision_summary(uri, feats, errs, storage_options)
     if feats is not None:
         dur = pa.compute.subtract(feats.column("end_s"), feats.column("start_s"))
         summary["audio_seconds"] = round(float(pa.compute.sum(dur).as_py() or 0.0), 3)
@@ -194,3 +222,35 @@ def summarize(uri: str, segment_ids: list[str], storage_options: dict | None = N
             collections.Counter(feats.column("compute_dtype").to_pylist())
         )
     return summary
+
+
+def precision_summary(uri: str, feats, errs, storage_options: dict | None = None) -> dict:
+    """The summary's ``precision`` section, from the precision parts and the feature rows."""
+    from hubert_ray.precision import summarize_layers
+
+    checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
+    rows = checks.to_pylist() if checks is not None else []
+    worst: dict[str, str] = {}
+    for r in rows:  # a segment's action is the same on every layer
+        worst[r["segment_id"]] = r["action"]
+    reasons = feats.column("fallback_reason").to_pylist() if feats is not None else []
+    model_non_finite = 0
+    if errs is not None:
+        model_non_finite = sum(
+            1
+            for st, rs in zip(
+                errs.column("stage").to_pylist(), errs.column("reason").to_pylist(), strict=True
+            )
+            if st == "model" and rs == "non_finite"
+        )
+    return {
+        "sampled": len(worst),
+        "warned": sum(1 for a in worst.values() if a != "none"),
+        "breaches": sum(1 for a in worst.values() if a in ("fallback", "breach_ignored")),
+        "fallbacks": sum(1 for r in reasons if r is not None),
+        "fallbacks_precision": sum(1 for r in reasons if r == "precision"),
+        "fallbacks_non_finite": sum(1 for r in reasons if r == "non_finite"),
+        "non_finite": sum(1 for r in reasons if r == "non_finite") + model_non_finite,
+        "non_finite_errors": model_non_finite,
+        "layers": summarize_layers(rows) if rows else {},
+    }

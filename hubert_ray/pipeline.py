@@ -7,6 +7,7 @@ summary pass over the written files → ``_summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,25 @@ def read_model_config(model_uri: str, storage_options: dict | None = None) -> di
         return json.load(f)
 
 
+def fp32_weight_bytes(model_uri: str, storage_options: dict | None = None) -> int:
+    """Bytes of the model's parameters in float32, from the safetensors headers only."""
+    fs, path = storage.filesystem(model_uri, storage_options)
+    numel = 0
+    for name in fs.ls(path, detail=False):
+        if not name.endswith(".safetensors"):
+            continue
+        with fs.open(name, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for key, info in header.items():
+            if key != "__metadata__":
+                n = 1
+                for dim in info["shape"]:
+                    n *= dim
+                numel += n
+    return 4 * numel
+
+
 def redacted(cfg: ExtractConfig) -> dict:
     """The run config as recorded in outputs: storage option values are never written."""
     d = cfg.to_dict()
@@ -67,7 +87,7 @@ def prepare_output(cfg: ExtractConfig, overwrite: bool) -> None:
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     existing = [
         p
-        for p in (output.FEATURES_DIR, output.ERRORS_DIR, output.SUMMARY_FILE)
+        for p in (output.FEATURES_DIR, output.ERRORS_DIR, output.PRECISION_DIR, output.SUMMARY_FILE)
         if fs.exists(f"{path.rstrip('/')}/{p}")
     ]
     if existing and not overwrite:
@@ -84,15 +104,70 @@ def prepare_output(cfg: ExtractConfig, overwrite: bool) -> None:
 _DECODERS: dict[str, object] = {}
 
 
+RETRIES_COLUMN = "storage_retries"
+"""Per-row count of storage retries, carried from decode through the model stage to the sink
+(the retries a task or actor made, on its batch's first row), summed into the summary."""
+
+
+def _with_retries_column(table: pa.Table, retries: int) -> pa.Table:
+    counts = [0] * table.num_rows
+    if counts:
+        counts[0] = retries
+    return table.append_column(RETRIES_COLUMN, pa.array(counts, pa.int64()))
+
+
+TRACE_ENV = "HUBERT_RAY_TRACE_DIR"
+
+
+def _trace(stage: str) -> None:
+    """Test hook: with ``$HUBERT_RAY_TRACE_DIR`` set, append the Ray node id that runs this
+    decode task / model actor to ``<dir>/<stage>-<pid>.txt`` (tests check placement)."""
+    trace_dir = os.environ.get(TRACE_ENV)
+    if trace_dir:
+        import ray
+
+        with open(os.path.join(trace_dir, f"{stage}-{os.getpid()}.txt"), "a") as f:
+            f.write(ray.get_runtime_context().get_node_id() + "\n")
+
+
 def _decode(batch: pa.Table, config) -> pa.Table:
     """Task UDF: one DecodeStage per worker process (keeps its last-recording cache)."""
     from hubert_ray.audio import DecodeStage
 
-    key = repr(config)
+    _trace("decode")
+
+    # The whole config, storage options included (its repr leaves them out).
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
     if key not in _DECODERS:
         _DECODERS.clear()
         _DECODERS[key] = DecodeStage(config)
-    return _DECODERS[key](batch)
+    before = storage.retry_count()
+    out = _DECODERS[key](batch)
+    return _with_retries_column(out, storage.retry_count() - before)
+
+
+class HubertStage:
+    """The model stage as Ray runs it (and names it: ``MapBatches(HubertStage)``):
+    :class:`hubert_ray.extractor.HubertStage`, passing the decode stage's ``storage_retries``
+    column through and adding this actor's own retries (copying the model from S3)."""
+
+    def __init__(self, config: ModelConfig):
+        from hubert_ray import extractor
+
+        _trace("model")
+        before = storage.retry_count()
+        self.stage = extractor.HubertStage(config)
+        self._pending = storage.retry_count() - before
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        before = storage.retry_count()
+        upstream = 0
+        if RETRIES_COLUMN in batch.column_names:
+            upstream = int(pa.compute.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
+            batch = batch.drop_columns([RETRIES_COLUMN])
+        out = self.stage(batch)
+        own, self._pending = self._pending + storage.retry_count() - before, 0
+        return _with_retries_column(out, upstream + own)
 
 
 def _make_sink(cfg: ExtractConfig, metadata: dict):
@@ -102,12 +177,17 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
     class FeatureSink(Datasink):
         """Writes each block's feature rows and error rows as Parquet parts."""
 
+        storage_retries = 0  # summed over every write's return, on the driver
+
         def write(self, blocks, ctx):
+            before = storage.retry_count()
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"ok": 0, "failed": 0}
-            ok, bad = output.split_block(pa.concat_tables(tables))
+                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0}
+            block = pa.concat_tables(tables)
+            upstream = int(pa.compute.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
+            ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
             for start in range(0, ok.num_rows, cfg.rows_per_file):
                 output.write_part(
                     ok.slice(start, cfg.rows_per_file),
@@ -115,11 +195,23 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
                     metadata,
                     cfg.storage_options,
                 )
+            if checks.num_rows:
+                output.write_part(
+                    checks,
+                    storage.join(cfg.output, output.PRECISION_DIR),
+                    metadata,
+                    cfg.storage_options,
+                )
             if bad.num_rows:
                 output.write_part(
                     bad, storage.join(cfg.output, output.ERRORS_DIR), metadata, cfg.storage_options
                 )
-            return {"ok": ok.num_rows, "failed": bad.num_rows}
+            retries = upstream + storage.retry_count() - before
+            return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
+
+        def on_write_complete(self, write_result):
+            returns = [r for r in write_result.write_returns if r]
+            self.storage_retries = sum(r.get(RETRIES_COLUMN, 0) for r in returns)
 
         @property
         def min_rows_per_write(self):
@@ -198,8 +290,6 @@ def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
     """segment rows → decode tasks → model actors (not yet executed)."""
     import ray
 
-    from hubert_ray.extractor import HubertStage
-
     ds = ray.data.from_arrow(segment_blocks(segments, cfg.decode_batch_size))
     ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
     return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
@@ -208,6 +298,7 @@ def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
 def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
     t_start = time.time()
+    driver_retries = storage.retry_count()
     recordings = manifest.read_manifest(cfg.manifest, cfg.storage_options)
     segments = manifest.segment_table(recordings)
     model_json = read_model_config(cfg.model, cfg.storage_options)
@@ -228,7 +319,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
 
     metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
     ds = build_dataset(cfg, segments, placement)
-    ds.write_datasink(_make_sink(cfg, metadata))
+    sink = _make_sink(cfg, metadata)
+    ds.write_datasink(sink)
 
     summary = output.summarize(
         cfg.output, segments.column("segment_id").to_pylist(), cfg.storage_options
@@ -245,7 +337,27 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
             "config": redacted(cfg),
         }
     )
+    compute = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+    checking = compute != "float32" and cfg.precision_sample_rate > 0
+    summary["precision"].update(
+        {
+            "compute_dtype": compute,
+            "reference_dtype": "float32",
+            "sample_rate": cfg.precision_sample_rate if checking else 0.0,
+            "warn": cfg.precision_warn,
+            "limit": cfg.precision_limit,
+            "on_breach": cfg.on_precision_breach,
+            # The FP32 reference model exists only while sampling is on: its weights' memory
+            # on each model actor's device.
+            "reference_weights_bytes": (
+                fp32_weight_bytes(cfg.model, cfg.storage_options) if checking else 0
+            ),
+        }
+    )
+    # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
+    summary["storage_retries"] = sink.storage_retries + storage.retry_count() - driver_retries
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
-    with fs.open(f"{path.rstrip('/')}/{output.SUMMARY_FILE}", "w") as f:
-        json.dump(summary, f, indent=2)
+    # Serialised first, written in one call: never a half-written summary.
+    data = json.dumps(summary, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{output.SUMMARY_FILE}", data)
     return summary

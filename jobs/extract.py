@@ -19,6 +19,17 @@ import sys
 from hubert_ray.config import ExtractConfig
 from hubert_ray.errors import ConfigError, ManifestError
 
+
+def _json_option(text: str):
+    """argparse type for JSON options; its error never echoes the value (it may hold secrets)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({exc.msg} at column {exc.colno}); expected a JSON object"
+        ) from None
+
+
 # option -> (type, help); every option maps to the ExtractConfig field of the same name.
 OPTIONS: dict[str, tuple[type, str]] = {
     "manifest": (str, "manifest: JSONL, Parquet (raw or canonical) or fairseq TSV; path or URL"),
@@ -41,7 +52,14 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
     "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
-    "storage_options": (json.loads, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'"),
+    "precision_sample_rate": (float, "fraction of segments rechecked in FP32 (default 0.01)"),
+    "precision_warn": (float, "relative error that logs a warning (default 0.005)"),
+    "precision_limit": (float, "relative error that triggers --on-precision-breach (0.02)"),
+    "on_precision_breach": (str, "fallback (recompute in FP32, default), fail, warn"),
+    "storage_options": (
+        _json_option,
+        "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'",
+    ),
 }
 
 
@@ -93,6 +111,23 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
     return ExtractConfig(**values), overwrite
 
 
+def _precision_breach(exc: BaseException) -> str | None:
+    """The precision-breach message inside a (Ray-wrapped) exception chain, if any.
+
+    Ray re-raises an actor's exception as ``RayTaskError(UserCodeException)``, which keeps the
+    original message but not always its type, so the message marker is what is matched."""
+    from hubert_ray.precision import BREACH_MARKER
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if BREACH_MARKER in text:
+            return text[text.index(BREACH_MARKER) :].splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -113,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as e:
         print(f"error: --manifest: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        breach = _precision_breach(e)
+        if breach is None:
+            raise
+        print(f"error: {breach}", file=sys.stderr)
+        return 3
     shown = {k: v for k, v in summary.items() if k != "config"}
     print(json.dumps(shown, indent=2))
     print(

@@ -300,9 +300,9 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
     def counting(stage, key):
         run = stage._run
 
-        def wrapped(net, chunks):
+        def wrapped(net, chunks, *args):
             calls[key] += 1
-            return run(net, chunks)
+            return run(net, chunks, *args)
 
         stage._run = wrapped
 
@@ -387,7 +387,7 @@ def test_float16_overflow_falls_back_to_float32(overflow_dirs):
         else:
             assert reasons[i] == errors.NON_FINITE
             assert _features(out, 2, i) is None
-    assert stage.stats["fallbacks"] >= 1
+    assert out.column("fallback_reason").to_pylist()[:2] == ["non_finite", "non_finite"]
     # this model is finite in float32, so the fallback rescues every row
     assert reasons[:2] == [None, None]
     # and the rescued features equal a plain float32 run
@@ -425,8 +425,9 @@ def test_non_finite_even_in_float32_becomes_error_row(overflow_dirs, dtype):
         for k in (0, 2):
             assert _features(out, k, i) is None
     assert _all_finite(out)
-    if dtype != "float32":
-        assert stage.stats["fallbacks"] >= 1
+    if dtype != "float32":  # an FP32 retry was tried before giving up
+        fallback = out.column("fallback_reason").to_pylist()
+        assert [fallback[0], fallback[2]] == ["non_finite", "non_finite"]
 
 
 # -- import hygiene ----------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Throughput rates the capacity planner (``python -m jobs.plan``) works from, with provenance.
+
+A rate is "x realtime": seconds of audio processed per second of wall time, per GPU (model
+stage) or per CPU core (decode stage). Every rate says where it was measured; the planner
+prints that next to its answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DESIGN = "H100, DESIGN.md reference table"
+
+
+@dataclass(frozen=True)
+class Rate:
+    x_realtime: float
+    unit: str  # "gpu" or "core"
+    source: str
+
+
+GPU_RATES: dict[str, Rate] = {
+    # Model stage alone, random weights with chinese-hubert-base's architecture.
+    "fp16-batch64": Rate(9_720.0, "gpu", f"{DESIGN}: FP16, batch 64 x 10 s"),
+    "bf16-batch64": Rate(9_853.0, "gpu", f"{DESIGN}: BF16, batch 64 x 10 s"),
+    "fp32-batch1": Rate(1_315.0, "gpu", f"{DESIGN}: FP32, batch 1"),
+    "fp16-batch1": Rate(684.0, "gpu", f"{DESIGN}: FP16 .half(), batch 1"),
+    # A naive Ray Data pipeline end to end (FLAC) on one H100 node (GPUs per node not stated
+    # there): what the design improves on, not a per-GPU planning rate.
+    "naive-pipeline": Rate(
+        1_080.0, "gpu", f"{DESIGN}: naive Ray Data pipeline on one H100 node, FLAC, end to end"
+    ),
+}
+DEFAULT_GPU_RATE = "fp16-batch64"
+
+DECODE_RATES: dict[str, dict[str, Rate]] = {
+    # ~3,500x / ~26,000x per 16-core node.
+    "reference": {
+        "opus": Rate(3_500.0 / 16, "core", f"{DESIGN}: ~3,500x per 16-core node"),
+        "flac": Rate(26_000.0 / 16, "core", f"{DESIGN}: ~26,000x per 16-core node"),
+    },
+    # python -m jobs.measure_decode (3 x 60 s, 16 kHz mono, median of 5 passes; Opus at
+    # libsndfile's default ~28 kbit/s, like WenetSpeech's files). The machine was shared with
+    # other test runs (load ~2.5), so these are if anything low.
+    "measured": {
+        "opus": Rate(
+            728.0,
+            "core",
+            "measured 2026-11-28 on this CI-class 2-core machine (x86_64), "
+            "python -m jobs.measure_decode: 16 kHz mono Opus ~28 kbit/s",
+        ),
+        "flac": Rate(
+            5_398.0,
+            "core",
+            "measured 2026-11-28 on this CI-class 2-core machine (x86_64), "
+            "python -m jobs.measure_decode: 16 kHz mono FLAC 16-bit",
+        ),
+    },
+}
+DEFAULT_DECODE_PROFILE = "reference"
+FORMATS = ("opus", "flac")

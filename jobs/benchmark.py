@@ -1,0 +1,989 @@
+"""Throughput / memory / precision benchmark: the seed recipe vs our actor path vs the pipeline.
+
+    python -m jobs.benchmark [--device auto|cpu|cuda] [--arch tiny|base] [--model DIR]
+        [--seconds 60] [--utt-seconds 10,mixed] [--batch-size 64] [--skip-pipeline] [--out DIR]
+
+Measured side by side in one run, for each utterance-length distribution:
+
+* ``seed_*``: the seed article's recipe: ``HubertModel.from_pretrained(dir)`` (``.half()`` on
+  GPU; on CPU the model as-is in float32 *and* a ``.half()`` attempt), one utterance at a time,
+  ``model(x).last_hidden_state`` under ``torch.no_grad()``, no padding, no chunking;
+* ``plain_fp32_b1``: a plain FP32 loop (batch 1, ``inference_mode``) — the FP32 reference;
+* ``actor_<dtype>_b<B>``: :class:`hubert_ray.extractor.HubertStage` called on pre-decoded
+  batches in ``DECODED_SCHEMA`` (model only: exact padded batching, chunking, NaN guard);
+* ``loop_<dtype>_b<B>`` / ``pipeline_<dtype>_b<B>``: the same generated corpus written as FLAC,
+  once through a plain single-process loop (``DecodeStage`` then ``HubertStage``, no Ray, no
+  Parquet writing) and once through ``hubert_ray.pipeline.run`` on local Ray (both timed end to
+  end, model load included; Ray is started and warmed up before).
+
+Each row reports x-realtime (audio seconds / wall seconds, after warm-up: a short input, then
+one untimed pass over the same inputs when affordable, see ``Bench.timed``), peak memory
+(GPU: ``torch.cuda.max_memory_allocated`` during the row, weights included; CPU: peak resident
+set size sampled every 5 ms from ``/proc/self/statm`` minus the RSS at the row's start, i.e.
+the row's working memory without the weights already loaded; n/a for the pipeline, whose model
+runs in another process) and the relative L2 error ``sqrt(sum|a-b|^2 / sum|b|^2)`` of the last
+layer's features vs the FP32 batch-1 reference on the same inputs (for chunked paths: the
+reference run on the same chunks). Nothing is downloaded: ``--arch base`` is
+``HubertConfig()`` (the chinese-hubert-base architecture) with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+import numpy as np
+
+SR = 16_000
+MIXED_MIN_S, MIXED_MAX_S = 0.3, 20.0
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def parse_dists(spec: str) -> list[tuple[str, float, bool]]:
+    """``"10,mixed"`` → [(name, seconds, is_mixed)]; ``mixed:MEAN`` sets the mean (default 2.5)."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part.startswith("mixed"):
+            mean = float(part.split(":", 1)[1]) if ":" in part else 2.5
+            out.append((f"mixed{mean:g}s", mean, True))
+        else:
+            out.append((f"fixed{float(part):g}s", float(part), False))
+    if not out:
+        raise ValueError(f"--utt-seconds {spec!r}: no distribution given")
+    return out
+
+
+def make_lengths(seconds: float, mixed: bool, total_s: float, seed: int) -> list[int]:
+    """Utterance lengths in samples. Fixed: ``round(total/seconds)`` (at least 1) items.
+    Mixed (WenetSpeech-like): gamma(shape 2) lengths with the given mean, clipped to
+    [0.3 s, 20 s], until ``total_s`` is reached (at least 2 items)."""
+    if not mixed:
+        return [int(round(seconds * SR))] * max(1, int(round(total_s / seconds)))
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total_s * SR or len(lengths) < 2:
+        d = float(np.clip(rng.gamma(2.0, seconds / 2.0), MIXED_MIN_S, MIXED_MAX_S))
+        lengths.append(int(round(d * SR)))
+    return lengths
+
+
+def make_raw(lengths: list[int], seed: int) -> list[np.ndarray]:
+    """Speech-like mono 16 kHz signals (before normalisation)."""
+    from hubert_ray.synth import synth_signal
+
+    return [synth_signal(n / SR, SR, 1, seed=seed + i)[:, 0] for i, n in enumerate(lengths)]
+
+
+def make_model(arch: str, path: str) -> str:
+    if arch == "tiny":
+        from hubert_ray.synth import make_tiny_model
+
+        return make_tiny_model(path)
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    model = HubertModel(HubertConfig()).eval()  # chinese-hubert-base architecture, random
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# -- measurement helpers --------------------------------------------------------------------------
+class PeakMemory:
+    """GPU: ``max_memory_allocated`` (MiB, weights included). CPU: peak RSS sampled from
+    ``/proc/self/statm`` every 5 ms minus the RSS at entry (MiB); falls back to
+    ``ru_maxrss`` delta where ``/proc`` is missing (then only growth past the old peak shows)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.peak_mib: float | None = None
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.base = self._rss()
+        self._peak = self.base or 0
+        self._stop = threading.Event()
+        if self.base is None:
+            import resource
+
+            self._ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            rss = self._rss()
+            if rss is not None and rss > self._peak:
+                self._peak = rss
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+            return False
+        if self.base is None:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024
+            ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_mib = (ru - self._ru) * scale / 2**20
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss() or 0)
+        self.peak_mib = (self._peak - self.base) / 2**20
+        return False
+
+
+def rel_l2(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
+    num = den = 0.0
+    for a, b in zip(outs, refs, strict=True):
+        if a.shape != b.shape:
+            raise ValueError(f"feature shape {a.shape} != reference {b.shape}")
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        num += float(((a64 - b64) ** 2).sum())
+        den += float((b64**2).sum())
+    return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+def feature_rows(table, layer: int) -> list[np.ndarray]:
+    """Per-row [frames, hidden] arrays of a HubertStage output column ``layer_<layer>``."""
+    col = table.column(f"layer_{layer}").combine_chunks()
+    hidden = col.type.value_type.list_size
+    offsets = col.offsets.to_numpy()
+    flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, hidden)
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(col))]
+
+
+def decoded_table(items: list[np.ndarray], prefix: str):
+    """A pre-decoded batch in ``DECODED_SCHEMA`` (what the decode stage hands the actor)."""
+    import pyarrow as pa
+
+    from hubert_ray.audio import DECODED_SCHEMA
+
+    lengths = np.array([len(x) for x in items], dtype=np.int64)
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    audio = pa.LargeListArray.from_arrays(
+        pa.array(offsets), pa.array(np.concatenate(items).astype(np.float32))
+    )
+    n = len(items)
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array(ids, pa.string()),
+            pa.array([0.0] * n, pa.float64()),
+            pa.array((lengths / SR).tolist(), pa.float64()),
+            pa.array(lengths),
+            audio,
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.string()),
+        ],
+        schema=DECODED_SCHEMA,
+    )
+
+
+class Bench:
+    def __init__(self, args, device: str):
+        self.args = args
+        self.device = device
+        self.cuda = device == "cuda"
+        self.rows: list[dict] = []
+        self.pipeline_warmup_s: float | None = None  # wall of the 2-utterance warm-up run
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def warm_item(self, x: np.ndarray) -> np.ndarray:
+        """First warm-up input: the item itself on GPU; on CPU its first 2 s (slow CPU rows,
+        e.g. float16 on the base model, would otherwise spend minutes warming up)."""
+        return x if self.cuda else x[: 2 * SR]
+
+    def release(self):
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def timed(self, units, fn, warm_unit, budget_s: float | None):
+        """Warm up, then run ``fn`` on ``units`` (each ``(audio_s, x)``) timed, in whole passes
+        until ``--min-row-seconds`` have passed (short rows are repeated so timer noise
+        matters less), stopping early once ``budget_s`` is spent (at least one unit runs).
+
+        Warm-up: ``warm_unit`` (a short input on CPU), then one untimed pass over ``units``
+        when it is estimated to take at most half the budget: the first call with a new input
+        shape pays one-off kernel setup (oneDNN primitives on CPU, cuDNN/cuBLAS plans on GPU)
+        that would otherwise be timed for whichever row sees the shapes first.
+        Outputs are the first timed pass's. Returns (outputs, audio_s, wall_s, peak, passes).
+        """
+        outs, audio_s, passes, stop = [], 0.0, 0, False
+        min_s = self.args.min_row_seconds
+        # memory: over warm-up and timed passes (the warm-up is where allocators grow)
+        with PeakMemory(self.cuda) as mem:
+            t = time.perf_counter()
+            fn(warm_unit[1])
+            self.sync()
+            per_audio_s = (time.perf_counter() - t) / max(warm_unit[0], 1e-3)
+            pass_audio_s = sum(a for a, _ in units)
+            if budget_s is None or per_audio_s * pass_audio_s <= budget_s / 2:
+                for _, x in units:
+                    fn(x)
+            self.sync()
+            t0 = time.perf_counter()
+            while not stop:
+                for a, x in units:
+                    out = fn(x)
+                    if passes == 0:
+                        outs.append(out)
+                    audio_s += a
+                    if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                        stop = True
+                        break
+                passes += 1
+                self.sync()
+                stop = stop or time.perf_counter() - t0 >= min_s
+            wall = time.perf_counter() - t0
+        return outs, audio_s, wall, mem.peak_mib, passes
+
+    def add(self, **row) -> dict:
+        base = {
+            "status": "ok",
+            "items": None,
+            "audio_s": None,
+            "wall_s": None,
+            "x_realtime": None,
+            "peak_mem_mib": None,
+            "rel_l2_err": None,
+            "err_ref": None,
+            "note": "",
+        }
+        base.update(row)
+        if base["status"] == "ok" and base["wall_s"]:
+            base["x_realtime"] = base["audio_s"] / base["wall_s"]
+        for k in ("audio_s", "wall_s", "x_realtime", "peak_mem_mib", "rel_l2_err"):
+            if isinstance(base[k], float):
+                base[k] = float(f"{base[k]:.6g}")
+        self.rows.append(base)
+        shown = {k: base[k] for k in ("dist", "name", "x_realtime", "peak_mem_mib", "rel_l2_err")}
+        print(f"[bench] {json.dumps(shown)}" + (f" {base['status']}: {base['note']}"), flush=True)
+        return base
+
+
+# -- the measured paths ---------------------------------------------------------------------------
+def run_batch1(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, budget):
+    """Seed recipe / plain loop: HubertModel on one unpadded utterance at a time."""
+    import torch
+    from transformers import HubertModel
+
+    dev = torch.device(bench.device)
+    tdtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    try:
+        model = HubertModel.from_pretrained(model_dir)
+        model.eval()
+        if dtype == "float16":
+            model = model.half()  # the seed article's recipe
+        model = model.to(dev)
+        ctx = torch.no_grad if recipe == "seed" else torch.inference_mode
+
+        def fn(x):
+            with ctx():
+                xt = torch.from_numpy(x)[None].to(dev).to(tdtype)
+                return model(xt).last_hidden_state[0].float().cpu().numpy()
+
+        units = [(len(x) / SR, x) for x in items]
+        w = bench.warm_item(items[0])
+        warm = (len(w) / SR, w)
+        outs, audio_s, wall, peak, passes = bench.timed(units, fn, warm, budget)
+    except Exception as exc:  # e.g. half precision unsupported on this device
+        bench.add(
+            dist=dist,
+            name=name,
+            path=recipe,
+            dtype=dtype,
+            batch_size=1,
+            status="failed",
+            note=f"{type(exc).__name__}: {_first_line(exc)}",
+        )
+        return None
+    finally:
+        model = None
+        bench.release()
+    n = len(outs)
+    partial = _passes_note(n, len(items), passes)
+    err = rel_l2(outs, refs[:n]) if refs is not None else 0.0
+    bench.add(
+        dist=dist,
+        name=name,
+        path=recipe,
+        dtype=dtype,
+        batch_size=1,
+        items=n,
+        audio_s=audio_s,
+        wall_s=wall,
+        peak_mem_mib=peak,
+        rel_l2_err=err,
+        err_ref="plain_fp32_b1" if refs is not None else "self (reference)",
+        note=partial,
+    )
+    return outs
+
+
+def chunked_reference(model_dir, device, items, refs, chunk_samples):
+    """FP32 batch-1 features of each item run on the same chunks as the actor (items with
+    one chunk reuse ``refs``)."""
+    import torch
+    from transformers import HubertModel
+
+    from hubert_ray.chunking import plan_chunks
+
+    out = list(refs) if refs is not None else [None] * len(items)
+    model = None
+    for i, x in enumerate(items):
+        plan = plan_chunks(len(x), chunk_samples)
+        if len(plan) == 1 and out[i] is not None:
+            continue
+        if model is None:
+            model = HubertModel.from_pretrained(model_dir).eval().to(device)
+        parts = []
+        with torch.inference_mode():
+            for s, e in plan:
+                xt = torch.from_numpy(np.ascontiguousarray(x[s:e]))[None].to(device)
+                parts.append(model(xt).last_hidden_state[0].float().cpu().numpy())
+        out[i] = np.concatenate(parts)
+    return out
+
+
+def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype):
+    from hubert_ray.config import ModelConfig
+
+    chunk_s = bench.args.chunk_seconds
+    budget = max(64 * 10 * SR, batch_size * int(round(chunk_s * SR)))
+    return ModelConfig(
+        model_uri=model_dir,
+        layers="last",
+        dtype=dtype,
+        storage_dtype=storage_dtype,
+        chunk_seconds=chunk_s,
+        max_batch_samples=budget,
+        device=bench.device,
+    )
+
+
+def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, budget):
+    from hubert_ray.extractor import HubertStage
+
+    name = f"actor_{dtype}_b{batch_size}"
+    try:
+        stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float32"))
+        layer = stage.layers[-1]
+        batches = [
+            items[i : i + batch_size] for i in range(0, len(items), batch_size)
+        ]  # in data order: lengths mix inside a batch, the stage sorts them
+        units = [
+            (sum(map(len, b)) / SR, decoded_table(b, f"{dist}-{k}")) for k, b in enumerate(batches)
+        ]
+        w = [bench.warm_item(x) for x in batches[0]]
+        warm = (sum(map(len, w)) / SR, decoded_table(w, "warm"))
+        tables, audio_s, wall, peak, passes = bench.timed(units, stage, warm, budget)
+        stats = {k: v for k, v in getattr(stage, "stats", {}).items() if k != "forward_s"}
+    except Exception as exc:
+        bench.add(
+            dist=dist,
+            name=name,
+            path="actor",
+            dtype=dtype,
+            batch_size=batch_size,
+            status="failed",
+            note=f"{type(exc).__name__}: {_first_line(exc)}",
+        )
+        return
+    finally:
+        stage = None
+        bench.release()
+    outs = [f for t in tables for f in feature_rows(t, layer)]
+    n = len(outs)
+    bench.add(
+        dist=dist,
+        name=name,
+        path="actor",
+        dtype=dtype,
+        batch_size=batch_size,
+        items=n,
+        audio_s=audio_s,
+        wall_s=wall,
+        peak_mem_mib=peak,
+        rel_l2_err=rel_l2(outs, refs[:n]),
+        err_ref="plain_fp32_b1 on the same chunks",
+        note=_passes_note(n, len(items), passes),
+        stage_stats=stats,
+    )
+
+
+def write_corpus(root: str, raw: list[np.ndarray], dist: str, max_rec_s: float = 60.0) -> str:
+    """Items concatenated into FLAC recordings of up to ``max_rec_s`` (16 kHz, PCM_16), one
+    segment per item; returns the JSONL manifest path."""
+    from hubert_ray.synth import write_audio
+
+    os.makedirs(os.path.join(root, "audio"), exist_ok=True)
+    recs, cur, cur_n = [], [], 0
+    for x in raw:
+        if cur and cur_n + len(x) > max_rec_s * SR:
+            recs.append(cur)
+            cur, cur_n = [], 0
+        cur.append(x)
+        cur_n += len(x)
+    if cur:
+        recs.append(cur)
+    lines = []
+    k = 0
+    for r, parts in enumerate(recs):
+        rid = f"{dist}-rec{r:05d}"
+        write_audio(os.path.join(root, "audio", f"{rid}.flac"), np.concatenate(parts), SR, "flac")
+        segs, off = [], 0
+        for x in parts:
+            segs.append({"id": f"{rid}-{k:06d}", "start_s": off / SR, "end_s": (off + len(x)) / SR})
+            off += len(x)
+            k += 1
+        lines.append({"id": rid, "audio": f"audio/{rid}.flac", "segments": segs})
+    manifest = os.path.join(root, "manifest.jsonl")
+    with open(manifest, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    return manifest
+
+
+def run_loop(bench: Bench, model_dir, manifest_path, dist, dtype, batch_size):
+    """Plain single process: manifest → DecodeStage → HubertStage, batch by batch (no Ray, no
+    Parquet). Timed end to end, model load included (as the pipeline's wall time is)."""
+    from hubert_ray import manifest
+    from hubert_ray.audio import DecodeStage, clear_cache
+    from hubert_ray.extractor import HubertStage
+
+    clear_cache()
+    with PeakMemory(bench.cuda) as mem:
+        t0 = time.perf_counter()
+        segments = manifest.segment_table(manifest.read_manifest(manifest_path))
+        decode = DecodeStage()
+        stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float16"))
+        decoded, feats = [], {}
+        for s in range(0, segments.num_rows, batch_size):
+            d = decode(segments.slice(s, batch_size))
+            out = stage(d)
+            decoded.append(d)
+            ids = out.column("segment_id").to_pylist()
+            feats.update(zip(ids, feature_rows(out, stage.layers[-1]), strict=True))
+        bench.sync()
+        wall = time.perf_counter() - t0
+    stage = None
+    bench.release()
+    from hubert_ray.extractor import audio_views
+
+    inputs = {}
+    for d in decoded:
+        ids = d.column("segment_id").to_pylist()
+        inputs.update(zip(ids, [np.array(v) for v in audio_views(d.column("audio"))], strict=True))
+    return feats, inputs, wall, mem.peak_mib
+
+
+def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, batch_size):
+    from hubert_ray import pipeline, read_features
+    from hubert_ray.config import ExtractConfig
+
+    ncpu = os.cpu_count() or 1
+    cfg = ExtractConfig(
+        manifest=manifest_path,
+        model=model_dir,
+        output=out_dir,
+        dtype=dtype,
+        chunk_seconds=bench.args.chunk_seconds,
+        batch_size=batch_size,
+        max_batch_samples=model_config(
+            bench, model_dir, dtype, batch_size, "float16"
+        ).max_batch_samples,
+        num_gpus=None if bench.cuda else 0,
+        cpus_per_actor=float(bench.args.pipeline_cpus_per_actor or max(1, ncpu - 1)),
+    )
+    t0 = time.perf_counter()
+    summary = pipeline.run(cfg, overwrite=True)
+    wall = time.perf_counter() - t0
+    return read_features(out_dir), summary, wall, cfg
+
+
+def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtype) -> None:
+    """The same generated FLAC corpus through the plain loop and through the pipeline."""
+    args = bench.args
+    chunk_samples = int(round(args.chunk_seconds * SR))
+    total = args.pipeline_seconds or args.seconds
+    lengths = make_lengths(secs, mixed, total, args.seed + 50 + d_i)
+    raw = make_raw(lengths, seed=args.seed * 100_000 + 50_000 + d_i * 10_000)
+    corpus = os.path.join(work, f"corpus-{dist}")
+    manifest_path = write_corpus(corpus, raw, dist)
+    audio_s = sum(lengths) / SR
+    if d_i == 0:  # warm Ray's workers (imports, page cache); not measured
+        warm = write_corpus(os.path.join(work, "corpus-warm"), raw[:2], "warm")
+        t = time.perf_counter()
+        run_pipeline(bench, model_dir, warm, os.path.join(work, "out-warm"), dtype, args.batch_size)
+        bench.pipeline_warmup_s = time.perf_counter() - t
+    feats_l, inputs, wall_l, mem_l = run_loop(
+        bench, model_dir, manifest_path, dist, dtype, args.batch_size
+    )
+    ids = sorted(inputs)
+    ref = chunked_reference(model_dir, bench.device, [inputs[i] for i in ids], None, chunk_samples)
+    common = dict(dist=dist, dtype=dtype, batch_size=args.batch_size, audio_s=audio_s)
+    common["err_ref"] = "plain_fp32_b1 on the same decoded chunks (stored float16)"
+    bench.add(
+        name=f"loop_{dtype}_b{args.batch_size}",
+        path="loop",
+        items=len(ids),
+        wall_s=wall_l,
+        peak_mem_mib=mem_l,
+        rel_l2_err=rel_l2([feats_l[i] for i in ids], ref),
+        note="FLAC decode + model in 1 process; model load timed; no Parquet writing",
+        **common,
+    )
+    feats_p, summary, wall_p, cfg = run_pipeline(
+        bench, model_dir, manifest_path, os.path.join(work, f"out-{dist}"), dtype, args.batch_size
+    )
+    missing = [i for i in ids if i not in feats_p]
+    actor = "1 GPU actor" if bench.cuda else f"1 CPU actor with {cfg.cpus_per_actor:g} CPUs"
+    bench.add(
+        name=f"pipeline_{dtype}_b{args.batch_size}",
+        path="pipeline",
+        items=summary.get("segments_ok"),
+        wall_s=wall_p,
+        rel_l2_err=None if missing else rel_l2([feats_p[i] for i in ids], ref),
+        status="failed" if missing else "ok",
+        note=f"local Ray, {actor}; model load + Parquet writing timed; peak mem n/a (model "
+        "in another process)" + (f"; {len(missing)} segments missing" if missing else ""),
+        **common,
+    )
+    shutil.rmtree(corpus, ignore_errors=True)
+
+
+def _passes_note(done: int, total: int, passes: int) -> str:
+    if done < total:
+        return f"time budget: {done}/{total} items timed"
+    return f"{passes} passes" if passes > 1 else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:200]
+
+
+def start_ray(cuda: bool):
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # always local: this measures one machine
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    n_gpu = None if cuda else 0
+    ray.init(num_cpus=os.cpu_count(), num_gpus=n_gpu, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    return ray
+
+
+# -- report ---------------------------------------------------------------------------------------
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "ray", "numpy", "pyarrow", "soundfile", "soxr"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed: recorded as missing
+            out[mod] = None
+    return out
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def device_name(cuda: bool) -> str:
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(v, digits=3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:,.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [
+        f"### {m['device_name']} ({m['device']}), arch `{m['arch']}`",
+        "",
+        f"- command: `{m['command']}`",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+        f"- CPUs: {m['cpu_count']} (torch threads in-process: {m['torch_threads']}); "
+        f"batch size {m['batch_size']}; chunk {m['chunk_seconds']:g} s; layer {m['layer']}",
+        f"- peak memory: {m['memory_metric']}",
+        f"- load average (1/5/15 min) at start / end: {m['load_average_start_end']}; "
+        f"total wall {m['total_wall_s']} s"
+        + (
+            f"; pipeline warm-up run on 2 utterances (about its fixed cost): "
+            f"{m['pipeline_warmup_wall_s']} s"
+            if m.get("pipeline_warmup_wall_s")
+            else ""
+        ),
+        "",
+    ]
+    for dist in m["distributions"]:
+        rows = [r for r in result["rows"] if r["dist"] == dist]
+        info = m["inputs"][dist]
+        lines += [
+            f"#### {dist}: {info['items']} utterances, {info['audio_s']:.1f} s of audio "
+            f"(mean {info['mean_s']:.2f} s, max {info['max_s']:.2f} s)",
+            "",
+            "| row | dtype | batch | items | audio s | wall s | x realtime | peak mem MiB "
+            "| rel. L2 err | vs | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['name']} | {r['dtype']} | {r['batch_size']} | {fmt(r['items'])} "
+                f"| {fmt(r['audio_s'])} | {fmt(r['wall_s'])} | {fmt(r['x_realtime'])} "
+                f"| {fmt(r['peak_mem_mib'])} | {fmt(r['rel_l2_err'])} | {r['err_ref'] or ''} "
+                f"| {r['status'] if r['status'] != 'ok' else ''} {r['note']} |"
+            )
+        lines.append("")
+    if result["ratios"]:
+        lines += [
+            "#### Ratios (x-realtime)",
+            "",
+            "| ratio | dist | value | rows |",
+            "|---|---|---|---|",
+        ]
+        for r in result["ratios"]:
+            lines.append(f"| {r['name']} | {r['dist']} | {fmt(r['value'])} | {r['rows']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]:
+    out = []
+
+    def ok(r):
+        return r["status"] == "ok" and r["x_realtime"]
+
+    for dist in dict.fromkeys(r["dist"] for r in rows):
+        rs = [r for r in rows if r["dist"] == dist and ok(r)]
+        by = {r["name"]: r for r in rs}
+        seeds = [r for r in rs if r["path"] == "seed"]
+        # "best dtype": fastest actor row at the configured batch whose features stay within
+        # 5 % of FP32 (random-weight int8 can be far off; it is not a fair winner).
+        actors = [
+            r
+            for r in rs
+            if r["path"] == "actor"
+            and r["batch_size"] == batch_size
+            and r["rel_l2_err"] is not None
+            and r["rel_l2_err"] < 0.05
+        ]
+        if seeds and actors:
+            best = max(actors, key=lambda r: r["x_realtime"])
+            seed = max(seeds, key=lambda r: r["x_realtime"])
+            out.append(
+                {
+                    "name": "ours (best dtype) / seed recipe",
+                    "dist": dist,
+                    "value": best["x_realtime"] / seed["x_realtime"],
+                    "rows": f"{best['name']} / {seed['name']}",
+                }
+            )
+        pipe = by.get(f"pipeline_{pipeline_dtype}_b{batch_size}")
+        actor = by.get(f"actor_{pipeline_dtype}_b{batch_size}")
+        loop = by.get(f"loop_{pipeline_dtype}_b{batch_size}")
+        if pipe and actor:
+            out.append(
+                {
+                    "name": "pipeline / actor only",
+                    "dist": dist,
+                    "value": pipe["x_realtime"] / actor["x_realtime"],
+                    "rows": f"{pipe['name']} / {actor['name']}",
+                }
+            )
+        if pipe and loop:
+            out.append(
+                {
+                    "name": "pipeline / plain loop (CPU goal >= 0.8)",
+                    "dist": dist,
+                    "value": pipe["x_realtime"] / loop["x_realtime"],
+                    "rows": f"{pipe['name']} / {loop['name']}",
+                }
+            )
+    return out
+
+
+# -- main -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--arch",
+        choices=("tiny", "base"),
+        default="tiny",
+        help="random-weight model to generate: tiny (synth.make_tiny_model) or base "
+        "(HubertConfig() defaults = chinese-hubert-base architecture)",
+    )
+    p.add_argument("--model", help="use this save_pretrained directory instead of --arch")
+    p.add_argument("--seconds", type=float, default=60.0, help="audio per measurement (s)")
+    p.add_argument(
+        "--utt-seconds",
+        default="10,mixed",
+        help="distributions: fixed lengths in s and/or mixed[:MEAN] (gamma, mean "
+        "2.5 s, 0.3-20 s: WenetSpeech-like); default 10,mixed",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="rows per actor call (default 64)")
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="extra FP16 actor batch sizes to sweep (default 1,16,64 on GPU, none on CPU)",
+    )
+    p.add_argument("--chunk-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--pipeline-dtype",
+        default="auto",
+        help="dtype of the loop/pipeline rows (auto: float16 GPU, float32 CPU)",
+    )
+    p.add_argument(
+        "--pipeline-seconds",
+        type=float,
+        default=None,
+        help="audio in the pipeline corpus per distribution (default --seconds)",
+    )
+    p.add_argument(
+        "--pipeline-cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPU pipeline: CPUs (torch threads) of the model actor (default ncpu-1)",
+    )
+    p.add_argument(
+        "--max-row-seconds",
+        type=float,
+        default=120.0,
+        help="stop a timed row after this wall time (x-realtime from what ran)",
+    )
+    p.add_argument(
+        "--min-row-seconds",
+        type=float,
+        default=2.0,
+        help="repeat a short timed row in whole passes until this wall time (default 2)",
+    )
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_out", help="writes results.json and results.md here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    import torch
+
+    try:  # no "Loading weights" progress bars per model load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    device = (
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    cuda = device == "cuda"
+    dists = parse_dists(args.utt_seconds)
+    sweep = (
+        [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        if args.batch_sizes is not None
+        else ([1, 16, 64] if cuda else [])
+    )
+    pdtype = (
+        args.pipeline_dtype if args.pipeline_dtype != "auto" else ("float16" if cuda else "float32")
+    )
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="hubert-bench-")
+    bench = Bench(args, device)
+    t_start = time.time()
+    load_start = _loadavg()
+    try:
+        if args.model:
+            model_dir = os.path.abspath(args.model)
+        else:
+            model_dir = make_model(args.arch, os.path.join(work, f"{args.arch}-hubert"))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            n_layers = json.load(f).get("num_hidden_layers", 12)
+        chunk_samples = int(round(args.chunk_seconds * SR))
+        inputs_meta = {}
+        for d_i, (dist, secs, mixed) in enumerate(dists):
+            from hubert_ray.audio import normalise
+
+            lengths = make_lengths(secs, mixed, args.seconds, args.seed + d_i)
+            raw = make_raw(lengths, seed=args.seed * 100_000 + d_i * 10_000)
+            items = [normalise(x) for x in raw]
+            inputs_meta[dist] = {
+                "items": len(items),
+                "audio_s": sum(lengths) / SR,
+                "mean_s": float(np.mean(lengths)) / SR,
+                "max_s": max(lengths) / SR,
+            }
+            print(f"[bench] {dist}: {inputs_meta[dist]}", flush=True)
+            # 2. plain FP32 batch-1 loop: the reference (never cut short by the time budget)
+            refs = run_batch1(
+                bench, model_dir, items, None, dist, "plain_fp32_b1", "plain", "float32", None
+            )
+            if refs is None:
+                raise RuntimeError("the FP32 reference loop failed")
+            # 1. the seed recipe
+            bench_b = args.max_row_seconds
+            run_batch1(
+                bench, model_dir, items, refs, dist, "seed_fp16_b1", "seed", "float16", bench_b
+            )
+            if not cuda:
+                run_batch1(
+                    bench, model_dir, items, refs, dist, "seed_fp32_b1", "seed", "float32", bench_b
+                )
+            # 3. our actor path on pre-decoded batches
+            cref = chunked_reference(model_dir, device, items, refs, chunk_samples)
+            dtypes = ["float32", "float16", "bfloat16"] + ([] if cuda else ["int8"])
+            for dt in dtypes:
+                run_actor(bench, model_dir, items, cref, dist, dt, args.batch_size, bench_b)
+            for b in sweep:
+                if b != args.batch_size:
+                    run_actor(bench, model_dir, items, cref, dist, "float16", b, bench_b)
+            del refs, cref
+            bench.release()
+
+        # 4. pipeline on local Ray vs a plain single-process loop, same FLAC corpus
+        if not args.skip_pipeline:
+            ray = start_ray(cuda)
+            try:
+                for d_i, (dist, secs, mixed) in enumerate(dists):
+                    try:
+                        measure_pipeline(bench, model_dir, work, d_i, dist, secs, mixed, pdtype)
+                    except Exception as exc:  # record it and carry on with the other rows
+                        traceback.print_exc()
+                        done = {r["name"] for r in bench.rows if r["dist"] == dist}
+                        for path in ("loop", "pipeline"):
+                            name = f"{path}_{pdtype}_b{args.batch_size}"
+                            if name not in done:
+                                bench.add(
+                                    dist=dist,
+                                    name=name,
+                                    path=path,
+                                    dtype=pdtype,
+                                    batch_size=args.batch_size,
+                                    status="failed",
+                                    note=f"{type(exc).__name__}: {_first_line(exc)}",
+                                )
+            finally:
+                ray.shutdown()
+
+        result = {
+            "meta": {
+                "command": shlex.join(["python", "-m", "jobs.benchmark", *argv]),
+                "device": device,
+                "device_name": device_name(cuda),
+                "arch": "model dir " + args.model if args.model else args.arch,
+                "num_hidden_layers": n_layers,
+                "layer": n_layers,
+                "versions": versions(),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "batch_size": args.batch_size,
+                "batch_size_sweep": sweep,
+                "chunk_seconds": args.chunk_seconds,
+                "pipeline_dtype": pdtype,
+                "distributions": [d[0] for d in dists],
+                "inputs": inputs_meta,
+                "memory_metric": (
+                    "torch.cuda.max_memory_allocated during the row (MiB, weights included)"
+                    if cuda
+                    else "peak RSS sampled every 5 ms from /proc/self/statm minus RSS at the "
+                    "row's start, over warm-up and timed passes (MiB: the row's working memory; "
+                    "weights loaded before are not counted, except in the loop row, which "
+                    "times its model load)"
+                ),
+                "pipeline_warmup_wall_s": bench.pipeline_warmup_s
+                and round(bench.pipeline_warmup_s, 2),
+                "total_wall_s": round(time.time() - t_start, 1),
+                "load_average_start_end": [load_start, _loadavg()],
+            },
+            "rows": bench.rows,
+            "ratios": ratios(bench.rows, args.batch_size, pdtype),
+        }
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    md = markdown(result)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    print(f"[bench] wrote {args.out}/results.json and results.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

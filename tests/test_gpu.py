@@ -1,0 +1,88 @@
+"""Checks that need CUDA (marker ``gpu``; skipped without a GPU, run on the device machine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """chinese-hubert-base's architecture (HubertConfig() defaults), random weights."""
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base") / "base-random")
+    HubertModel(HubertConfig()).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("float16", 2e-2)])
+def test_exact_padded_batch_on_cuda(base_model, dtype, tol):
+    from hubert_ray.model import load_hubert
+
+    net = load_hubert(base_model, "cuda", dtype)
+    rng = np.random.default_rng(0)
+    lengths = [400, 7_000, 32_000, 160_000]
+    xs = [rng.standard_normal(n).astype(np.float32) for n in lengths]
+    pad = torch.zeros(len(xs), max(lengths))
+    for i, x in enumerate(xs):
+        pad[i, : len(x)] = torch.from_numpy(x)
+    tdt = getattr(torch, dtype)
+    out, fl = net(pad.cuda().to(tdt), torch.tensor(lengths, device="cuda"), (6, 12))
+    for i, x in enumerate(xs):
+        alone, _ = net(
+            torch.from_numpy(x)[None].cuda().to(tdt), torch.tensor([len(x)]).cuda(), (6, 12)
+        )
+        for k in (6, 12):
+            a = out[k][i, : fl[i]].float().cpu().numpy()
+            b = alone[k][0].float().cpu().numpy()
+            assert np.isfinite(a).all()
+            assert _rel(a, b) < tol, (dtype, lengths[i], k, _rel(a, b))
+
+
+def test_stage_float16_on_cuda_with_precision_checks(base_model):
+    from hubert_ray.config import ModelConfig, PrecisionConfig
+    from hubert_ray.extractor import HubertStage
+    from tests.test_model import _audio, _decoded_batch
+
+    cfg = ModelConfig(
+        model_uri=base_model,
+        layers="6,12",
+        dtype="auto",
+        device="auto",
+        precision=PrecisionConfig(precision_sample_rate=1.0),
+    )
+    stage = HubertStage(cfg)
+    assert stage.device.type == "cuda" and stage.dtype == "float16"
+    rows = [(f"s{i}", _audio(n, i), None) for i, n in enumerate([16_000, 250_000, 3_000])]
+    out = stage(_decoded_batch(rows))
+    assert out.column("compute_dtype").to_pylist() in (["float16"] * 3, ["float32"] * 3)
+    for row in range(3):
+        for r in out.column("precision")[row].as_py():
+            assert r["rel_l2"] < 0.05 and r["cos_min"] > 0.99
+
+
+@pytest.mark.ray
+def test_pipeline_uses_the_gpu(ray_session, corpus, tiny_model, tmp_path):
+    from hubert_ray import pipeline
+    from hubert_ray.config import ExtractConfig
+
+    cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
+    summary = pipeline.run(cfg)
+    assert summary["device"] == "gpu" and summary["model_actors"] == 1
+    assert summary["segments_missing"] == summary["segments_duplicated"] == 0
+    assert set(summary["compute_dtype_counts"]) <= {"float16", "float32"}
+    assert summary["compute_dtype_counts"].get("float16", 0) > 0

@@ -1,0 +1,81 @@
+"""Capacity planner arithmetic and CLI (python -m jobs.plan)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hubert_ray import rates
+from jobs import plan as planner
+
+
+def test_wenetspeech_l_on_one_8_gpu_node():
+    p = planner.plan(10_000, 8, 352)  # opus, reference rates
+    assert p["audio_seconds"] == 36_000_000
+    assert p["model_stage_x_realtime"] == 8 * 9_720
+    assert p["decode_rate_per_core"] == 3_500 / 16
+    assert p["decode_stage_x_realtime"] == pytest.approx(352 * 218.75)
+    assert p["bottleneck"] == "decode" and p["x_realtime"] == pytest.approx(77_000)
+    assert p["wall_seconds"] == pytest.approx(36e6 / 77_000)
+    assert p["gpu_busy_fraction"] == pytest.approx(77_000 / 77_760)
+    assert p["gpu_hours"] == pytest.approx(8 * 36e6 / 77_000 / 3600)
+    assert (p["gpu_nodes"], p["decode_nodes"]) == (1, 22)
+    assert p["decode_cores_to_saturate_gpus"] == math.ceil(77_760 / 218.75) == 356
+    assert p["decode_nodes_to_saturate_gpus"] == 23
+
+
+def test_gpu_bound_and_overrides():
+    p = planner.plan(
+        100, 3, 40, fmt="flac", gpu_rate=1_000, decode_rate=500, gpus_per_node=2, cores_per_node=8
+    )
+    assert p["bottleneck"] == "gpu" and p["x_realtime"] == 3_000  # 40 x 500 = 20,000 > 3,000
+    assert p["wall_seconds"] == pytest.approx(360_000 / 3_000)
+    assert p["gpu_busy_fraction"] == 1.0
+    assert (p["gpu_nodes"], p["decode_nodes"]) == (2, 5)
+    assert p["decode_cores_to_saturate_gpus"] == 6
+    assert p["gpu_rate_source"] == "given (--gpu-rate)"
+    assert p["decode_rate_source"] == "given (--decode-rate)"
+
+
+def test_decode_profiles_and_formats():
+    ref = planner.plan(1, 1, 16, fmt="flac")
+    assert ref["decode_stage_x_realtime"] == pytest.approx(26_000)  # DESIGN: per 16-core node
+    measured = planner.plan(1, 1, 1, fmt="opus", decode_profile="measured")
+    assert measured["decode_rate_per_core"] == rates.DECODE_RATES["measured"]["opus"].x_realtime
+    assert "measured" in measured["decode_rate_source"]
+
+
+def test_every_rate_says_where_it_was_measured():
+    for rate in rates.GPU_RATES.values():
+        assert rate.unit == "gpu" and "H100, DESIGN.md reference table" in rate.source
+    for profile in rates.DECODE_RATES.values():
+        assert set(profile) == set(rates.FORMATS)
+        for rate in profile.values():
+            assert rate.unit == "core" and rate.x_realtime > 0 and rate.source
+    assert all("2-core machine" in r.source for r in rates.DECODE_RATES["measured"].values())
+
+
+def test_cli(capsys):
+    assert planner.main(["--hours", "10000", "--gpus", "8", "--decode-cores", "352"]) == 0
+    out = capsys.readouterr().out
+    assert "wall time   : 7.8 min" in out and "bottleneck: decode" in out
+    assert "H100, DESIGN.md reference table" in out
+    assert planner.main(["--hours", "5", "--gpus", "1", "--decode-cores", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hours"] == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--hours", "0", "--gpus", "1", "--decode-cores", "1"],
+        ["--hours", "1", "--gpus", "x", "--decode-cores", "1"],
+        ["--hours", "1", "--gpus", "1", "--decode-cores", "1", "--format", "mp3"],
+        ["--hours", "1", "--gpus", "1"],
+    ],
+)
+def test_bad_options_exit_2(args):
+    with pytest.raises(SystemExit) as exc:
+        planner.main(args)
+    assert exc.value.code == 2

@@ -1,0 +1,293 @@
+"""Precision assurance: deterministic sampling, metrics, warn / fallback / fail, INT8."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hubert_ray import read_features
+from hubert_ray.chunking import plan_chunks
+from hubert_ray.config import ModelConfig, PrecisionConfig
+from hubert_ray.errors import ConfigError
+from hubert_ray.extractor import HubertStage
+from hubert_ray.model import load_hubert
+from hubert_ray.precision import PrecisionBreach, compare, is_sampled, summarize_layers
+from tests.test_model import _audio, _decoded_batch, _derive_model, _features
+
+LAYERS = (0, 1, 2)
+
+
+# -- pure ---------------------------------------------------------------------------------------
+def test_sampling_is_deterministic_and_hits_the_rate():
+    ids = [f"rec{i // 7}-{i % 7}" for i in range(20_000)]
+    first = [s for s in ids if is_sampled(s, 0.25)]
+    assert first == [s for s in reversed(ids) if is_sampled(s, 0.25)][::-1]  # order-free
+    assert 0.235 < len(first) / len(ids) < 0.265
+    assert not any(is_sampled(s, 0.0) for s in ids)
+    assert all(is_sampled(s, 1.0) for s in ids)
+    # a higher rate checks a superset: raising the rate never drops an already-checked id
+    assert set(first) <= {s for s in ids if is_sampled(s, 0.5)}
+
+
+def test_metrics_equal_an_independent_computation():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((50, 16)).astype(np.float32)
+    got = (ref + 0.01 * rng.standard_normal(ref.shape)).astype(np.float16)
+    m = compare(got, ref)
+    a, b = torch.from_numpy(got.astype(np.float64)), torch.from_numpy(ref.astype(np.float64))
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert m["cos_mean"] == pytest.approx(cos.mean().item(), rel=1e-12)
+    assert m["cos_min"] == pytest.approx(cos.min().item(), rel=1e-12)
+    assert m["rel_l2"] == pytest.approx((torch.linalg.norm(a - b) / torch.linalg.norm(b)).item())
+    assert m["max_abs"] == pytest.approx((a - b).abs().max().item())
+    assert 0.005 < m["rel_l2"] < 0.02
+
+
+def test_layer_summary_statistics():
+    rows = [{"layer": 2, "rel_l2": r, "cos_min": 1 - r} for r in np.linspace(0, 0.1, 101)]
+    out = summarize_layers(rows)["2"]
+    assert out["segments"] == 101
+    assert out["rel_l2_mean"] == pytest.approx(0.05)
+    assert out["rel_l2_p50"] == pytest.approx(0.05)
+    assert out["rel_l2_p99"] == pytest.approx(0.099)
+    assert out["rel_l2_max"] == pytest.approx(0.1)
+    assert out["cos_min"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"precision_sample_rate": 1.5}, "precision_sample_rate"),
+        ({"precision_warn": 0}, "precision_warn"),
+        ({"precision_warn": 0.1, "precision_limit": 0.05}, "precision_limit"),
+        ({"on_precision_breach": "ignore"}, "on_precision_breach"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as exc:
+        PrecisionConfig(**kwargs)
+    assert exc.value.field == field and field in str(exc.value)
+
+
+# -- the model stage ------------------------------------------------------------------------------
+LENGTHS = {"short": 900, "mid": 6000, "long": 20_000}  # "long" is chunked (0.5 s chunks)
+
+
+def _batch():
+    return _decoded_batch(
+        [(sid, _audio(n, seed), None) for seed, (sid, n) in enumerate(LENGTHS.items())]
+        + [("bad", None, "too_short")]
+    )
+
+
+def _stage(model_dir, dtype="bfloat16", **precision):
+    prec = {
+        "precision_sample_rate": 1.0,
+        "precision_warn": 0.5,
+        "precision_limit": 0.9,
+        **precision,
+    }
+    return HubertStage(
+        ModelConfig(
+            model_uri=model_dir,
+            layers="all",
+            dtype=dtype,
+            device="cpu",
+            chunk_seconds=0.5,
+            precision=PrecisionConfig(**prec),
+        )
+    )
+
+
+def _fp32_alone(model_dir):
+    """Independent FP32 reference: each item alone, chunked like the stage, no batching."""
+    net = load_hubert(model_dir, "cpu", "float32")
+    out = {}
+    for seed, (sid, n) in enumerate(LENGTHS.items()):
+        x = _audio(n, seed)
+        parts = {k: [] for k in LAYERS}
+        for s, e in plan_chunks(n, 8000):
+            res, _ = net(torch.from_numpy(x[s:e])[None], torch.tensor([e - s]), LAYERS)
+            for k in LAYERS:
+                parts[k].append(res[k][0])
+        out[sid] = {k: torch.cat(parts[k]).numpy() for k in LAYERS}
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from hubert_ray.synth import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("prec") / "tiny"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_reported_metrics_equal_independent_computation(tiny, dtype):
+    out = _stage(tiny, dtype)(_batch())
+    ref = _fp32_alone(tiny)
+    checked = out.column("precision_checked").to_pylist()
+    assert checked == [True, True, True, False]
+    assert out.column("compute_dtype").to_pylist()[:3] == [dtype] * 3
+    for row, sid in enumerate(LENGTHS):
+        reported = {r["layer"]: r for r in out.column("precision")[row].as_py()}
+        assert sorted(reported) == list(LAYERS)
+        for k in LAYERS:
+            stored = _features(out, k, row)
+            a = torch.from_numpy(stored.astype(np.float64))
+            b = torch.from_numpy(ref[sid][k].astype(np.float64))
+            rel = (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+            assert reported[k]["rel_l2"] == pytest.approx(rel, rel=1e-3, abs=1e-6)
+            assert reported[k]["cos_min"] == pytest.approx(cos.min().item(), abs=1e-6)
+            assert reported[k]["max_abs"] == pytest.approx(
+                (a - b).abs().max().item(), rel=1e-3, abs=1e-5
+            )
+            assert reported[k]["checked_dtype"] == dtype and reported[k]["action"] == "none"
+            assert 0 < rel < 0.2  # reduced precision really differs, but not wildly
+
+
+def test_rate_zero_checks_nothing(tiny):
+    out = _stage(tiny, precision_sample_rate=0.0)(_batch())
+    assert out.column("precision_checked").to_pylist() == [False] * 4
+    assert out.column("precision").null_count == 4
+
+
+def test_breach_falls_back_to_float32(tiny):
+    out = _stage(tiny, precision_warn=1e-9, precision_limit=1e-9)(_batch())
+    ref = _fp32_alone(tiny)
+    assert out.column("compute_dtype").to_pylist()[:3] == ["float32"] * 3
+    assert out.column("fallback_reason").to_pylist()[:3] == ["precision"] * 3
+    for row, sid in enumerate(LENGTHS):
+        assert {r["action"] for r in out.column("precision")[row].as_py()} == {"fallback"}
+        for k in LAYERS:  # written features are the FP32 ones (float16 storage)
+            diff = _features(out, k, row) - ref[sid][k]
+            assert np.linalg.norm(diff) / np.linalg.norm(ref[sid][k]) < 2e-3
+
+
+def test_breach_warn_keeps_reduced_precision(tiny):
+    out = _stage(tiny, precision_warn=1e-9, precision_limit=1e-9, on_precision_breach="warn")(
+        _batch()
+    )
+    assert out.column("compute_dtype").to_pylist()[:3] == ["bfloat16"] * 3
+    assert out.column("fallback_reason").null_count == 4
+    assert {r["action"] for r in out.column("precision")[0].as_py()} == {"breach_ignored"}
+
+
+def test_breach_fail_names_segment_layer_and_error(tiny):
+    stage = _stage(tiny, precision_warn=1e-9, precision_limit=1e-9, on_precision_breach="fail")
+    with pytest.raises(PrecisionBreach, match=r"segment 'short' layer \d: relative L2 error"):
+        stage(_batch())
+
+
+# -- the whole job, with a model that overflows float16 -----------------------------------------
+@pytest.fixture(scope="module")
+def overflow_model(tiny_model, tmp_path_factory):
+    def scale(model):  # overflows float16 (max 65504); finite in float32
+        model.feature_projection.projection.weight.mul_(1e6)
+
+    return _derive_model(tiny_model, str(tmp_path_factory.mktemp("ovf") / "big"), scale)
+
+
+@pytest.mark.ray
+def test_overflow_model_job_falls_back_and_writes_no_non_finite(
+    ray_session, corpus, overflow_model, tmp_path, capsys
+):
+    from jobs import extract
+
+    out = tmp_path / "out"
+    code = extract.main(
+        [
+            "--manifest",
+            corpus,
+            "--model",
+            overflow_model,
+            "--output",
+            str(out),
+            "--dtype",
+            "float16",
+            "--storage-dtype",
+            "float32",
+            "--layers",
+            "all",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    with open(out / "_summary.json") as f:
+        summary = json.load(f)
+    prec = summary["precision"]
+    assert prec["fallbacks_non_finite"] == summary["segments_ok"] > 0
+    assert prec["non_finite"] >= prec["fallbacks_non_finite"]
+    assert prec["compute_dtype"] == "float16" and prec["reference_weights_bytes"] > 0
+    for k in LAYERS:
+        for arr in read_features(str(out), layer=k).values():
+            assert np.isfinite(arr).all()
+    assert os.path.isdir(out / "features")
+
+
+@pytest.mark.ray
+def test_overflow_model_job_fails_with_message(
+    ray_session, corpus, overflow_model, tmp_path, capsys
+):
+    from jobs import extract
+
+    code = extract.main(
+        [
+            "--manifest",
+            corpus,
+            "--model",
+            overflow_model,
+            "--output",
+            str(tmp_path / "out"),
+            "--dtype",
+            "float16",
+            "--quiet",
+            "--on-precision-breach",
+            "fail",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "precision breach: segment '" in err and "layer" in err and "non-finite" in err
+
+
+@pytest.mark.ray
+def test_sampled_job_reports_precision_section(ray_session, corpus, tiny_model, tmp_path):
+    from hubert_ray import output, pipeline
+    from hubert_ray.config import ExtractConfig
+
+    cfg = ExtractConfig(
+        manifest=corpus,
+        model=tiny_model,
+        output=str(tmp_path / "o"),
+        dtype="bfloat16",
+        layers="1,2",
+        precision_sample_rate=0.5,
+    )
+    summary = pipeline.run(cfg)
+    prec = summary["precision"]
+    checks = output.read_table(str(tmp_path / "o" / "precision"))
+    ids = set(checks.column("segment_id").to_pylist())
+    feats = output.read_table(str(tmp_path / "o" / "features"), ["segment_id", "precision_checked"])
+    flagged = {
+        s
+        for s, c in zip(
+            feats.column("segment_id").to_pylist(),
+            feats.column("precision_checked").to_pylist(),
+            strict=True,
+        )
+        if c
+    }
+    assert (
+        ids == flagged == {s for s in feats.column("segment_id").to_pylist() if is_sampled(s, 0.5)}
+    )
+    assert prec["sampled"] == len(ids) > 0
+    assert sorted(prec["layers"]) == ["1", "2"]
+    for layer in ("1", "2"):
+        rel = [r["rel_l2"] for r in checks.to_pylist() if r["layer"] == int(layer)]
+        assert prec["layers"][layer]["rel_l2_max"] == pytest.approx(max(rel))
+        assert prec["layers"][layer]["segments"] == len(ids)
