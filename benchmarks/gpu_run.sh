@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU device check, as run on the lent H200 (see benchmarks/RESULTS.md):
+# The GPU device check, as run on the lent H200 (results in benchmarks/RESULTS.md):
 #   bash ../shared/gpu/prepare-wheels.sh   # here, once: fills .whl/ (ray, soundfile, soxr)
 #   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh   (carry .whl)
 # Each step has its own time limit so a slow one still leaves the others' results in $OUT.
@@ -7,11 +7,13 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
-transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 \
-  | tee "$OUT/gpu_tests.log"
-timeout 120 python3 -m jobs.precision_study --device cuda --arch base --batch 64 --seconds 10 \
+python3 -c "import torch, transformers; print('torch', torch.__version__,
+'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+tail -4 "$OUT/gpu_tests.log"
+timeout 70 python3 -m jobs.precision_study --device cuda --arch base --batch 64 --seconds 10 \
   --iters 10 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
-timeout 280 python3 -m jobs.benchmark --device cuda --arch base --seconds 1920 \
-  --pipeline-seconds 3600 --out "$OUT/bench" 2>&1 | grep -v "Loading weights" | tail -60
+timeout 190 python3 -m jobs.benchmark --device cuda --arch base --utt-seconds 10 --seconds 640 \
+  --batch-sizes 1,16,64 --pipeline-seconds 600 --max-row-seconds 15 --out "$OUT/bench" \
+  > "$OUT/bench.log" 2>&1
+grep "^\[bench\]" "$OUT/bench.log" | tail -30
