@@ -24,8 +24,10 @@ import soxr
 
 from hubert_ray.config import DecodeConfig
 from hubert_ray.errors import (
+    ESCAPED_URI_PREFIX,
     MISSING_FILE,
     NON_FINITE,
+    PATH_ESCAPE,
     READ_ERROR,
     SEGMENT_OUT_OF_RANGE,
     STAGE_DECODE,
@@ -190,6 +192,12 @@ def _decode_recording(uri: str, storage_options: dict | None) -> np.ndarray | De
             return _last[1]
         _last = None  # drop the old recording before decoding the next one
     try:
+        if uri.startswith(ESCAPED_URI_PREFIX):
+            raise DecodeError(
+                PATH_ESCAPE,
+                f"audio path {uri[len(ESCAPED_URI_PREFIX) :]!r} leads outside the manifest's "
+                "directory; not read",
+            )
         samples, sr = read_audio(uri, storage_options)
         result: np.ndarray | DecodeError = to_mono_16k(samples, sr)
         del samples

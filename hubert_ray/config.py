@@ -139,6 +139,8 @@ class ModelConfig:
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
+    # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
+    allow_pickle_weights: bool = False
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -214,6 +216,7 @@ class ExtractConfig:
     precision_warn: float = 0.005
     precision_limit: float = 0.02
     on_precision_breach: str = "fallback"
+    allow_pickle_weights: bool = False  # load pickle (.bin) weights; they can run code
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
 
@@ -293,6 +296,7 @@ class ExtractConfig:
             max_batch_samples=self.max_batch_samples,
             device=device,
             num_threads=num_threads,
+            allow_pickle_weights=self.allow_pickle_weights,
             precision=self.precision_config(),
             storage_options=dict(self.storage_options),
         )

@@ -33,5 +33,10 @@ SEGMENT_OUT_OF_RANGE = "segment_out_of_range"  # segment starts/ends outside the
 TOO_SHORT = "too_short"  # fewer than 400 samples at 16 kHz: HuBERT yields 0 frames
 NON_FINITE = "non_finite"  # NaN/inf in the input audio or in the model output
 MODEL_ERROR = "model_error"  # the forward pass raised for this segment
+PATH_ESCAPE = "path_escape"  # a relative audio path leads outside the manifest's directory
+
+ESCAPED_URI_PREFIX = "path-escape://"
+"""``audio_uri`` of a record whose relative path escapes the manifest's directory (e.g.
+``../../etc/passwd``): never opened; the decode stage turns it into ``path_escape`` rows."""
 
 ERROR_COLUMNS = ("segment_id", "recording_id", "stage", "reason", "message")

@@ -94,7 +94,9 @@ class HubertStage:
             )
         self.dtype = dtype
         self.model_dir = local_model_dir(config.model_uri, config.storage_options)
-        self.net = hm.load_hubert(self.model_dir, self.device, dtype)
+        self.net = hm.load_hubert(
+            self.model_dir, self.device, dtype, allow_pickle=config.allow_pickle_weights
+        )
         self.hidden = self.net.config.hidden_size
         self.layers = parse_layers(config.layers, self.net.num_hidden_layers)
         self.model_name = hm.model_name(self.model_dir)
@@ -112,7 +114,12 @@ class HubertStage:
         if self._fp32 is None:
             from hubert_ray import model as hm
 
-            self._fp32 = hm.load_hubert(self.model_dir, self.device, "float32")
+            self._fp32 = hm.load_hubert(
+                self.model_dir,
+                self.device,
+                "float32",
+                allow_pickle=self.config.allow_pickle_weights,
+            )
         return self._fp32
 
     # -- forward --------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from hubert_ray import storage
 from hubert_ray.config import SAMPLE_RATE_HZ
-from hubert_ray.errors import ManifestError
+from hubert_ray.errors import ESCAPED_URI_PREFIX, ManifestError
 
 MAX_LISTED = 20
 JSONL_EXTENSIONS = (".jsonl", ".ndjson", ".json")
@@ -360,7 +360,7 @@ def _tsv_records(f: Any, problems: _Problems, base_dir: str) -> Iterator[_Record
             _RAW,
             {
                 "id": posixpath.splitext(rel)[0],
-                "audio": storage.resolve(root, rel),
+                "audio": _resolve_within(root, rel),
                 "duration_s": n / SAMPLE_RATE_HZ,
             },
         )
@@ -387,7 +387,7 @@ def _parse_record(
         problems.add(line, f"{what}; expected a non-empty audio path or URL", field=keys.audio)
         audio_uri = None
     else:
-        audio_uri = storage.resolve(base_dir, audio.strip())
+        audio_uri = _resolve_within(base_dir, audio.strip())
 
     rec_id = obj.get(keys.recording_id)
     if rec_id is None and not keys.id_required:
@@ -542,6 +542,20 @@ def _number(
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _resolve_within(base_dir: str, path: str) -> str:
+    """``path`` resolved against ``base_dir``; a relative path whose normalised form leaves
+    ``base_dir`` (``../../etc/passwd``) becomes ``path-escape://<path>``, which the decode
+    stage reports as ``path_escape`` error rows instead of reading it. Absolute paths and URLs
+    are the manifest author's explicit choice and pass unchanged."""
+    if "://" in path or path.startswith("/"):
+        return path
+    resolved = storage.resolve(base_dir, path)
+    root = base_dir.rstrip("/") + "/"
+    if not resolved.startswith(root):
+        return ESCAPED_URI_PREFIX + path
+    return resolved
 
 
 def _extension(uri: str) -> str:

@@ -15,6 +15,7 @@ which object stores make visible only when the upload completes.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import uuid
@@ -32,6 +33,8 @@ ERRORS_DIR = "errors"
 PRECISION_DIR = "precision"
 PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "max_abs", "action")
 SUMMARY_FILE = "_summary.json"
+SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
+JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts
 META_KEY = b"hubert_ray.run"
 ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
 _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
@@ -67,15 +70,30 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     return ok, errs, pa.table(cols)
 
 
+def part_key(segment_ids) -> str:
+    """A part file's name key from the segment ids it holds: writing the same rows again (a
+    retried write task) replaces the same file instead of adding a duplicate."""
+    digest = hashlib.sha256()
+    for sid in segment_ids:
+        digest.update(str(sid).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
 def write_part(
-    table: pa.Table, directory: str, metadata: dict | None, storage_options: dict | None = None
+    table: pa.Table,
+    directory: str,
+    metadata: dict | None,
+    storage_options: dict | None = None,
+    key: str | None = None,
 ) -> str:
-    """Write ``table`` as one new Parquet file in ``directory``; returns its URL."""
+    """Write ``table`` as one Parquet file in ``directory``; returns its URL. With ``key`` the
+    name is ``part-<key>.parquet`` (deterministic: a rewrite replaces it), else random."""
     if metadata:
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), META_KEY: json.dumps(metadata).encode()}
         )
-    name = f"part-{uuid.uuid4().hex}.parquet"
+    name = f"part-{key or uuid.uuid4().hex}.parquet"
     fs, path = storage.filesystem(directory, storage_options)
     final = f"{path.rstrip('/')}/{name}"
     if storage.is_remote(directory):
@@ -126,6 +144,19 @@ def read_table(
     if not files:
         return None
     return pq.ParquetDataset(files, filesystem=fs, filters=filters).read(columns=columns)
+
+
+def done_segment_ids(uri: str, storage_options: dict | None = None) -> set[str]:
+    """Segment ids already written under ``<uri>/features`` and ``<uri>/errors`` (resume).
+
+    Exact because part files appear whole (temporary name + rename, or one upload) and a
+    segment is one row in exactly one part: a killed run leaves each part whole or absent."""
+    done: set[str] = set()
+    for sub in (FEATURES_DIR, ERRORS_DIR):
+        table = read_table(storage.join(uri, sub), ["segment_id"], storage_options)
+        if table is not None:
+            done.update(table.column("segment_id").to_pylist())
+    return done
 
 
 def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
@@ -230,6 +261,9 @@ def precision_summary(uri: str, feats, errs, storage_options: dict | None = None
 
     checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
     rows = checks.to_pylist() if checks is not None else []
+    # A resumed run may have rechecked a segment whose precision part was written before the
+    # kill but whose feature part was not: count each (segment, layer) once.
+    rows = list({(r["segment_id"], r["layer"]): r for r in rows}.values())
     worst: dict[str, str] = {}
     for r in rows:  # a segment's action is the same on every layer
         worst[r["segment_id"]] = r["action"]

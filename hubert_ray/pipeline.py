@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from hubert_ray import manifest, output, storage
+from hubert_ray import manifest, metrics, output, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
 from hubert_ray.errors import ConfigError
 
@@ -24,8 +24,11 @@ log = logging.getLogger("hubert_ray")
 
 
 # -- checks that run before any Ray work -------------------------------------------------------
-def read_model_config(model_uri: str, storage_options: dict | None = None) -> dict:
-    """The model directory's ``config.json``, checking the weights are safetensors."""
+def read_model_config(
+    model_uri: str, storage_options: dict | None = None, allow_pickle: bool = False
+) -> dict:
+    """The model directory's ``config.json``, checking the weights are safetensors (or, with
+    ``allow_pickle``, pickle ``.bin`` weights: loading those can run arbitrary code)."""
     fs, path = storage.filesystem(model_uri, storage_options)
     cfg_path = f"{path.rstrip('/')}/config.json"
     if not fs.exists(cfg_path):
@@ -35,10 +38,12 @@ def read_model_config(model_uri: str, storage_options: dict | None = None) -> di
             field="model",
         )
     names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
-    if not any(n.endswith(".safetensors") for n in names):
+    weights = (".safetensors", ".bin") if allow_pickle else (".safetensors",)
+    if not any(n.endswith(weights) for n in names):
         raise ConfigError(
             f"model={model_uri!r} has no *.safetensors weights (found: "
-            f"{sorted(names)}); pickle-based weights are not loaded",
+            f"{sorted(names)}); pickle-based weights are not loaded unless "
+            "--allow-pickle-weights is given (they can run code when loaded)",
             field="model",
         )
     with fs.open(cfg_path, "r") as f:
@@ -83,21 +88,144 @@ def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
     return blocks
 
 
-def prepare_output(cfg: ExtractConfig, overwrite: bool) -> None:
-    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
-    existing = [
-        p
-        for p in (output.FEATURES_DIR, output.ERRORS_DIR, output.PRECISION_DIR, output.SUMMARY_FILE)
-        if fs.exists(f"{path.rstrip('/')}/{p}")
+# -- resume --------------------------------------------------------------------------------
+# Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
+# driver lists the segment ids already present in ``features/`` and ``errors/`` and drops them
+# from the segment table. It is exact because (1) a part file appears whole or not at all
+# (temporary name + rename locally, one upload on object storage), (2) each segment is exactly
+# one row in exactly one part (the model stage is one row in, one row out), and (3) the skip is
+# by id, so a part written just before a kill is simply not redone. Ray's checkpointing (beta)
+# needs a Read datasource and a Write datasink, while this job reads ``from_arrow`` blocks and
+# writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU + 1 GiB
+# that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness with
+# SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
+# markers); ``_job.json`` (the run's identity) is written before any work so a rerun with a
+# different model, layers or dtype into the same output is refused instead of mixing features.
+
+_IDENTITY_OPTIONS = {
+    "model": "model",
+    "model_revision": "model",
+    "layers": "layers",
+    "dtype": "dtype",
+    "compute_dtype": "dtype",
+    "storage_dtype": "storage_dtype",
+    "chunk_seconds": "chunk_seconds",
+}
+
+
+def model_fingerprint(model_uri: str, storage_options: dict | None = None) -> str:
+    """Hash of the model directory's weights and configs: content for local directories (the
+    same value as the feature rows' ``model_revision``), name + size + ETag on object storage."""
+    import hashlib
+
+    fs, path = storage.filesystem(model_uri, storage_options)
+    digest = hashlib.sha256()
+    remote = storage.is_remote(model_uri)
+    for name in sorted(fs.ls(path, detail=False), key=os.path.basename):
+        base = os.path.basename(name)
+        if not base.endswith((".safetensors", ".json", ".bin")):
+            continue
+        digest.update(base.encode())
+        if remote:
+            info = fs.info(name)
+            digest.update(f"{info.get('size')}:{info.get('ETag', '')}".encode())
+        else:
+            with fs.open(name, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def job_identity(cfg: ExtractConfig, layers, model_revision: str) -> dict:
+    """What must match for a rerun to add to an existing output (``<output>/_job.json``)."""
+    return {
+        "format_version": 1,
+        "model": cfg.model,
+        "model_revision": model_revision,
+        "layers": list(layers),
+        "dtype": cfg.dtype,
+        "storage_dtype": cfg.storage_dtype,
+        "chunk_seconds": float(cfg.chunk_seconds),
+    }
+
+
+def _previous_identity(cfg: ExtractConfig, fs, base: str) -> dict | None:
+    job_path = f"{base}/{output.JOB_FILE}"
+    if fs.exists(job_path):
+        with fs.open(job_path, "r") as f:
+            return json.load(f)
+    meta = output.run_metadata(cfg.output, cfg.storage_options)  # a dataset without _job.json
+    if not meta:
+        return None
+    old = meta.get("config", {})
+    ident = {k: old[k] for k in ("model", "dtype", "storage_dtype") if k in old}
+    if "chunk_seconds" in old:
+        ident["chunk_seconds"] = float(old["chunk_seconds"])
+    if "layers" in meta:
+        ident["layers"] = list(meta["layers"])
+    return ident
+
+
+def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) -> None:
+    """Refuse (ConfigError naming every difference) to add to a dataset of another run."""
+    if not previous:
+        return
+    diffs = [
+        k
+        for k in _IDENTITY_OPTIONS
+        if k in previous and k in identity and previous[k] != identity[k]
     ]
-    if existing and not overwrite:
+    if diffs:
+        what = "; ".join(f"{k}: existing {previous[k]!r}, this run {identity[k]!r}" for k in diffs)
         raise ConfigError(
-            f"output={cfg.output!r} already holds a dataset ({', '.join(existing)});"
-            " pass --overwrite to replace it",
-            field="output",
+            f"output={cfg.output!r} holds features of a different run ({what}); resume needs "
+            "the same model, layers, dtype, storage dtype and chunking: use another --output, "
+            "or --overwrite to start over",
+            field=_IDENTITY_OPTIONS[diffs[0]],
         )
-    for p in existing:
-        fs.rm(f"{path.rstrip('/')}/{p}", recursive=True)
+
+
+def prepare_output(
+    cfg: ExtractConfig, overwrite: bool, identity: dict | None = None
+) -> tuple[set[str], dict | None]:
+    """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
+    an existing one is compatible (:func:`check_identity`) and return the segment ids it
+    already holds (skipped by this run) and its identity."""
+    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
+    base = path.rstrip("/")
+    if overwrite:
+        for p in (
+            output.FEATURES_DIR,
+            output.ERRORS_DIR,
+            output.PRECISION_DIR,
+            output.SUMMARY_FILE,
+            output.SUCCESS_FILE,
+            output.JOB_FILE,
+            "report.html",
+        ):
+            if fs.exists(f"{base}/{p}"):
+                fs.rm(f"{base}/{p}", recursive=True)
+        return set(), None
+    previous = _previous_identity(cfg, fs, base)
+    if identity is not None:
+        check_identity(cfg, previous, identity)
+    return output.done_segment_ids(cfg.output, cfg.storage_options), previous
+
+
+def write_job_file(cfg: ExtractConfig, identity: dict) -> None:
+    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
+    if not storage.is_remote(cfg.output):
+        os.makedirs(path, exist_ok=True)
+    data = json.dumps(identity, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{output.JOB_FILE}", data)
+
+
+def _clear_completion(cfg: ExtractConfig) -> None:
+    """A run that has work to do first removes the completion markers of an earlier run."""
+    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
+    for name in (output.SUCCESS_FILE, output.SUMMARY_FILE):
+        if fs.exists(f"{path.rstrip('/')}/{name}"):
+            fs.rm(f"{path.rstrip('/')}/{name}")
 
 
 # -- Ray wiring ---------------------------------------------------------------------------------
@@ -142,8 +270,59 @@ def _decode(batch: pa.Table, config) -> pa.Table:
         _DECODERS.clear()
         _DECODERS[key] = DecodeStage(config)
     before = storage.retry_count()
+    t0 = time.perf_counter()
     out = _DECODERS[key](batch)
+    metrics.record_decode(time.perf_counter() - t0)
     return _with_retries_column(out, storage.retry_count() - before)
+
+
+RETRY_MARKER = "hubert_ray: retryable model-stage failure"
+"""Prefix of the error the model stage raises for a failed batch; Ray Data retries map tasks
+whose error matches it (``DataContext.retried_map_errors``) up to :data:`MAX_MODEL_RETRIES`
+times. A model actor whose process dies is restarted and its task retried by Ray itself
+(Ray Data's actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``)."""
+MAX_MODEL_RETRIES = 3
+
+FAIL_BATCH_ENV = "HUBERT_RAY_FAIL_BATCH"
+FAIL_MODE_ENV = "HUBERT_RAY_FAIL_MODE"
+FAIL_DIR_ENV = "HUBERT_RAY_FAIL_DIR"
+
+
+class RetryableStageError(RuntimeError):
+    """A model-stage batch failed for a reason other than a precision breach or a broken
+    invariant (e.g. a CUDA error): the batch is retried."""
+
+
+def configure_retries() -> None:
+    """Let Ray Data retry failed model-stage batches (bounded), on top of its actor restarts."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if ctx.retried_map_errors is not True:
+        patterns = list(ctx.retried_map_errors or [])
+        if RETRY_MARKER not in patterns:
+            patterns.append(RETRY_MARKER)
+        ctx.retried_map_errors = patterns
+    ctx.max_map_retries = max(ctx.max_map_retries, MAX_MODEL_RETRIES)
+
+
+def _inject_failure(call: int) -> None:
+    """Test hook: with ``$HUBERT_RAY_FAIL_BATCH=k``, the k-th model-stage call in a process
+    fails once per job (a marker file in ``$HUBERT_RAY_FAIL_DIR`` records that it did):
+    ``$HUBERT_RAY_FAIL_MODE=raise`` (default) raises, ``exit`` kills the actor process."""
+    k = os.environ.get(FAIL_BATCH_ENV)
+    fail_dir = os.environ.get(FAIL_DIR_ENV)
+    if not k or not fail_dir or call != int(k):
+        return
+    try:
+        fd = os.open(os.path.join(fail_dir, "failed-once"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()} call {call}\n".encode())
+    os.close(fd)
+    if os.environ.get(FAIL_MODE_ENV, "raise") == "exit":
+        os._exit(17)
+    raise RuntimeError(f"injected failure in model-stage call {call} ({FAIL_BATCH_ENV})")
 
 
 class HubertStage:
@@ -158,6 +337,7 @@ class HubertStage:
         before = storage.retry_count()
         self.stage = extractor.HubertStage(config)
         self._pending = storage.retry_count() - before
+        self._calls = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         before = storage.retry_count()
@@ -165,9 +345,23 @@ class HubertStage:
         if RETRIES_COLUMN in batch.column_names:
             upstream = int(pa.compute.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
             batch = batch.drop_columns([RETRIES_COLUMN])
-        out = self.stage(batch)
+        forward_before = self.stage.stats["forward_s"]
+        self._calls += 1
+        out = self._call_stage(batch)
+        metrics.record_model_batch(out, self.stage.stats["forward_s"] - forward_before)
         own, self._pending = self._pending + storage.retry_count() - before, 0
         return _with_retries_column(out, upstream + own)
+
+    def _call_stage(self, batch: pa.Table) -> pa.Table:
+        from hubert_ray.precision import PrecisionBreach
+
+        try:
+            _inject_failure(self._calls)
+            return self.stage(batch)
+        except (PrecisionBreach, AssertionError):
+            raise  # deterministic: retrying cannot help (exit code 3 / a bug)
+        except Exception as exc:
+            raise RetryableStageError(f"{RETRY_MARKER}: {type(exc).__name__}: {exc}") from exc
 
 
 def _make_sink(cfg: ExtractConfig, metadata: dict):
@@ -188,23 +382,33 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
             block = pa.concat_tables(tables)
             upstream = int(pa.compute.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
             ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
-            for start in range(0, ok.num_rows, cfg.rows_per_file):
-                output.write_part(
-                    ok.slice(start, cfg.rows_per_file),
-                    storage.join(cfg.output, output.FEATURES_DIR),
-                    metadata,
-                    cfg.storage_options,
-                )
+            # Part names are keyed by the segment ids they hold, so a retried write replaces
+            # its own parts. Precision parts go first: a kill between parts can then only
+            # repeat a check on resume (the summary counts each check once), never lose one.
             if checks.num_rows:
                 output.write_part(
                     checks,
                     storage.join(cfg.output, output.PRECISION_DIR),
                     metadata,
                     cfg.storage_options,
+                    key=output.part_key(checks.column("segment_id").to_pylist()),
+                )
+            for start in range(0, ok.num_rows, cfg.rows_per_file):
+                part = ok.slice(start, cfg.rows_per_file)
+                output.write_part(
+                    part,
+                    storage.join(cfg.output, output.FEATURES_DIR),
+                    metadata,
+                    cfg.storage_options,
+                    key=output.part_key(part.column("segment_id").to_pylist()),
                 )
             if bad.num_rows:
                 output.write_part(
-                    bad, storage.join(cfg.output, output.ERRORS_DIR), metadata, cfg.storage_options
+                    bad,
+                    storage.join(cfg.output, output.ERRORS_DIR),
+                    metadata,
+                    cfg.storage_options,
+                    key=output.part_key(bad.column("segment_id").to_pylist()),
                 )
             retries = upstream + storage.retry_count() - before
             return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
@@ -301,26 +505,46 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     driver_retries = storage.retry_count()
     recordings = manifest.read_manifest(cfg.manifest, cfg.storage_options)
     segments = manifest.segment_table(recordings)
-    model_json = read_model_config(cfg.model, cfg.storage_options)
+    model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
-    prepare_output(cfg, overwrite)
+    identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
+    done, previous = prepare_output(cfg, overwrite, identity)
+    todo = segments
+    if done:  # resume: skip the segments an earlier run of this job already wrote
+        ids = segments.column("segment_id")
+        todo = segments.filter(pa.compute.invert(pa.compute.is_in(ids, pa.array(list(done)))))
     log.info(
-        "manifest: %d recordings, %d segments; layers %s",
+        "manifest: %d recordings, %d segments (%d already in the output); layers %s",
         len(recordings),
         segments.num_rows,
+        segments.num_rows - todo.num_rows,
         list(layers),
     )
+    if todo.num_rows == 0:
+        finished = finished_summary(cfg)
+        if finished is not None:
+            log.info("nothing to do: %s is complete", cfg.output)
+            return finished
 
     import ray
 
     init_ray()
     placement = plan_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
     log.info("model actors: %d on %s", placement.pool, "GPU" if placement.gpu else "CPU")
+    planned = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+    identity["compute_dtype"] = planned
+    check_identity(cfg, previous, identity)
+    write_job_file(cfg, identity)  # before any part file
+    _clear_completion(cfg)
 
     metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
-    ds = build_dataset(cfg, segments, placement)
-    sink = _make_sink(cfg, metadata)
-    ds.write_datasink(sink)
+    sink_retries = 0
+    if todo.num_rows:
+        configure_retries()
+        ds = build_dataset(cfg, todo, placement)
+        sink = _make_sink(cfg, metadata)
+        ds.write_datasink(sink)
+        sink_retries = sink.storage_retries
 
     summary = output.summarize(
         cfg.output, segments.column("segment_id").to_pylist(), cfg.storage_options
@@ -335,9 +559,20 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
+            # Segments an earlier, interrupted run of this job had written (not redone).
+            "segments_resumed": segments.num_rows - todo.num_rows,
         }
     )
-    compute = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+    # What the actors really computed in: an "auto" GPU placement whose actor found no CUDA runs
+    # float32. Rows recomputed in FP32 (fallbacks) do not count; with no other rows, the request.
+    counts = summary["compute_dtype_counts"]
+    reduced = [d for d in counts if d != "float32"]
+    if reduced:
+        compute = max(reduced, key=counts.get)
+    elif counts.get("float32", 0) > summary["precision"]["fallbacks"]:
+        compute = "float32"
+    else:
+        compute = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
     checking = compute != "float32" and cfg.precision_sample_rate > 0
     summary["precision"].update(
         {
@@ -355,9 +590,33 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         }
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
-    summary["storage_retries"] = sink.storage_retries + storage.retry_count() - driver_retries
+    summary["storage_retries"] = sink_retries + storage.retry_count() - driver_retries
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     # Serialised first, written in one call: never a half-written summary.
     data = json.dumps(summary, indent=2).encode()
     storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{output.SUMMARY_FILE}", data)
+    # _summary.json marks the dataset complete; _SUCCESS (empty) is the conventional marker.
+    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{output.SUCCESS_FILE}", b"")
+    _write_report(cfg, summary)
     return summary
+
+
+def finished_summary(cfg: ExtractConfig) -> dict | None:
+    """The summary of a complete dataset in ``cfg.output`` (``None`` if unfinished)."""
+    fs, path = storage.filesystem(cfg.output, cfg.storage_options)
+    summary_path = f"{path.rstrip('/')}/{output.SUMMARY_FILE}"
+    if not fs.exists(summary_path):
+        return None
+    with fs.open(summary_path, "r") as f:
+        return json.load(f)
+
+
+def _write_report(cfg: ExtractConfig, summary: dict) -> None:
+    """``<output>/report.html`` from the finished output; a failure is logged, never fatal
+    (the dataset and its summary are already complete)."""
+    from hubert_ray.report import write_report
+
+    try:
+        log.info("report: %s", write_report(cfg.output, summary, cfg.storage_options))
+    except Exception:
+        log.exception("writing %s failed", storage.join(cfg.output, "report.html"))

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (typ, help_) in OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+    p.add_argument(
+        "--allow-pickle-weights",
+        action="store_true",
+        default=None,
+        help="load pickle (.bin) model weights; they can run arbitrary code when loaded",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -90,7 +96,7 @@ def load_config_file(path: str) -> dict:
             f"config file {path!r} must hold a mapping of option: value", field="config"
         )
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(OPTIONS) - {"overwrite"})
+    unknown = sorted(set(data) - set(OPTIONS) - {"overwrite", "allow_pickle_weights"})
     if unknown:
         raise ConfigError(
             f"config file {path!r}: unknown option(s) {unknown}; allowed: {sorted(OPTIONS)}",
@@ -103,6 +109,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
     values = load_config_file(args.config) if args.config else {}
     overwrite = bool(values.pop("overwrite", False)) or args.overwrite
     values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
+    if args.allow_pickle_weights:
+        values["allow_pickle_weights"] = True
     missing = [k for k in ("manifest", "model", "output") if not values.get(k)]
     if missing:
         raise ConfigError(
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"features: {cfg.output.rstrip('/')}/features  errors: {cfg.output.rstrip('/')}/errors"
         f"  summary: {cfg.output.rstrip('/')}/_summary.json"
+        f"  report: {cfg.output.rstrip('/')}/report.html"
     )
     bad = summary["segments_missing"] + summary["segments_duplicated"]
     return 1 if bad else 0

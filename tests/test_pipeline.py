@@ -190,13 +190,12 @@ def test_summary_file(job):
     assert on_disk["audio_seconds"] > 60 and on_disk["x_realtime"] > 0
 
 
-def test_existing_output_refused_then_overwritten(job, ray_session):
+def test_existing_output_resumed_then_overwritten(job, ray_session):
+    """A rerun of a finished job does nothing (tests/test_resume.py covers resume in depth)."""
     from hubert_ray import pipeline
-    from hubert_ray.errors import ConfigError
 
     cfg, summary = job
-    with pytest.raises(ConfigError, match="overwrite"):
-        pipeline.run(cfg)
+    assert pipeline.run(cfg) == json.load(open(os.path.join(cfg.output, "_summary.json")))
     again = pipeline.run(cfg, overwrite=True)
     assert again["segments_ok"] == summary["segments_ok"]
     assert again["segments_duplicated"] == 0

@@ -1,0 +1,170 @@
+"""Job metrics: the per-batch counting (pure), no-op without Ray, and the metrics of a real
+pipeline run read back from the Ray node's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow as pa
+import pytest
+
+from hubert_ray import metrics
+from hubert_ray.config import ExtractConfig
+
+
+def model_output(reasons, fallbacks, durations):
+    return pa.table(
+        {
+            "segment_id": [f"s{i}" for i in range(len(reasons))],
+            "start_s": [1.0] * len(reasons),
+            "end_s": [1.0 + d for d in durations],
+            "fallback_reason": pa.array(fallbacks, pa.string()),
+            "error_reason": pa.array(reasons, pa.string()),
+        }
+    )
+
+
+def test_batch_counts():
+    t = model_output(
+        [None, "too_short", None, "missing_file", "too_short"],
+        ["precision", None, "non_finite", None, None],
+        [2.5, 0.01, 1.5, 3.0, 0.02],
+    )
+    c = metrics.batch_counts(t)
+    assert c["ok"] == 2 and c["failed"] == 3
+    assert c["audio_seconds"] == pytest.approx(4.0)  # ok rows only
+    assert c["errors"] == {"too_short": 2, "missing_file": 1}
+    assert c["fallbacks"] == {"precision": 1, "non_finite": 1}
+
+
+def test_sink_receives_every_metric():
+    got = []
+    metrics.set_sink(lambda kind, name, value, tags: got.append((kind, name, value, tags)))
+    try:
+        metrics.record_model_batch(model_output([None, "too_short"], [None, None], [2.0, 0.0]), 0.3)
+        metrics.record_decode(0.7)
+    finally:
+        metrics.set_sink(None)
+    assert ("counter", metrics.SEGMENTS, 1, {"outcome": "ok"}) in got
+    assert ("counter", metrics.SEGMENTS, 1, {"outcome": "failed"}) in got
+    assert ("counter", metrics.ERRORS, 1, {"reason": "too_short"}) in got
+    assert ("counter", metrics.AUDIO_SECONDS, 2.0, {}) in got
+    assert ("histogram", metrics.BATCH_FORWARD_SECONDS, 0.3, {}) in got
+    assert ("histogram", metrics.DECODE_SECONDS, 0.7, {}) in got
+    assert all(name.startswith("hubert_ray_") for _, name, _, _ in got)
+
+
+def test_noop_without_ray():
+    """Without Ray (a fresh interpreter) recording does nothing and never imports Ray."""
+    code = (
+        "import sys, pyarrow as pa\n"
+        "from hubert_ray import metrics\n"
+        "t = pa.table({'start_s': [0.0], 'end_s': [1.0], 'error_reason': pa.array([None], "
+        "pa.string())})\n"
+        "metrics.record_model_batch(t, 0.1)\n"
+        "metrics.record_decode(0.2)\n"
+        "assert 'ray' not in sys.modules and metrics._metrics is None\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+# -- through Ray's metrics agent ----------------------------------------------------------------
+_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>.*)\})? (?P<value>\S+)$")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """``{(name, ((label, value), ...)): value}`` of the hubert_ray series, summed over the
+    Ray labels (WorkerId, ...) that differ between processes."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[tuple[str, tuple], float] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m or "hubert_ray_" not in m["name"]:
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m["labels"] or ""))
+        keep = tuple(sorted((k, v) for k, v in labels.items() if k in ("outcome", "reason", "le")))
+        key = (m["name"], keep)
+        out[key] = out.get(key, 0.0) + float(m["value"])
+    return out
+
+
+def delta(after, before):
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+def value(d, name, **labels):
+    return d.get(("ray_" + name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.mark.ray
+def test_pipeline_metrics_reach_prometheus(ray_session, corpus, tiny_model, tmp_path):
+    from hubert_ray import pipeline
+
+    node = ray_session._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    try:
+        scrape(url)
+    except OSError as e:
+        pytest.skip(f"no metrics endpoint in this Ray session ({e})")
+
+    # Other runs in this session may still be exporting: wait until the counters stand still
+    # (workers report every few seconds) before taking the baseline.
+    before, t0 = scrape(url), time.time()
+    while time.time() - t0 < 60:
+        time.sleep(6)
+        now = scrape(url)
+        if now == before:
+            break
+        before = now
+
+    cfg = ExtractConfig(
+        manifest=corpus,
+        model=tiny_model,
+        output=str(tmp_path / "out"),
+        layers="2",
+        chunk_seconds=4.0,
+        batch_size=8,
+        num_cpu_actors=2,
+        decode_batch_size=6,
+        dtype="int8",  # sampled FP32 rechecks; a tiny limit makes every sampled one fall back
+        precision_sample_rate=0.5,
+        precision_warn=1e-9,
+        precision_limit=1e-9,
+    )
+    summary = pipeline.run(cfg)
+    fallbacks = summary["precision"]["fallbacks_precision"]
+    assert fallbacks > 0
+
+    decode_calls = summary["recordings_total"] / cfg.decode_batch_size  # a lower bound
+
+    def complete(d):
+        return (
+            value(d, metrics.SEGMENTS, outcome="ok") == summary["segments_ok"]
+            and value(d, metrics.SEGMENTS, outcome="failed") == summary["segments_failed"]
+            and value(d, metrics.FALLBACKS, reason="precision") == fallbacks
+            # each process reports on its own timer: wait for the decode workers too
+            and value(d, metrics.DECODE_SECONDS + "_count") >= decode_calls
+        )
+
+    t0 = time.time()
+    got = delta(scrape(url), before)
+    while not complete(got) and time.time() - t0 < 60:
+        time.sleep(2)
+        got = delta(scrape(url), before)
+    assert value(got, metrics.SEGMENTS, outcome="ok") == summary["segments_ok"], got
+    assert value(got, metrics.SEGMENTS, outcome="failed") == summary["segments_failed"], got
+    for reason, n in summary["errors_by_reason"].items():
+        assert value(got, metrics.ERRORS, reason=reason) == n, (reason, got)
+    assert value(got, metrics.FALLBACKS, reason="precision") == fallbacks
+    assert value(got, metrics.AUDIO_SECONDS) == pytest.approx(summary["audio_seconds"], abs=0.01)
+    # Histograms: one forward observation per model batch, one decode per decode task.
+    batches = value(got, metrics.BATCH_FORWARD_SECONDS + "_count")
+    assert batches >= summary["segments_total"] / cfg.batch_size
+    assert value(got, metrics.BATCH_FORWARD_SECONDS + "_sum") > 0
+    assert value(got, metrics.DECODE_SECONDS + "_count") >= decode_calls
+    assert value(got, metrics.DECODE_SECONDS + "_sum") > 0
