@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 RECEPTIVE_FIELD = 400
 HOP = 320
 
@@ -65,3 +67,13 @@ def pack_micro_batches(lengths: Sequence[int], max_batch_samples: int) -> list[l
     if current:
         batches.append(current)
     return batches
+
+
+def pad_batch(items: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Zero-pad 1-D float32 arrays into one [len(items), longest] array; returns it and the
+    lengths (exact batching masks the padding, see hubert_ray.model)."""
+    lengths = [len(x) for x in items]
+    out = np.zeros((len(items), max(lengths)), dtype=np.float32)
+    for i, x in enumerate(items):
+        out[i, : len(x)] = x
+    return out, lengths

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 
 from hubert_ray import errors
-from hubert_ray.chunking import num_frames, pack_micro_batches, plan_chunks
+from hubert_ray.chunking import num_frames, pack_micro_batches, pad_batch, plan_chunks
 from hubert_ray.config import ModelConfig, parse_layers
 from hubert_ray.precision import PrecisionBreach, compare, is_sampled
 
@@ -64,6 +66,26 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     offsets = arr.offsets.to_numpy()
     values = arr.values.to_numpy(zero_copy_only=False)
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+
+
+@dataclass
+class _Work:
+    """One batch's chunks and what is known about them while the stage processes it."""
+
+    seg_ids: list[str]
+    chunks: list[np.ndarray]  # every OK row's chunks
+    owner: list[int]  # chunk j belongs to row owner[j]
+    results: list[dict | None]  # chunk j's {layer: [frames, hidden] tensor}
+    row_dtype: dict[int, str]  # dtype each OK row's features were computed in
+    fallback: dict[int, str] = field(default_factory=dict)  # row -> why it was recomputed
+    groups: list[list[int]] = field(default_factory=list)  # the micro-batches, chunk indices
+
+    @cached_property
+    def chunks_of(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for j, i in enumerate(self.owner):
+            out.setdefault(i, []).append(j)
+        return out
 
 
 class HubertStage:
@@ -128,10 +150,7 @@ class HubertStage:
         dtype (float32 with ``keep_float32``) and a per-chunk flag: all stored values finite."""
         import torch
 
-        lengths = [len(c) for c in chunks]
-        x = np.zeros((len(chunks), max(lengths)), dtype=np.float32)
-        for i, c in enumerate(chunks):
-            x[i, : len(c)] = c
+        x, lengths = pad_batch(chunks)
         param = next(net.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         xt = torch.from_numpy(x).to(self.device, non_blocking=True).to(dtype)
@@ -152,18 +171,18 @@ class HubertStage:
         per_chunk = [{k: host[k][i, : fl[i]] for k in self.layers} for i in range(len(chunks))]
         return per_chunk, finite.cpu().tolist()
 
-    def _forward_chunks(self, net, chunks, indices, results, keep_float32=False):
-        """Forward ``chunks[j] for j in indices`` in packed micro-batches into ``results[j]``.
+    def _forward_chunks(self, net, w: _Work, indices, results, keep_float32=False):
+        """Forward ``w.chunks[j] for j in indices`` in packed micro-batches into ``results[j]``.
         Returns the micro-batches (lists of chunk indices) and the non-finite chunk indices."""
         groups = [
             [indices[g] for g in group]
             for group in pack_micro_batches(
-                [len(chunks[j]) for j in indices], self.config.max_batch_samples
+                [len(w.chunks[j]) for j in indices], self.config.max_batch_samples
             )
         ]
         bad = []
         for group in groups:
-            feats, finite = self._run(net, [chunks[j] for j in group], keep_float32)
+            feats, finite = self._run(net, [w.chunks[j] for j in group], keep_float32)
             for j, f, ok in zip(group, feats, finite, strict=True):
                 results[j] = f
                 if not ok:
@@ -173,75 +192,58 @@ class HubertStage:
     # -- batch ----------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        seg_ids = batch.column("segment_id").to_pylist()
         reasons = batch.column("error_reason").to_pylist()
         audio = audio_views(batch.column("audio"))
         ok_rows = [i for i in range(n) if reasons[i] is None]
 
         # Chunk every OK row; remember which chunks belong to which row.
-        chunks: list[np.ndarray] = []
-        owner: list[int] = []
+        chunks, owner = [], []
         for i in ok_rows:
             for s, e in plan_chunks(len(audio[i]), self.config.chunk_samples):
                 chunks.append(audio[i][s:e])
                 owner.append(i)
-        chunks_of: dict[int, list[int]] = {}
-        for j, i in enumerate(owner):
-            chunks_of.setdefault(i, []).append(j)
-        results: list[dict | None] = [None] * len(chunks)
-        row_dtype = {i: self.dtype for i in ok_rows}
-        fallback: dict[int, str] = {}
+        w = _Work(
+            seg_ids=batch.column("segment_id").to_pylist(),
+            chunks=chunks,
+            owner=owner,
+            results=[None] * len(chunks),
+            row_dtype={i: self.dtype for i in ok_rows},
+        )
         t0 = time.perf_counter()
-
-        groups, bad = self._forward_chunks(self.net, chunks, list(range(len(chunks))), results)
+        w.groups, bad = self._forward_chunks(self.net, w, list(range(len(chunks))), w.results)
         bad_rows = {owner[j] for j in bad}
         if bad and self.dtype != "float32" and self.precision.on_precision_breach == "fail":
             j = bad[0]
-            layer = next(k for k, v in results[j].items() if not bool(v.isfinite().all()))
+            layer = next(k for k, v in w.results[j].items() if not bool(v.isfinite().all()))
             raise PrecisionBreach(
-                f"precision breach: segment {seg_ids[owner[j]]!r} layer {layer}: non-finite "
+                f"precision breach: segment {w.seg_ids[owner[j]]!r} layer {layer}: non-finite "
                 f"output in {self.dtype}; rerun with --dtype float32 or "
                 "--on-precision-breach fallback"
             )
         if bad and self.dtype != "float32":
             # Non-finite in reduced precision: recompute the affected micro-batches' rows in FP32.
-            rows = {owner[j] for g in groups if set(g) & set(bad) for j in g}
-            again = self._recompute_rows(
-                rows, "non_finite", chunks, chunks_of, results, row_dtype, fallback
-            )
-            bad_rows = (bad_rows - rows) | again
+            rows = {owner[j] for g in w.groups if set(g) & set(bad) for j in g}
+            bad_rows = (bad_rows - rows) | self._recompute_rows(w, rows, "non_finite")
 
         precision = [None] * n
         if self.checking:
-            bad_rows |= self._check_precision(
-                seg_ids,
-                ok_rows,
-                bad_rows,
-                groups,
-                chunks,
-                owner,
-                chunks_of,
-                results,
-                row_dtype,
-                fallback,
-                precision,
-            )
+            bad_rows |= self._check_precision(w, ok_rows, bad_rows, precision)
         self.stats["forward_s"] += time.perf_counter() - t0
         self.stats["batches"] += 1
 
         per_layer: dict[int, list[np.ndarray | None]] = {k: [None] * n for k in self.layers}
         frames = [0] * n
-        for i, js in chunks_of.items():
+        for i, js in w.chunks_of.items():
             if i in bad_rows:
                 continue
-            for k, feats in self._stitch(results, js).items():
+            for k, feats in self._stitch(w.results, js).items():
                 per_layer[k][i] = feats
             frames[i] = per_layer[self.layers[0]][i].shape[0]
             if frames[i] != num_frames(len(audio[i])):
                 raise AssertionError(
-                    f"{seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
+                    f"{w.seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
                 )
-        out = self._assemble(batch, per_layer, frames, row_dtype, bad_rows, fallback, precision)
+        out = self._assemble(batch, per_layer, frames, w.row_dtype, bad_rows, w.fallback, precision)
         if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
             raise AssertionError("model stage must return one row per input row, in order")
         return out
@@ -251,30 +253,18 @@ class HubertStage:
 
         return {k: torch.cat([results[j][k] for j in js]).numpy() for k in self.layers}
 
-    def _recompute_rows(self, rows, why, chunks, chunks_of, results, row_dtype, fallback):
+    def _recompute_rows(self, w: _Work, rows: set[int], why: str) -> set[int]:
         """Recompute every chunk of ``rows`` in FP32 and mark those rows as float32.
         Returns the rows still non-finite."""
+        chunks_of = w.chunks_of
         js = sorted(j for i in rows for j in chunks_of[i])
-        _, bad = self._forward_chunks(self._reference(), chunks, js, results)
+        _, bad = self._forward_chunks(self._reference(), w, js, w.results)
         for i in rows:
-            row_dtype[i] = "float32"
-            fallback.setdefault(i, why)
+            w.row_dtype[i] = "float32"
+            w.fallback.setdefault(i, why)
         return {i for i in rows if set(chunks_of[i]) & set(bad)}
 
-    def _check_precision(
-        self,
-        seg_ids,
-        ok_rows,
-        bad_rows,
-        groups,
-        chunks,
-        owner,
-        chunks_of,
-        results,
-        row_dtype,
-        fallback,
-        precision,
-    ):
+    def _check_precision(self, w: _Work, ok_rows, bad_rows, precision) -> set[int]:
         """Recompute sampled rows in FP32; record metrics; warn / fall back / fail.
         Returns rows left non-finite by a fallback recompute (normally none)."""
         cfg = self.precision
@@ -282,18 +272,19 @@ class HubertStage:
             i
             for i in ok_rows
             if i not in bad_rows
-            and row_dtype[i] == self.dtype
-            and is_sampled(seg_ids[i], cfg.precision_sample_rate)
+            and w.row_dtype[i] == self.dtype
+            and is_sampled(w.seg_ids[i], cfg.precision_sample_rate)
         ]
         if not sampled:
             return set()
-        ref: list[dict | None] = [None] * len(chunks)
+        chunks_of = w.chunks_of
+        ref: list[dict | None] = [None] * len(w.chunks)
         js = [j for i in sampled for j in chunks_of[i]]
-        self._forward_chunks(self._reference(), chunks, js, ref, keep_float32=True)
-        group_of = {j: g for g, group in enumerate(groups) for j in group}
+        self._forward_chunks(self._reference(), w, js, ref, keep_float32=True)
+        group_of = {j: g for g, group in enumerate(w.groups) for j in group}
         breached: set[int] = set()
         for i in sampled:
-            got = self._stitch(results, chunks_of[i])
+            got = self._stitch(w.results, chunks_of[i])
             want = self._stitch(ref, chunks_of[i])
             metrics = {k: compare(got[k], want[k]) for k in self.layers}
             worst_layer = max(metrics, key=lambda k: metrics[k]["rel_l2"])
@@ -303,7 +294,7 @@ class HubertStage:
                 action = "warn"
                 log.warning(
                     "precision: %s layer %d relative error %.4g > warn %.4g (%s)",
-                    seg_ids[i],
+                    w.seg_ids[i],
                     worst_layer,
                     worst,
                     cfg.precision_warn,
@@ -312,7 +303,7 @@ class HubertStage:
             if worst > cfg.precision_limit:
                 if cfg.on_precision_breach == "fail":
                     raise PrecisionBreach(
-                        f"precision breach: segment {seg_ids[i]!r} layer {worst_layer}: "
+                        f"precision breach: segment {w.seg_ids[i]!r} layer {worst_layer}: "
                         f"relative L2 error {worst:.4g} > precision_limit "
                         f"{cfg.precision_limit:g} in {self.dtype}; rerun with --dtype float32 "
                         "or --on-precision-breach fallback"
@@ -327,10 +318,8 @@ class HubertStage:
         if breached:
             # The affected micro-batches are recomputed and written in FP32 (all their rows).
             hit = {group_of[j] for i in breached for j in chunks_of[i]}
-            rows = {owner[j] for g in hit for j in groups[g]}
-            return self._recompute_rows(
-                rows, "precision", chunks, chunks_of, results, row_dtype, fallback
-            )
+            rows = {w.owner[j] for g in hit for j in w.groups[g]}
+            return self._recompute_rows(w, rows, "precision")
         return set()
 
     def _assemble(self, batch, per_layer, frames, row_dtype, bad_rows, fallback, precision):

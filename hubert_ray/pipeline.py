@@ -382,34 +382,25 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
             block = pa.concat_tables(tables)
             upstream = int(pa.compute.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
             ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
+
             # Part names are keyed by the segment ids they hold, so a retried write replaces
             # its own parts. Precision parts go first: a kill between parts can then only
             # repeat a check on resume (the summary counts each check once), never lose one.
+            def put(table: pa.Table, directory: str) -> None:
+                output.write_part(
+                    table,
+                    storage.join(cfg.output, directory),
+                    metadata,
+                    cfg.storage_options,
+                    key=output.part_key(table.column("segment_id").to_pylist()),
+                )
+
             if checks.num_rows:
-                output.write_part(
-                    checks,
-                    storage.join(cfg.output, output.PRECISION_DIR),
-                    metadata,
-                    cfg.storage_options,
-                    key=output.part_key(checks.column("segment_id").to_pylist()),
-                )
+                put(checks, output.PRECISION_DIR)
             for start in range(0, ok.num_rows, cfg.rows_per_file):
-                part = ok.slice(start, cfg.rows_per_file)
-                output.write_part(
-                    part,
-                    storage.join(cfg.output, output.FEATURES_DIR),
-                    metadata,
-                    cfg.storage_options,
-                    key=output.part_key(part.column("segment_id").to_pylist()),
-                )
+                put(ok.slice(start, cfg.rows_per_file), output.FEATURES_DIR)
             if bad.num_rows:
-                output.write_part(
-                    bad,
-                    storage.join(cfg.output, output.ERRORS_DIR),
-                    metadata,
-                    cfg.storage_options,
-                    key=output.part_key(bad.column("segment_id").to_pylist()),
-                )
+                put(bad, output.ERRORS_DIR)
             retries = upstream + storage.retry_count() - before
             return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
 

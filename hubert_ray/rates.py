@@ -31,7 +31,15 @@ GPU_RATES: dict[str, Rate] = {
         1_080.0, "gpu", f"{DESIGN}: naive Ray Data pipeline on one H100 node, FLAC, end to end"
     ),
 }
-DEFAULT_GPU_RATE = "fp16-batch64"
+# What this job's model actor measured (benchmarks/RESULTS.md): the planning default, since it
+# is what a run achieves today; the reference rates above are what the model itself allows.
+GPU_RATES["actor-fp16-batch16"] = Rate(
+    3_254.0,
+    "gpu",
+    "measured 2026-11-28 on an H200: hubert-ray's model actor, FP16, batch 16 x 10 s, "
+    "random weights (benchmarks/RESULTS.md)",
+)
+DEFAULT_GPU_RATE = "actor-fp16-batch16"
 
 DECODE_RATES: dict[str, dict[str, Rate]] = {
     # ~3,500x / ~26,000x per 16-core node.

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from hubert_ray.chunking import pad_batch
+
 
 def build_model(arch: str, root: str) -> str:
     from hubert_ray.synth import make_tiny_model
@@ -52,10 +54,7 @@ def inputs(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
 def run(net, xs, layers, device, dtype):
     import torch
 
-    lengths = [len(x) for x in xs]
-    pad = np.zeros((len(xs), max(lengths)), np.float32)
-    for i, x in enumerate(xs):
-        pad[i, : len(x)] = x
+    pad, lengths = pad_batch(xs)
     t = torch.from_numpy(pad).to(device)
     if dtype in ("float16", "bfloat16"):
         t = t.to(getattr(torch, dtype))
@@ -67,10 +66,7 @@ def timed(net, xs, device, dtype, iters: int) -> float:
     """Seconds per forward of the padded batch, last layer only, no copy to the host."""
     import torch
 
-    lengths = [len(x) for x in xs]
-    pad = np.zeros((len(xs), max(lengths)), np.float32)
-    for i, x in enumerate(xs):
-        pad[i, : len(x)] = x
+    pad, lengths = pad_batch(xs)
     t = torch.from_numpy(pad).to(device)
     if dtype in ("float16", "bfloat16"):
         t = t.to(getattr(torch, dtype))

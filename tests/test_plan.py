@@ -12,7 +12,7 @@ from jobs import plan as planner
 
 
 def test_wenetspeech_l_on_one_8_gpu_node():
-    p = planner.plan(10_000, 8, 352)  # opus, reference rates
+    p = planner.plan(10_000, 8, 352, gpu_rate=9_720)  # opus, reference rates
     assert p["audio_seconds"] == 36_000_000
     assert p["model_stage_x_realtime"] == 8 * 9_720
     assert p["decode_rate_per_core"] == 3_500 / 16
@@ -49,7 +49,10 @@ def test_decode_profiles_and_formats():
 
 def test_every_rate_says_where_it_was_measured():
     for rate in rates.GPU_RATES.values():
-        assert rate.unit == "gpu" and "H100, DESIGN.md reference table" in rate.source
+        assert rate.unit == "gpu"
+        assert "H100, DESIGN.md reference table" in rate.source or "measured" in rate.source
+    default = planner.plan(1, 1, 1)
+    assert default["gpu_rate"] == 3_254 and "H200" in default["gpu_rate_source"]
     for profile in rates.DECODE_RATES.values():
         assert set(profile) == set(rates.FORMATS)
         for rate in profile.values():
@@ -58,10 +61,10 @@ def test_every_rate_says_where_it_was_measured():
 
 
 def test_cli(capsys):
-    assert planner.main(["--hours", "10000", "--gpus", "8", "--decode-cores", "352"]) == 0
+    assert planner.main(["--hours", "10000", "--gpus", "8", "--decode-cores", "128"]) == 0
     out = capsys.readouterr().out
-    assert "wall time   : 7.8 min" in out and "bottleneck: decode" in out
-    assert "H100, DESIGN.md reference table" in out
+    assert "wall time   : 23.0 min" in out and "bottleneck: gpu" in out
+    assert "H200" in out and "H100, DESIGN.md reference table" in out
     assert planner.main(["--hours", "5", "--gpus", "1", "--decode-cores", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hours"] == 5
 
