@@ -419,7 +419,10 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
 
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start local Ray."""
+    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start local Ray.
+
+    ``address="local"`` starts a new embedded instance even when another Ray cluster runs on
+    this machine: a bare ``ray.init()`` would silently join the latest one started there."""
     import ray
 
     if ray.is_initialized():
@@ -428,7 +431,7 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
 
 
 @dataclass(frozen=True)
