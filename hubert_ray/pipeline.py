@@ -418,6 +418,21 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
     return FeatureSink()
 
 
+def _spilled_mib() -> float | None:
+    """MiB the cluster's object store has spilled to disk so far (Ray's memory summary; other
+    jobs on the same cluster count too). ``None`` if Ray cannot say."""
+    import re
+
+    try:
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(stats_only=True)
+    except Exception:  # a private API: never fail the job over a statistic
+        return None
+    found = re.search(r"Spilled (\d+) MiB", text)
+    return float(found.group(1)) if found else 0.0
+
+
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start local Ray.
 
@@ -585,6 +600,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
     summary["storage_retries"] = sink_retries + storage.retry_count() - driver_retries
+    summary["object_store_spilled_mib"] = _spilled_mib()
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     # Serialised first, written in one call: never a half-written summary.
     data = json.dumps(summary, indent=2).encode()

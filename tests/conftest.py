@@ -33,7 +33,7 @@ def ray_session(tmp_path_factory):
     # Models on object storage are cached per node (hubert_ray.storage.local_model_dir): keep the
     # tests' copies out of ~/.cache. Workers inherit the driver's environment at ray.init.
     os.environ.setdefault("HUBERT_RAY_MODEL_CACHE", str(tmp_path_factory.mktemp("model-cache")))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

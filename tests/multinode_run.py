@@ -75,7 +75,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
 
     # The reference: the same job on plain single-node local Ray, model on CPU.
     os.environ.pop("HUBERT_RAY_TRACE_DIR")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t2 = time.time()
     single = pipeline.run(
         ExtractConfig(output=os.path.join(work, "single"), num_gpus=0, num_cpu_actors=1, **cfg)

@@ -93,7 +93,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     segments = manifest.segment_table(manifest.read_manifest(manifest_uri))
     blocks = len(pipeline.segment_blocks(segments, cfg["decode_batch_size"]))
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t2 = time.time()
     reference = pipeline.run(
         ExtractConfig(output=os.path.join(work, "reference"), num_gpus=0, num_cpu_actors=1, **cfg)

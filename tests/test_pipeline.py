@@ -230,3 +230,9 @@ def test_placement_plan():
         pipeline.plan_placement(two, cluster_gpus=1)
     forced_cpu = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_gpus=0)
     assert not pipeline.plan_placement(forced_cpu, cluster_gpus=4).gpu
+
+
+def test_demo_sized_run_does_not_spill(job):
+    """Features leave the actor as float16 in bounded batches: nothing spills to disk."""
+    _, summary = job
+    assert summary["object_store_spilled_mib"] == 0.0
