@@ -25,6 +25,13 @@ def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}", field=name)
 
 
+def _require_storage_options(value: Any) -> None:
+    # Names the type, not the value: storage options may hold credentials.
+    _require(
+        isinstance(value, dict), "storage_options", type(value).__name__, "a JSON object (dict)"
+    )
+
+
 def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
     """Resolve a layer spec (``"12"``, ``"6,9,12"``, ``"all"``, ``"last"``) to sorted indices.
 
@@ -79,12 +86,7 @@ class DecodeConfig:
             self.end_tolerance_s,
             "a number of seconds in [0, 5]",
         )
-        _require(
-            isinstance(self.storage_options, dict),
-            "storage_options",
-            type(self.storage_options).__name__,  # not the value: it may hold credentials
-            "a JSON object (dict)",
-        )
+        _require_storage_options(self.storage_options)
 
 
 @dataclass(frozen=True)
@@ -271,12 +273,7 @@ class ExtractConfig:
             self.rows_per_file,
             "an integer >= 1",
         )
-        _require(
-            isinstance(self.storage_options, dict),
-            "storage_options",
-            type(self.storage_options).__name__,  # not the value: it may hold credentials
-            "a JSON object (dict)",
-        )
+        _require_storage_options(self.storage_options)
         # Validate the nested stage configs now, so errors surface at construction.
         self.decode_config()
         self.model_config()

@@ -70,6 +70,25 @@ def _svg(body: list[str], title: str, xlabel: str, ylabel: str) -> str:
     )
 
 
+def _x_scale(ticks: list[float]):
+    """Data x → SVG x over the plot area, spanning the first to the last tick."""
+    plot_w = _W - _L - _R
+    return lambda v: _L + plot_w * (v - ticks[0]) / (ticks[-1] - ticks[0])
+
+
+def _y_scale(top: float):
+    """Data y (0 at the axis) → SVG y over the plot area, ``top`` at its upper edge."""
+    plot_h = _H - _T - _B
+    return lambda v: _H - _B - plot_h * v / top
+
+
+def _x_labels(ticks: list[float], x_of) -> list[str]:
+    return [
+        f'<text x="{x_of(t):.1f}" y="{_H - _B + 16}" text-anchor="middle">{_fmt(t)}</text>'
+        for t in ticks
+    ]
+
+
 def _y_axis(ticks: list[float], y_of, labels: list[str] | None = None) -> list[str]:
     out = []
     for i, t in enumerate(ticks):
@@ -86,14 +105,9 @@ def bar_chart(labels: list[str], values: list[float], title: str, ylabel: str) -
     """Vertical bars, one per label, each with its value on top."""
     top = max(values, default=0) or 1
     ticks = _ticks(0, top)
-    ymax = ticks[-1]
-    plot_w, plot_h = _W - _L - _R, _H - _T - _B
-
-    def y_of(v):
-        return _H - _B - plot_h * v / ymax
-
+    y_of = _y_scale(ticks[-1])
     body = _y_axis(ticks, y_of)
-    slot = plot_w / max(len(labels), 1)
+    slot = (_W - _L - _R) / max(len(labels), 1)
     bw = min(slot * 0.7, 80)
     for i, (lab, v) in enumerate(zip(labels, values, strict=True)):
         x = _L + slot * i + (slot - bw) / 2
@@ -121,14 +135,7 @@ def histogram(values: np.ndarray, title: str, xlabel: str, ylabel: str, bins: in
     xt = _ticks(0.0 if lo >= 0 else lo, hi)
     counts, edges = np.histogram(values, bins=bins, range=(xt[0], xt[-1]))
     yt = _ticks(0, float(counts.max()) if counts.size and counts.max() else 1.0)
-    plot_w, plot_h = _W - _L - _R, _H - _T - _B
-
-    def x_of(v):
-        return _L + plot_w * (v - xt[0]) / (xt[-1] - xt[0])
-
-    def y_of(v):
-        return _H - _B - plot_h * v / yt[-1]
-
+    x_of, y_of = _x_scale(xt), _y_scale(yt[-1])
     body = _y_axis(yt, y_of)
     for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
         if c:
@@ -138,10 +145,7 @@ def histogram(values: np.ndarray, title: str, xlabel: str, ylabel: str, bins: in
                 f'height="{_H - _B - y:.1f}" fill="{_FILL}"><title>{_fmt(a)}–{_fmt(b)}: {c}'
                 "</title></rect>"
             )
-    for t in xt:
-        body.append(
-            f'<text x="{x_of(t):.1f}" y="{_H - _B + 16}" text-anchor="middle">{_fmt(t)}</text>'
-        )
+    body += _x_labels(xt, x_of)
     return _svg(body, title, xlabel, ylabel)
 
 
@@ -152,19 +156,8 @@ def line_chart(
     ys = [v for s in series.values() for v in s]
     xt = _ticks(min(xs, default=0.0), max(xs, default=1.0))
     yt = _ticks(0, max(ys, default=0) or 1.0)
-    plot_w, plot_h = _W - _L - _R, _H - _T - _B
-
-    def x_of(v):
-        return _L + plot_w * (v - xt[0]) / (xt[-1] - xt[0])
-
-    def y_of(v):
-        return _H - _B - plot_h * v / yt[-1]
-
-    body = _y_axis(yt, y_of)
-    for t in xt:
-        body.append(
-            f'<text x="{x_of(t):.1f}" y="{_H - _B + 16}" text-anchor="middle">{_fmt(t)}</text>'
-        )
+    x_of, y_of = _x_scale(xt), _y_scale(yt[-1])
+    body = _y_axis(yt, y_of) + _x_labels(xt, x_of)
     for k, (name, s) in enumerate(series.items()):
         color = _ALT[k % len(_ALT)]
         pts = " ".join(f"{x_of(x):.1f},{y_of(y):.1f}" for x, y in zip(xs, s, strict=True))

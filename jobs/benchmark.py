@@ -717,6 +717,17 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
     def ok(r):
         return r["status"] == "ok" and r["x_realtime"]
 
+    def ratio(name: str, dist: str, a: dict | None, b: dict | None) -> None:
+        if a and b:
+            out.append(
+                {
+                    "name": name,
+                    "dist": dist,
+                    "value": a["x_realtime"] / b["x_realtime"],
+                    "rows": f"{a['name']} / {b['name']}",
+                }
+            )
+
     for dist in dict.fromkeys(r["dist"] for r in rows):
         rs = [r for r in rows if r["dist"] == dist and ok(r)]
         by = {r["name"]: r for r in rs}
@@ -731,38 +742,17 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
             and r["rel_l2_err"] is not None
             and r["rel_l2_err"] < 0.05
         ]
-        if seeds and actors:
-            best = max(actors, key=lambda r: r["x_realtime"])
-            seed = max(seeds, key=lambda r: r["x_realtime"])
-            out.append(
-                {
-                    "name": "ours (best dtype) / seed recipe",
-                    "dist": dist,
-                    "value": best["x_realtime"] / seed["x_realtime"],
-                    "rows": f"{best['name']} / {seed['name']}",
-                }
-            )
+        fastest = max(actors, key=lambda r: r["x_realtime"], default=None)
+        seed = max(seeds, key=lambda r: r["x_realtime"], default=None)
+        ratio("ours (best dtype) / seed recipe", dist, fastest, seed)
         pipe = by.get(f"pipeline_{pipeline_dtype}_b{batch_size}")
-        actor = by.get(f"actor_{pipeline_dtype}_b{batch_size}")
-        loop = by.get(f"loop_{pipeline_dtype}_b{batch_size}")
-        if pipe and actor:
-            out.append(
-                {
-                    "name": "pipeline / actor only",
-                    "dist": dist,
-                    "value": pipe["x_realtime"] / actor["x_realtime"],
-                    "rows": f"{pipe['name']} / {actor['name']}",
-                }
-            )
-        if pipe and loop:
-            out.append(
-                {
-                    "name": "pipeline / plain loop (CPU goal >= 0.8)",
-                    "dist": dist,
-                    "value": pipe["x_realtime"] / loop["x_realtime"],
-                    "rows": f"{pipe['name']} / {loop['name']}",
-                }
-            )
+        ratio("pipeline / actor only", dist, pipe, by.get(f"actor_{pipeline_dtype}_b{batch_size}"))
+        ratio(
+            "pipeline / plain loop (CPU goal >= 0.8)",
+            dist,
+            pipe,
+            by.get(f"loop_{pipeline_dtype}_b{batch_size}"),
+        )
     return out
 
 
