@@ -209,7 +209,11 @@ class ExtractConfig:
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     num_gpus: int | None = None  # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
     num_cpu_actors: int = 1  # model actors when running on CPU
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # Ray CPUs reserved per CPU model actor
+    # torch intra-op threads per CPU model actor; 0 = int(cpus_per_actor). More threads than
+    # reserved CPUs lends the model the cores decode tasks leave idle (decode is ~3 % of the
+    # tiny model's time on CPU, see benchmarks/RESULTS.md).
+    torch_threads: int = 0
     decode_batch_size: int = 16  # segments per decode task batch
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
@@ -254,6 +258,12 @@ class ExtractConfig:
             "cpus_per_actor",
             self.cpus_per_actor,
             "a number > 0",
+        )
+        _require(
+            isinstance(self.torch_threads, int) and self.torch_threads >= 0,
+            "torch_threads",
+            self.torch_threads,
+            "an integer >= 0 (0 = cpus_per_actor)",
         )
         _require(
             isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,

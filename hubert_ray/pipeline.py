@@ -467,7 +467,7 @@ def plan_placement(cfg: ExtractConfig, cluster_gpus: int) -> Placement:
     n_gpu = cluster_gpus if cfg.num_gpus is None else cfg.num_gpus
     if n_gpu:
         return Placement(n_gpu, True, cfg.model_config(device="auto"))
-    threads = max(1, int(cfg.cpus_per_actor))
+    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
     return Placement(cfg.num_cpu_actors, False, cfg.model_config("cpu", num_threads=threads))
 
 

@@ -519,6 +519,8 @@ def run_loop(bench: Bench, model_dir, manifest_path, dist, dtype, batch_size):
 
 
 def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, batch_size):
+    import torch
+
     from hubert_ray import pipeline, read_features
     from hubert_ray.config import ExtractConfig
 
@@ -535,6 +537,8 @@ def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, batch_s
         ).max_batch_samples,
         num_gpus=None if bench.cuda else 0,
         cpus_per_actor=float(bench.args.pipeline_cpus_per_actor or max(1, ncpu - 1)),
+        # as many torch threads as the loop's process has: decode is cheap next to the model
+        torch_threads=0 if bench.cuda else torch.get_num_threads(),
     )
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, overwrite=True)
@@ -578,7 +582,11 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
         bench, model_dir, manifest_path, os.path.join(work, f"out-{dist}"), dtype, args.batch_size
     )
     missing = [i for i in ids if i not in feats_p]
-    actor = "1 GPU actor" if bench.cuda else f"1 CPU actor with {cfg.cpus_per_actor:g} CPUs"
+    actor = (
+        "1 GPU actor"
+        if bench.cuda
+        else f"1 CPU actor reserving {cfg.cpus_per_actor:g} CPUs, {cfg.torch_threads} torch threads"
+    )
     bench.add(
         name=f"pipeline_{dtype}_b{args.batch_size}",
         path="pipeline",
@@ -799,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-cpus-per-actor",
         type=float,
         default=None,
-        help="CPU pipeline: CPUs (torch threads) of the model actor (default ncpu-1)",
+        help="CPU pipeline: Ray CPUs reserved by the model actor (default ncpu-1; its torch "
+        "threads are the in-process loop's, ncpu by default)",
     )
     p.add_argument(
         "--max-row-seconds",
