@@ -49,31 +49,52 @@ def plan_chunks(num_samples: int, chunk_samples: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def pack_micro_batches(lengths: Sequence[int], max_batch_samples: int) -> list[list[int]]:
-    """Group item indices into micro-batches, longest first, so that
-    ``len(batch) * max(lengths in batch) <= max_batch_samples`` (the padded size).
+def pack_micro_batches(
+    lengths: Sequence[int], max_batch_samples: int, batch_cost_samples: float = 0.0
+) -> list[list[int]]:
+    """Group item indices into micro-batches of similar lengths, longest first.
 
-    Sorting by length keeps padding low; an item longer than the budget runs alone.
+    A micro-batch is padded to its longest item and holds at most ``max_batch_samples`` padded
+    samples (an item longer than that runs alone). Of all splits of the length-sorted items
+    into consecutive runs, returns the one with the least ``padded samples +
+    batch_cost_samples × micro-batches`` (dynamic programming; ties go to fewer, larger
+    micro-batches). ``batch_cost_samples`` is the fixed cost of one forward pass (kernel
+    launches, per-call overhead) in samples of padded audio: 0 only minimises padding.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > max_batch_samples:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    n = len(order)
+    sorted_len = np.array([lengths[i] for i in order], dtype=np.float64)
+    best = np.zeros(n + 1)  # best[i]: least cost of packing sorted items i..n-1
+    end = np.zeros(n, dtype=np.int64)  # the run starting at i ends before end[i]
+    for i in range(n - 1, -1, -1):
+        longest = max(sorted_len[i], 1.0)
+        k_max = max(1, min(n - i, int(max_batch_samples // longest)))
+        js = np.arange(i + 1, i + k_max + 1)
+        cost = (js - i) * sorted_len[i] + batch_cost_samples + best[js]
+        k = k_max - 1 - int(np.argmin(cost[::-1]))  # last minimum: the largest run
+        best[i], end[i] = cost[k], js[k]
+    batches, i = [], 0
+    while i < n:
+        batches.append(order[i : end[i]])
+        i = int(end[i])
     return batches
 
 
-def pad_batch(items: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+def pad_batch(
+    items: Sequence[np.ndarray], out: np.ndarray | None = None
+) -> tuple[np.ndarray, list[int]]:
     """Zero-pad 1-D float32 arrays into one [len(items), longest] array; returns it and the
-    lengths (exact batching masks the padding, see hubert_ray.model)."""
+    lengths (exact batching masks the padding, see hubert_ray.model). With ``out`` (a 1-D
+    float32 buffer of at least ``len(items) * longest`` values, e.g. reused pinned memory)
+    the batch is written into its head instead of a new array."""
     lengths = [len(x) for x in items]
-    out = np.zeros((len(items), max(lengths)), dtype=np.float32)
+    shape = (len(items), max(lengths))
+    if out is None:
+        batch = np.zeros(shape, dtype=np.float32)
+    else:
+        batch = out[: shape[0] * shape[1]].reshape(shape)
     for i, x in enumerate(items):
-        out[i, : len(x)] = x
-    return out, lengths
+        batch[i, : len(x)] = x
+        if out is not None:
+            batch[i, len(x) :] = 0.0
+    return batch, lengths

@@ -139,6 +139,10 @@ class ModelConfig:
     chunk_seconds: float = 10.0
     # Upper bound on padded samples in one forward micro-batch (rows x longest chunk).
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
+    # Fixed cost of one forward micro-batch in seconds of padded audio: the packer trades
+    # padding against micro-batch count (see chunking.pack_micro_batches). None = by device:
+    # 1 s on CPU (measured best of 0-16 s, tiny and base models), 16 s on GPU.
+    micro_batch_cost_seconds: float | None = None
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
@@ -181,6 +185,16 @@ class ModelConfig:
             self.max_batch_samples,
             f"an integer >= one chunk ({self.chunk_samples} samples)",
         )
+        _require(
+            self.micro_batch_cost_seconds is None
+            or (
+                isinstance(self.micro_batch_cost_seconds, (int, float))
+                and self.micro_batch_cost_seconds >= 0
+            ),
+            "micro_batch_cost_seconds",
+            self.micro_batch_cost_seconds,
+            "a number of seconds >= 0 (unset: by device)",
+        )
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
         _require(
             isinstance(self.num_threads, int) and self.num_threads >= 0,
@@ -205,8 +219,11 @@ class ExtractConfig:
     dtype: str = "auto"
     storage_dtype: str = "float16"
     chunk_seconds: float = 10.0
-    batch_size: int = 64  # rows (segments) per model-actor call
+    # Rows (segments) per model-actor call; None = 256 // stored layers (at least 16). Larger
+    # calls pack mixed lengths with less padding; the call's output grows with the layers.
+    batch_size: int | None = None
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
+    micro_batch_cost_seconds: float | None = None  # None: 1 s on CPU, 16 s on GPU
     num_gpus: int | None = None  # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
     num_cpu_actors: int = 1  # model actors when running on CPU
     cpus_per_actor: float = 1.0  # Ray CPUs reserved per CPU model actor
@@ -214,7 +231,9 @@ class ExtractConfig:
     # reserved CPUs lends the model the cores decode tasks leave idle (decode is ~3 % of the
     # tiny model's time on CPU, see benchmarks/RESULTS.md).
     torch_threads: int = 0
-    decode_batch_size: int = 16  # segments per decode task batch
+    # Segments per decode task (whole recordings). Small tasks starve the model actor: at 16,
+    # Ray's per-task overhead left a CPU actor idle 20 % of the time (benchmarks/RESULTS.md).
+    decode_batch_size: int = 128
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
     end_tolerance_s: float = 0.1
@@ -236,10 +255,10 @@ class ExtractConfig:
                 "a non-empty local path or URL",
             )
         _require(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
             "batch_size",
             self.batch_size,
-            "an integer >= 1",
+            "an integer >= 1 (unset: 256 // stored layers)",
         )
         _require(
             self.num_gpus is None or (isinstance(self.num_gpus, int) and self.num_gpus >= 0),
@@ -288,6 +307,11 @@ class ExtractConfig:
         self.decode_config()
         self.model_config()
 
+    def rows_per_call(self, num_layers: int) -> int:
+        """Model-actor batch size: ``batch_size``, else 256 rows for one stored layer, fewer
+        for more layers (at least 16), so one call's output stays ~200 MB at 10 s rows."""
+        return self.batch_size or max(16, 256 // max(1, num_layers))
+
     def decode_config(self) -> DecodeConfig:
         return DecodeConfig(
             end_tolerance_s=self.end_tolerance_s, storage_options=dict(self.storage_options)
@@ -301,6 +325,7 @@ class ExtractConfig:
             storage_dtype=self.storage_dtype,
             chunk_seconds=self.chunk_seconds,
             max_batch_samples=self.max_batch_samples,
+            micro_batch_cost_seconds=self.micro_batch_cost_seconds,
             device=device,
             num_threads=num_threads,
             allow_pickle_weights=self.allow_pickle_weights,

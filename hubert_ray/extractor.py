@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from hubert_ray import errors
 from hubert_ray.chunking import num_frames, pack_micro_batches, pad_batch, plan_chunks
-from hubert_ray.config import ModelConfig, parse_layers
+from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig, parse_layers
 from hubert_ray.precision import PrecisionBreach, compare, is_sampled
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,13 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
 
 
+# Default fixed cost of a forward micro-batch, in seconds of padded audio (ModelConfig.
+# micro_batch_cost_seconds). CPU: measured best of 0/1/4/16 s (benchmarks/RESULTS.md). GPU: kernel
+# launches weigh more against much faster arithmetic; 16 s is a first guess, not yet measured.
+CPU_BATCH_COST_S = 1.0
+GPU_BATCH_COST_S = 16.0
+
+
 @dataclass
 class _Work:
     """One batch's chunks and what is known about them while the stage processes it."""
@@ -103,6 +110,10 @@ class HubertStage:
             config.device == "auto" and torch.cuda.is_available()
         )
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        cost_s = config.micro_batch_cost_seconds
+        if cost_s is None:
+            cost_s = GPU_BATCH_COST_S if use_cuda else CPU_BATCH_COST_S
+        self.batch_cost_samples = cost_s * SAMPLE_RATE_HZ
         if not use_cuda:
             if config.num_threads:
                 torch.set_num_threads(config.num_threads)
@@ -130,7 +141,8 @@ class HubertStage:
         self._fp32 = self.net if dtype == "float32" else None
         if self.checking:
             self._reference()
-        self.stats = {"batches": 0, "forward_s": 0.0}
+        self.stats = {"batches": 0, "forward_s": 0.0, "samples": 0, "padded_samples": 0}
+        self._input = None  # see _staging
 
     def _reference(self):
         if self._fp32 is None:
@@ -150,10 +162,15 @@ class HubertStage:
         dtype (float32 with ``keep_float32``) and a per-chunk flag: all stored values finite."""
         import torch
 
-        x, lengths = pad_batch(chunks)
+        staging = self._staging(len(chunks) * max(len(c) for c in chunks))
+        x, lengths = pad_batch(chunks, out=staging.numpy())
+        self.stats["samples"] += sum(lengths)
+        self.stats["padded_samples"] += x.size
         param = next(net.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-        xt = torch.from_numpy(x).to(self.device, non_blocking=True).to(dtype)
+        # From pinned memory on CUDA, so the copy is asynchronous. The buffer is reused by the
+        # next call only after this one has copied its outputs back (which synchronises).
+        xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True).to(dtype)
         lt = torch.tensor(lengths, device=self.device)
         out, frame_lengths = net(xt, lt, self.layers)
         float16 = self.config.storage_dtype == "float16" and not keep_float32
@@ -171,13 +188,26 @@ class HubertStage:
         per_chunk = [{k: host[k][i, : fl[i]] for k in self.layers} for i in range(len(chunks))]
         return per_chunk, finite.cpu().tolist()
 
+    def _staging(self, size: int):
+        """The reused host input buffer (float32, pinned on CUDA) of at least ``size`` values."""
+        import torch
+
+        if self._input is None or self._input.numel() < size:
+            size = max(size, self.config.max_batch_samples)
+            self._input = torch.empty(
+                size, dtype=torch.float32, pin_memory=self.device.type == "cuda"
+            )
+        return self._input
+
     def _forward_chunks(self, net, w: _Work, indices, results, keep_float32=False):
         """Forward ``w.chunks[j] for j in indices`` in packed micro-batches into ``results[j]``.
         Returns the micro-batches (lists of chunk indices) and the non-finite chunk indices."""
         groups = [
             [indices[g] for g in group]
             for group in pack_micro_batches(
-                [len(w.chunks[j]) for j in indices], self.config.max_batch_samples
+                [len(w.chunks[j]) for j in indices],
+                self.config.max_batch_samples,
+                self.batch_cost_samples,
             )
         ]
         bad = []
@@ -251,6 +281,8 @@ class HubertStage:
     def _stitch(self, results, js) -> dict[int, np.ndarray]:
         import torch
 
+        if len(js) == 1:  # most segments: one chunk, no copy
+            return {k: results[js[0]][k].numpy() for k in self.layers}
         return {k: torch.cat([results[j][k] for j in js]).numpy() for k in self.layers}
 
     def _recompute_rows(self, w: _Work, rows: set[int], why: str) -> set[int]:

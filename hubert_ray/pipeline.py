@@ -451,24 +451,27 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model stage runs: ``pool`` actors, each on one GPU or on CPU."""
+    """Where the model stage runs: ``pool`` actors, each on one GPU or on CPU, called with
+    ``rows_per_call`` rows at a time."""
 
     pool: int
     gpu: bool
     model_config: ModelConfig
+    rows_per_call: int
 
 
-def plan_placement(cfg: ExtractConfig, cluster_gpus: int) -> Placement:
+def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -> Placement:
     """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU."""
     if cfg.num_gpus and cfg.num_gpus > cluster_gpus:
         raise ConfigError(
             f"num_gpus={cfg.num_gpus} but the cluster has {cluster_gpus} GPU(s)", field="num_gpus"
         )
     n_gpu = cluster_gpus if cfg.num_gpus is None else cfg.num_gpus
+    rows = cfg.rows_per_call(num_layers)
     if n_gpu:
-        return Placement(n_gpu, True, cfg.model_config(device="auto"))
+        return Placement(n_gpu, True, cfg.model_config(device="auto"), rows)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    return Placement(cfg.num_cpu_actors, False, cfg.model_config("cpu", num_threads=threads))
+    return Placement(cfg.num_cpu_actors, False, cfg.model_config("cpu", num_threads=threads), rows)
 
 
 def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
@@ -492,7 +495,7 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
         return dict(
             fn_constructor_kwargs={"config": placement.model_config},
             compute=ray.data.ActorPoolStrategy(size=placement.pool),
-            batch_size=cfg.batch_size,
+            batch_size=placement.rows_per_call,
             batch_format="pyarrow",
             **resources,
         )
@@ -538,8 +541,13 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     import ray
 
     init_ray()
-    placement = plan_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
-    log.info("model actors: %d on %s", placement.pool, "GPU" if placement.gpu else "CPU")
+    placement = plan_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), len(layers))
+    log.info(
+        "model actors: %d on %s, %d rows per call",
+        placement.pool,
+        "GPU" if placement.gpu else "CPU",
+        placement.rows_per_call,
+    )
     planned = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
     identity["compute_dtype"] = planned
     check_identity(cfg, previous, identity)

@@ -289,6 +289,7 @@ class Bench:
             "peak_mem_mib": None,
             "rel_l2_err": None,
             "err_ref": None,
+            "real_per_padded": None,
             "note": "",
         }
         base.update(row)
@@ -387,11 +388,13 @@ def chunked_reference(model_dir, device, items, refs, chunk_samples):
     return out
 
 
-def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype):
+def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost_s=None):
     from hubert_ray.config import ModelConfig
 
     chunk_s = bench.args.chunk_seconds
-    budget = max(64 * 10 * SR, batch_size * int(round(chunk_s * SR)))
+    # The micro-batch budget: the job's default (64 chunks of 10 s), or batch_size chunks when
+    # that is smaller (so b1/b16 rows are batch-1/batch-16 forwards).
+    budget = min(64 * 10 * SR, batch_size * int(round(chunk_s * SR)))
     return ModelConfig(
         model_uri=model_dir,
         layers="last",
@@ -399,16 +402,18 @@ def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype):
         storage_dtype=storage_dtype,
         chunk_seconds=chunk_s,
         max_batch_samples=budget,
+        micro_batch_cost_seconds=cost_s,
         device=bench.device,
     )
 
 
-def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, budget):
+def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, budget, cost_s=None):
     from hubert_ray.extractor import HubertStage
 
-    name = f"actor_{dtype}_b{batch_size}"
+    name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
     try:
-        stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float32"))
+        cfg = model_config(bench, model_dir, dtype, batch_size, "float32", cost_s)
+        stage = HubertStage(cfg)
         layer = stage.layers[-1]
         batches = [
             items[i : i + batch_size] for i in range(0, len(items), batch_size)
@@ -419,7 +424,7 @@ def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, bud
         w = [bench.warm_item(x) for x in batches[0]]
         warm = (sum(map(len, w)) / SR, decoded_table(w, "warm"))
         tables, audio_s, wall, peak, passes = bench.timed(units, stage, warm, budget)
-        stats = {k: v for k, v in getattr(stage, "stats", {}).items() if k != "forward_s"}
+        stats = {k: v for k, v in stage.stats.items() if k != "forward_s"}
     except Exception as exc:
         bench.add(
             dist=dist,
@@ -448,6 +453,7 @@ def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, bud
         peak_mem_mib=peak,
         rel_l2_err=rel_l2(outs, refs[:n]),
         err_ref="plain_fp32_b1 on the same chunks",
+        real_per_padded=_real_per_padded(stats),
         note=_passes_note(n, len(items), passes),
         stage_stats=stats,
     )
@@ -485,43 +491,47 @@ def write_corpus(root: str, raw: list[np.ndarray], dist: str, max_rec_s: float =
     return manifest
 
 
-def run_loop(bench: Bench, model_dir, manifest_path, dist, dtype, batch_size):
+ERROR_SAMPLE = 256  # loop/pipeline rows: segments whose error vs the FP32 reference is measured
+
+
+def run_loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
     """Plain single process: manifest → DecodeStage → HubertStage, batch by batch (no Ray, no
-    Parquet). Timed end to end, model load included (as the pipeline's wall time is)."""
+    Parquet). Timed end to end, model load included (as the pipeline's wall time is). Keeps the
+    decoded audio and features of an evenly spread sample of at most ERROR_SAMPLE segments."""
     from hubert_ray import manifest
     from hubert_ray.audio import DecodeStage, clear_cache
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import HubertStage, audio_views
 
     clear_cache()
+    feats, inputs = {}, {}
     with PeakMemory(bench.cuda) as mem:
         t0 = time.perf_counter()
         segments = manifest.segment_table(manifest.read_manifest(manifest_path))
+        every = math.ceil(segments.num_rows / ERROR_SAMPLE)
         decode = DecodeStage()
         stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float16"))
-        decoded, feats = [], {}
         for s in range(0, segments.num_rows, batch_size):
             d = decode(segments.slice(s, batch_size))
             out = stage(d)
-            decoded.append(d)
-            ids = out.column("segment_id").to_pylist()
-            feats.update(zip(ids, feature_rows(out, stage.layers[-1]), strict=True))
+            keep = [r for r in range(d.num_rows) if (s + r) % every == 0]
+            ids = d.column("segment_id").to_pylist()
+            rows, audio = feature_rows(out, stage.layers[-1]), audio_views(d.column("audio"))
+            feats.update((ids[r], rows[r].copy()) for r in keep)
+            inputs.update((ids[r], np.array(audio[r])) for r in keep)
         bench.sync()
         wall = time.perf_counter() - t0
+    pad = _real_per_padded(stage.stats)
     stage = None
     bench.release()
-    from hubert_ray.extractor import audio_views
-
-    inputs = {}
-    for d in decoded:
-        ids = d.column("segment_id").to_pylist()
-        inputs.update(zip(ids, [np.array(v) for v in audio_views(d.column("audio"))], strict=True))
-    return feats, inputs, wall, mem.peak_mib
+    return feats, inputs, segments.num_rows, wall, mem.peak_mib, pad
 
 
-def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, batch_size):
+def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype):
+    """``hubert_ray.pipeline.run`` on the running local Ray, as the job runs by default (its
+    batch size and micro-batch budget are the job's defaults); returns summary, wall, config."""
     import torch
 
-    from hubert_ray import pipeline, read_features
+    from hubert_ray import pipeline
     from hubert_ray.config import ExtractConfig
 
     ncpu = os.cpu_count() or 1
@@ -531,10 +541,7 @@ def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, batch_s
         output=out_dir,
         dtype=dtype,
         chunk_seconds=bench.args.chunk_seconds,
-        batch_size=batch_size,
-        max_batch_samples=model_config(
-            bench, model_dir, dtype, batch_size, "float16"
-        ).max_batch_samples,
+        batch_size=bench.args.batch_size,
         num_gpus=None if bench.cuda else 0,
         cpus_per_actor=float(bench.args.pipeline_cpus_per_actor or max(1, ncpu - 1)),
         # as many torch threads as the loop's process has: decode is cheap next to the model
@@ -542,12 +549,13 @@ def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, batch_s
     )
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, overwrite=True)
-    wall = time.perf_counter() - t0
-    return read_features(out_dir), summary, wall, cfg
+    return summary, time.perf_counter() - t0, cfg
 
 
 def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtype) -> None:
     """The same generated FLAC corpus through the plain loop and through the pipeline."""
+    from hubert_ray import read_features
+
     args = bench.args
     chunk_samples = int(round(args.chunk_seconds * SR))
     total = args.pipeline_seconds or args.seconds
@@ -559,29 +567,32 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
     if d_i == 0:  # warm Ray's workers (imports, page cache); not measured
         warm = write_corpus(os.path.join(work, "corpus-warm"), raw[:2], "warm")
         t = time.perf_counter()
-        run_pipeline(bench, model_dir, warm, os.path.join(work, "out-warm"), dtype, args.batch_size)
+        run_pipeline(bench, model_dir, warm, os.path.join(work, "out-warm"), dtype)
         bench.pipeline_warmup_s = time.perf_counter() - t
-    feats_l, inputs, wall_l, mem_l = run_loop(
-        bench, model_dir, manifest_path, dist, dtype, args.batch_size
+    feats_l, inputs, n_items, wall_l, mem_l, pad_l = run_loop(
+        bench, model_dir, manifest_path, dtype, args.batch_size
     )
     ids = sorted(inputs)
     ref = chunked_reference(model_dir, bench.device, [inputs[i] for i in ids], None, chunk_samples)
     common = dict(dist=dist, dtype=dtype, batch_size=args.batch_size, audio_s=audio_s)
-    common["err_ref"] = "plain_fp32_b1 on the same decoded chunks (stored float16)"
+    common["err_ref"] = (
+        f"plain_fp32_b1 on the same decoded chunks (stored float16; {len(ids)} segments)"
+    )
     bench.add(
         name=f"loop_{dtype}_b{args.batch_size}",
         path="loop",
-        items=len(ids),
+        items=n_items,
         wall_s=wall_l,
         peak_mem_mib=mem_l,
         rel_l2_err=rel_l2([feats_l[i] for i in ids], ref),
+        real_per_padded=pad_l,
         note="FLAC decode + model in 1 process; model load timed; no Parquet writing",
         **common,
     )
-    feats_p, summary, wall_p, cfg = run_pipeline(
-        bench, model_dir, manifest_path, os.path.join(work, f"out-{dist}"), dtype, args.batch_size
-    )
-    missing = [i for i in ids if i not in feats_p]
+    out_dir = os.path.join(work, f"out-{dist}")
+    summary, wall_p, cfg = run_pipeline(bench, model_dir, manifest_path, out_dir, dtype)
+    feats_p = read_features(out_dir, segment_ids=ids)
+    lost = n_items - summary["segments_ok"]
     actor = (
         "1 GPU actor"
         if bench.cuda
@@ -590,15 +601,20 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
     bench.add(
         name=f"pipeline_{dtype}_b{args.batch_size}",
         path="pipeline",
-        items=summary.get("segments_ok"),
+        items=summary["segments_ok"],
         wall_s=wall_p,
-        rel_l2_err=None if missing else rel_l2([feats_p[i] for i in ids], ref),
-        status="failed" if missing else "ok",
+        rel_l2_err=None if lost else rel_l2([feats_p[i] for i in ids], ref),
+        status="failed" if lost else "ok",
         note=f"local Ray, {actor}; model load + Parquet writing timed; peak mem n/a (model "
-        "in another process)" + (f"; {len(missing)} segments missing" if missing else ""),
+        "in another process)" + (f"; {lost} segments not written" if lost else ""),
         **common,
     )
     shutil.rmtree(corpus, ignore_errors=True)
+
+
+def _real_per_padded(stats: dict) -> float | None:
+    """Real audio samples per padded sample the model computed (1 = no padding)."""
+    return stats["samples"] / stats["padded_samples"] if stats.get("padded_samples") else None
 
 
 def _passes_note(done: int, total: int, passes: int) -> str:
@@ -695,14 +711,15 @@ def markdown(result: dict) -> str:
             f"(mean {info['mean_s']:.2f} s, max {info['max_s']:.2f} s)",
             "",
             "| row | dtype | batch | items | audio s | wall s | x realtime | peak mem MiB "
-            "| rel. L2 err | vs | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| rel. L2 err | vs | real/padded | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['name']} | {r['dtype']} | {r['batch_size']} | {fmt(r['items'])} "
                 f"| {fmt(r['audio_s'])} | {fmt(r['wall_s'])} | {fmt(r['x_realtime'])} "
                 f"| {fmt(r['peak_mem_mib'])} | {fmt(r['rel_l2_err'])} | {r['err_ref'] or ''} "
+                f"| {fmt(r.get('real_per_padded'))} "
                 f"| {r['status'] if r['status'] != 'ok' else ''} {r['note']} |"
             )
         lines.append("")
@@ -785,11 +802,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="distributions: fixed lengths in s and/or mixed[:MEAN] (gamma, mean "
         "2.5 s, 0.3-20 s: WenetSpeech-like); default 10,mixed",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="rows per actor call (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="rows per actor call (default 256, the job's default for one stored layer)",
+    )
     p.add_argument(
         "--batch-sizes",
         default=None,
-        help="extra FP16 actor batch sizes to sweep (default 1,16,64 on GPU, none on CPU)",
+        help="extra FP16 actor batch sizes to sweep (default 1,16,64 on GPU, none on CPU); "
+        "below 64 rows the micro-batch budget is that many chunks",
+    )
+    p.add_argument(
+        "--micro-batch-costs",
+        default=None,
+        help="extra actor rows (FP16 on GPU, FP32 on CPU) at these micro_batch_cost_seconds, "
+        "e.g. 4,16,64 "
+        "(default none: the rows use the job's default for the device)",
     )
     p.add_argument("--chunk-seconds", type=float, default=10.0)
     p.add_argument(
@@ -855,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_sizes is not None
         else ([1, 16, 64] if cuda else [])
     )
+    costs = [float(c) for c in (args.micro_batch_costs or "").split(",") if c.strip()]
     pdtype = (
         args.pipeline_dtype if args.pipeline_dtype != "auto" else ("float16" if cuda else "float32")
     )
@@ -908,6 +939,10 @@ def main(argv: list[str] | None = None) -> int:
             for b in sweep:
                 if b != args.batch_size:
                     run_actor(bench, model_dir, items, cref, dist, "float16", b, bench_b)
+            for c in costs:
+                run_actor(
+                    bench, model_dir, items, cref, dist, "float16", args.batch_size, bench_b, c
+                )
             del refs, cref
             bench.release()
 

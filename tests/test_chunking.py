@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 
 import pytest
@@ -77,8 +79,8 @@ def test_plan_chunks_frames_spread_evenly():
     assert max(frames) - min(frames) <= 1
 
 
-def _check_packing(lengths, budget):
-    batches = pack_micro_batches(lengths, budget)
+def _check_packing(lengths, budget, cost=0.0):
+    batches = pack_micro_batches(lengths, budget, cost)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
     for b in batches:
@@ -97,7 +99,7 @@ def test_pack_micro_batches_random():
         n = rng.randrange(0, 60)
         lengths = [rng.randrange(1, 200000) for _ in range(n)]
         budget = rng.choice([400, 8000, 16000, 160000, 640000, 10**7])
-        _check_packing(lengths, budget)
+        _check_packing(lengths, budget, rng.choice([0, 1000, 160000]))
 
 
 def test_pack_micro_batches_cases():
@@ -105,8 +107,54 @@ def test_pack_micro_batches_cases():
     # an item longer than the budget runs alone
     batches = _check_packing([5000, 10, 20], 1000)
     assert batches[0] == [0]
-    # everything fits into one batch
-    assert _check_packing([100, 300, 200], 900) == [[1, 2, 0]]
-    # budget allows exactly two of the longest
+    # everything fits into one batch: taken when a forward costs more than the padding...
+    assert _check_packing([100, 300, 200], 900, cost=1000) == [[1, 2, 0]]
+    # ...not when only padding counts
+    assert _check_packing([100, 300, 200], 900) == [[1], [2], [0]]
+    # budget allows exactly two of the longest; equal lengths: fewest batches
     batches = _check_packing([100] * 5, 200)
     assert [len(b) for b in batches] == [2, 2, 1]
+    # one long item does not pad nine short ones to its length
+    assert _check_packing([1000] + [100] * 9, 10_000, cost=200) == [[0], list(range(1, 10))]
+
+
+def _cost(lengths, batches, cost):
+    return sum(len(b) * max(lengths[i] for i in b) + cost for b in batches)
+
+
+def _greedy(lengths, budget):
+    """The previous packer: fill each micro-batch up to the budget, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def test_pack_micro_batches_is_optimal():
+    """Least padded samples + cost per batch over every split of the sorted items into
+    consecutive runs (brute force for small n); never worse than greedy filling."""
+    rng = random.Random(1)
+    for _ in range(200):
+        n = rng.randrange(1, 9)
+        lengths = [rng.randrange(400, 160_000) for _ in range(n)]
+        budget = rng.choice([160_000, 320_000, 10**6])
+        cost = rng.choice([0, 8000, 160_000])
+        got = _cost(lengths, _check_packing(lengths, budget, cost), cost)
+        order = sorted(range(n), key=lambda i: lengths[i], reverse=True)
+        best = math.inf
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            batches, current = [], [order[0]]
+            for i, cut in zip(order[1:], cuts, strict=True):
+                if cut:
+                    batches.append(current)
+                    current = []
+                current.append(i)
+            batches.append(current)
+            if all(len(b) == 1 or len(b) * lengths[b[0]] <= budget for b in batches):
+                best = min(best, _cost(lengths, batches, cost))
+        assert got == pytest.approx(best), (lengths, budget, cost)
+        assert got <= _cost(lengths, _greedy(lengths, budget), cost) + 1e-6

@@ -35,6 +35,8 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         (["--dtype", "fp8"], "--dtype"),
         (["--chunk-seconds", "0"], "--chunk-seconds"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--torch-threads", "-1"], "--torch-threads"),
+        (["--micro-batch-cost-seconds", "-1"], "--micro-batch-cost-seconds"),
         (["--num-gpus", "-1"], "--num-gpus"),
         (["--storage-options", "{not json"], "--storage-options"),
         (["--storage-dtype", "int4"], "--storage-dtype"),

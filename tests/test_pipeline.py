@@ -230,6 +230,21 @@ def test_placement_plan():
         pipeline.plan_placement(two, cluster_gpus=1)
     forced_cpu = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_gpus=0)
     assert not pipeline.plan_placement(forced_cpu, cluster_gpus=4).gpu
+    # rows per call: 256 for one stored layer, fewer for more layers, or as configured
+    assert [pipeline.plan_placement(cfg, 1, n).rows_per_call for n in (1, 3, 13, 40)] == [
+        256,
+        85,
+        19,
+        16,
+    ]
+    fixed = ExtractConfig(manifest="m.jsonl", model="m", output="o", batch_size=7)
+    assert pipeline.plan_placement(fixed, 1, 13).rows_per_call == 7
+    # CPU actors: torch threads = reserved CPUs unless torch_threads says
+    assert cpu.model_config.num_threads == 1
+    more = ExtractConfig(manifest="m.jsonl", model="m", output="o", cpus_per_actor=3.0)
+    assert pipeline.plan_placement(more, 0).model_config.num_threads == 3
+    lent = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
+    assert pipeline.plan_placement(lent, 0).model_config.num_threads == 2
 
 
 def test_demo_sized_run_does_not_spill(job):
