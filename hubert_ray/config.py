@@ -141,7 +141,7 @@ class ModelConfig:
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     # Fixed cost of one forward micro-batch in seconds of padded audio: the packer trades
     # padding against micro-batch count (see chunking.pack_micro_batches). None = by device:
-    # 1 s on CPU (measured best of 0-16 s, tiny and base models), 16 s on GPU.
+    # 1 s on CPU (measured best of 0/1/4/16 s at 256 rows per call), 16 s on GPU (unmeasured).
     micro_batch_cost_seconds: float | None = None
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
@@ -228,8 +228,8 @@ class ExtractConfig:
     num_cpu_actors: int = 1  # model actors when running on CPU
     cpus_per_actor: float = 1.0  # Ray CPUs reserved per CPU model actor
     # torch intra-op threads per CPU model actor; 0 = int(cpus_per_actor). More threads than
-    # reserved CPUs lends the model the cores decode tasks leave idle (decode is ~3 % of the
-    # tiny model's time on CPU, see benchmarks/RESULTS.md).
+    # reserved CPUs lends the model the cores decode tasks leave idle (decoding 16 kHz FLAC
+    # took ~7 % of a core next to the tiny model, see benchmarks/RESULTS.md).
     torch_threads: int = 0
     # Segments per decode task (whole recordings). Small tasks starve the model actor: at 16,
     # Ray's per-task overhead left a CPU actor idle 20 % of the time (benchmarks/RESULTS.md).

@@ -69,8 +69,9 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
 
 
 # Default fixed cost of a forward micro-batch, in seconds of padded audio (ModelConfig.
-# micro_batch_cost_seconds). CPU: measured best of 0/1/4/16 s (benchmarks/RESULTS.md). GPU: kernel
-# launches weigh more against much faster arithmetic; 16 s is a first guess, not yet measured.
+# micro_batch_cost_seconds). CPU: the best of 0/1/4/16 s at 256 rows per call, tiny and base
+# models (benchmarks/RESULTS.md). GPU: kernel launches weigh more against much faster
+# arithmetic; 16 s is a first guess, not yet measured (benchmarks/gpu_run.sh sweeps it).
 CPU_BATCH_COST_S = 1.0
 GPU_BATCH_COST_S = 16.0
 
