@@ -27,6 +27,7 @@ def test_benchmark_cli_smoke(tmp_path):
     env.pop("RAY_ADDRESS", None)
     args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
     args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
+    args += ["--micro-batch-costs", "0,1e9"]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.benchmark", *args],
         cwd=ROOT,
@@ -54,6 +55,8 @@ def test_benchmark_cli_smoke(tmp_path):
         "actor_float16_b4",
         "actor_bfloat16_b4",
         "actor_int8_b4",
+        "actor_float32_b4_cost0",
+        "actor_float32_b4_cost1e+09",
         "loop_float32_b4",
         "pipeline_float32_b4",
     }
@@ -81,6 +84,15 @@ def test_benchmark_cli_smoke(tmp_path):
         # loop and pipeline store float16 features: storage rounding only
         assert rows[(dist, "loop_float32_b4")]["rel_l2_err"] < 1e-2
         assert rows[(dist, "pipeline_float32_b4")]["rel_l2_err"] < 1e-2
+        # packing: least padding only pads nothing; fewest forwards pads at least as much as
+        # the default (padding + 1 s per forward on CPU), which pads at least as much as cost 0
+        pad = {
+            n: rows[(dist, f"actor_float32_{n}")]["real_per_padded"]
+            for n in ("b4", "b4_cost0", "b4_cost1e+09")
+        }
+        assert pad["b4_cost0"] == 1.0
+        assert pad["b4_cost1e+09"] <= pad["b4"] <= 1.0
+    assert rows[("mixed2.5s", "actor_float32_b4_cost1e+09")]["real_per_padded"] < 1.0
     names = {r["name"] for r in result["ratios"]}
     assert names == {
         "ours (best dtype) / seed recipe",
