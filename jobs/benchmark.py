@@ -1,7 +1,7 @@
 """Throughput / memory / precision benchmark: the seed recipe vs our actor path vs the pipeline.
 
     python -m jobs.benchmark [--device auto|cpu|cuda] [--arch tiny|base] [--model DIR]
-        [--seconds 60] [--utt-seconds 10,mixed] [--batch-size 64] [--skip-pipeline] [--out DIR]
+        [--seconds 60] [--utt-seconds 10,mixed] [--batch-size 256] [--skip-pipeline] [--out DIR]
 
 Measured side by side in one run, for each utterance-length distribution:
 
