@@ -410,10 +410,16 @@ def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost
 def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, budget, cost_s=None):
     from hubert_ray.extractor import HubertStage
 
-    name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
+    row = dict(
+        dist=dist,
+        name=f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}"),
+        path="actor",
+        dtype=dtype,
+        batch_size=batch_size,
+        micro_batch_cost_s=cost_s,
+    )
     try:
-        cfg = model_config(bench, model_dir, dtype, batch_size, "float32", cost_s)
-        stage = HubertStage(cfg)
+        stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float32", cost_s))
         layer = stage.layers[-1]
         batches = [
             items[i : i + batch_size] for i in range(0, len(items), batch_size)
@@ -426,15 +432,7 @@ def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, bud
         tables, audio_s, wall, peak, passes = bench.timed(units, stage, warm, budget)
         stats = {k: v for k, v in stage.stats.items() if k != "forward_s"}
     except Exception as exc:
-        bench.add(
-            dist=dist,
-            name=name,
-            path="actor",
-            dtype=dtype,
-            batch_size=batch_size,
-            status="failed",
-            note=f"{type(exc).__name__}: {_first_line(exc)}",
-        )
+        bench.add(**row, status="failed", note=f"{type(exc).__name__}: {_first_line(exc)}")
         return
     finally:
         stage = None
@@ -442,11 +440,7 @@ def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, bud
     outs = [f for t in tables for f in feature_rows(t, layer)]
     n = len(outs)
     bench.add(
-        dist=dist,
-        name=name,
-        path="actor",
-        dtype=dtype,
-        batch_size=batch_size,
+        **row,
         items=n,
         audio_s=audio_s,
         wall_s=wall,
@@ -454,7 +448,6 @@ def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, bud
         rel_l2_err=rel_l2(outs, refs[:n]),
         err_ref="plain_fp32_b1 on the same chunks",
         real_per_padded=_real_per_padded(stats),
-        micro_batch_cost_s=cost_s,
         note=_passes_note(n, len(items), passes),
         stage_stats=stats,
     )
