@@ -96,6 +96,17 @@ class _Work:
         return out
 
 
+@dataclass
+class _Launched:
+    """A micro-batch whose forward has been queued: its outputs in host memory (being filled
+    until ``done`` has happened, on CUDA), per-frame finite flags and valid frame counts."""
+
+    host: dict  # layer -> [B, F, H] tensor
+    finite: object  # [B, F] bool tensor
+    frame_lengths: list[int]
+    done: object = None  # torch.cuda.Event on CUDA
+
+
 class HubertStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
@@ -143,7 +154,7 @@ class HubertStage:
         if self.checking:
             self._reference()
         self.stats = {"batches": 0, "forward_s": 0.0, "samples": 0, "padded_samples": 0}
-        self._input = None  # see _staging
+        self._inputs = [None, None]  # see _staging
 
     def _reference(self):
         if self._fp32 is None:
@@ -158,47 +169,63 @@ class HubertStage:
         return self._fp32
 
     # -- forward --------------------------------------------------------------------------
-    def _run(self, net, chunks: list[np.ndarray], keep_float32: bool = False):
-        """One padded forward. Returns per-chunk ``{layer: [F, H] CPU tensor}`` in the storage
-        dtype (float32 with ``keep_float32``) and a per-chunk flag: all stored values finite."""
+    # Micro-batches are software-pipelined: micro-batch k+1 is padded and queued on the GPU
+    # before micro-batch k's outputs are read back, so the host's work (padding, slicing) runs
+    # while the GPU computes. Two pinned input buffers alternate; outputs come back through
+    # pinned memory with one wait per micro-batch. On CPU the same code runs synchronously.
+    def _launch(self, net, chunks: list[np.ndarray], keep_float32: bool, slot: int) -> _Launched:
+        """Start one padded forward of ``chunks`` (asynchronous on CUDA): outputs cast to the
+        storage dtype (float32 with ``keep_float32``) and a per-frame finiteness flag, both on
+        their way to host memory. ``slot`` (0/1) picks the input buffer."""
         import torch
 
-        staging = self._staging(len(chunks) * max(len(c) for c in chunks))
+        staging = self._staging(slot, len(chunks) * max(len(c) for c in chunks))
         x, lengths = pad_batch(chunks, out=staging.numpy())
         self.stats["samples"] += sum(lengths)
         self.stats["padded_samples"] += x.size
         param = next(net.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-        # From pinned memory on CUDA, so the copy is asynchronous. The buffer is reused by the
-        # next call only after this one has copied its outputs back (which synchronises).
         xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True).to(dtype)
-        lt = torch.tensor(lengths, device=self.device)
-        out, frame_lengths = net(xt, lt, self.layers)
+        out, frame_lengths = net(xt, lengths, self.layers)
         float16 = self.config.storage_dtype == "float16" and not keep_float32
         store = torch.float16 if float16 else torch.float32
-        host = {k: out[k].to(store) for k in self.layers}
-        mask = (
-            torch.arange(host[self.layers[0]].shape[1], device=self.device)[None, :]
-            < (frame_lengths[:, None])
-        )
-        finite = torch.ones(len(chunks), dtype=torch.bool, device=self.device)
-        for k in self.layers:  # checked after the storage cast: float16 can overflow too
-            finite &= (torch.isfinite(host[k]).all(dim=-1) | ~mask).all(dim=-1)
-        host = {k: v.cpu() for k, v in host.items()}
-        fl = frame_lengths.tolist()
-        per_chunk = [{k: host[k][i, : fl[i]] for k in self.layers} for i in range(len(chunks))]
-        return per_chunk, finite.cpu().tolist()
+        cast = {k: out[k].to(store) for k in self.layers}
+        # Per frame: every stored value finite in every layer (checked after the storage cast:
+        # float16 can overflow too). Padded frames are ignored in _collect.
+        finite = torch.stack([torch.isfinite(v).all(dim=-1) for v in cast.values()]).all(dim=0)
+        if self.device.type != "cuda":
+            return _Launched(cast, finite, frame_lengths.tolist())
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in cast.items()}
+        for k, v in cast.items():
+            host[k].copy_(v, non_blocking=True)
+        finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        finite_host.copy_(finite, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(host, finite_host, frame_lengths.tolist(), done)
 
-    def _staging(self, size: int):
-        """The reused host input buffer (float32, pinned on CUDA) of at least ``size`` values."""
+    def _collect(self, launched: _Launched) -> tuple[list[dict], list[bool]]:
+        """Wait for a launched forward; per chunk ``{layer: [F, H] CPU tensor}`` and whether
+        all its stored values are finite."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        fl, host = launched.frame_lengths, launched.host
+        per_chunk = [{k: host[k][i, :n] for k in self.layers} for i, n in enumerate(fl)]
+        finite = [bool(launched.finite[i, :n].all()) for i, n in enumerate(fl)]
+        return per_chunk, finite
+
+    def _staging(self, slot: int, size: int):
+        """Reused host input buffer ``slot`` (float32, pinned on CUDA) of at least ``size``
+        values. A slot is refilled two micro-batches later, after the one that used it has been
+        collected (so its copy to the device has finished)."""
         import torch
 
-        if self._input is None or self._input.numel() < size:
+        buf = self._inputs[slot]
+        if buf is None or buf.numel() < size:
             size = max(size, self.config.max_batch_samples)
-            self._input = torch.empty(
-                size, dtype=torch.float32, pin_memory=self.device.type == "cuda"
-            )
-        return self._input
+            buf = torch.empty(size, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+            self._inputs[slot] = buf
+        return buf
 
     def _forward_chunks(self, net, w: _Work, indices, results, keep_float32=False):
         """Forward ``w.chunks[j] for j in indices`` in packed micro-batches into ``results[j]``.
@@ -212,12 +239,22 @@ class HubertStage:
             )
         ]
         bad = []
-        for group in groups:
-            feats, finite = self._run(net, [w.chunks[j] for j in group], keep_float32)
+
+        def collect(group, launched):
+            feats, finite = self._collect(launched)
             for j, f, ok in zip(group, feats, finite, strict=True):
                 results[j] = f
                 if not ok:
                     bad.append(j)
+
+        previous = None
+        for n, group in enumerate(groups):
+            launched = self._launch(net, [w.chunks[j] for j in group], keep_float32, n % 2)
+            if previous is not None:
+                collect(*previous)
+            previous = (group, launched)
+        if previous is not None:
+            collect(*previous)
         return groups, bad
 
     # -- batch ----------------------------------------------------------------------------

@@ -26,30 +26,38 @@ from torch import nn
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def conv_output_lengths(lengths: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    return torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+def conv_output_lengths(lengths: list[int], kernel: int, stride: int) -> list[int]:
+    return [max((n - kernel) // stride + 1, 0) for n in lengths]
 
 
-def masked_group_norm(h: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+def masked_group_norm(h: torch.Tensor, lengths: list[int], norm: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm over ``h`` [B, C, T] (in place) using only the first ``lengths[b]`` time steps
     of item b for its statistics: each item's valid steps go through the stock fused kernel on
     their own (float accumulation, as in the stock model), exactly as if run alone. Padded steps
     are zeroed; no valid output frame of the later (unpadded) convs reads them.
 
     One call for an unpadded batch; else one per item: cheaper than a masked float32 copy of the
-    largest activation in the model (it was 45 % of the tiny model's CPU time)."""
+    largest activation in the model (it was 45 % of the tiny model's CPU time). The lengths are
+    host integers, so nothing here waits for the device."""
     import torch.nn.functional as F
 
     t = h.shape[2]
-    lens = lengths.tolist()
     args = (norm.num_groups, norm.weight, norm.bias, norm.eps)
-    if all(n == t for n in lens):
+    if all(n == t for n in lengths):
         return F.group_norm(h, *args)
-    for i, n in enumerate(lens):
+    for i, n in enumerate(lengths):
         if n > 0:
             h[i, :, :n] = F.group_norm(h[i : i + 1, :, :n], *args)[0]
         h[i, :, max(n, 0) :] = 0
     return h
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device's queued work (a
+    pageable host-to-CUDA copy synchronises the stream; a pinned one does not)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class ExactHubert(nn.Module):
@@ -72,15 +80,21 @@ class ExactHubert(nn.Module):
     def num_hidden_layers(self) -> int:
         return self.config.num_hidden_layers
 
-    def _feature_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+    def _feature_lengths(self, lengths: list[int]) -> list[int]:
         for k, s in zip(self.config.conv_kernel, self.config.conv_stride, strict=True):
             lengths = conv_output_lengths(lengths, k, s)
-        return lengths.clamp(min=0)
+        return lengths
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, layers: tuple[int, ...]):
+    def forward(self, x: torch.Tensor, lengths, layers: tuple[int, ...]):
+        """``lengths``: valid samples per item, host integers (a list) or a tensor (read back
+        to the host: on CUDA pass a list, so that launching the forward never waits for the
+        device). Returns ``{layer: [B, F, H]}`` and the valid frames per item (a CPU tensor)."""
         from transformers.masking_utils import create_bidirectional_mask
 
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.tolist()
+        lengths = [int(n) for n in lengths]
         model = self.model
         convs = list(model.feature_extractor.conv_layers)
         h = x[:, None, :]
@@ -96,16 +110,22 @@ class ExactHubert(nn.Module):
             h = conv(h)
         h = h.transpose(1, 2)  # [B, F, C]
         frame_lengths = self._feature_lengths(lengths)
-        frame_mask = torch.arange(h.shape[1], device=h.device)[None, :] < frame_lengths[:, None]
+        padded = any(n < h.shape[1] for n in frame_lengths)
+        frame_mask = None
+        if padded:
+            valid = to_device(torch.tensor(frame_lengths), h.device)
+            frame_mask = torch.arange(h.shape[1], device=h.device)[None, :] < valid[:, None]
 
         h = model.feature_projection(h)
         if isinstance(h, tuple):  # older transformers return (hidden, normed extract features)
             h = h[0]
-        h = h.masked_fill(~frame_mask[..., None], 0.0)
         encoder = model.encoder
-        attn_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=h, attention_mask=frame_mask
-        )
+        attn_mask = None  # unpadded: no mask (SDPA may then pick its fastest kernel)
+        if padded:
+            h = h.masked_fill(~frame_mask[..., None], 0.0)
+            attn_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=h, attention_mask=frame_mask
+            )
         h = h + encoder.pos_conv_embed(h)
         h = encoder.layer_norm(h)
         out = {}
@@ -120,7 +140,7 @@ class ExactHubert(nn.Module):
                 h = h[0]
             if i in layers:
                 out[i] = h
-        return out, frame_lengths
+        return out, torch.tensor(frame_lengths)
 
 
 def model_revision(model_dir: str) -> str:

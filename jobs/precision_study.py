@@ -58,7 +58,7 @@ def run(net, xs, layers, device, dtype):
     t = torch.from_numpy(pad).to(device)
     if dtype in ("float16", "bfloat16"):
         t = t.to(getattr(torch, dtype))
-    out, fl = net(t, torch.tensor(lengths, device=device), layers)
+    out, fl = net(t, lengths, layers)
     return {k: [out[k][i, : fl[i]].float().cpu().numpy() for i in range(len(xs))] for k in out}
 
 
@@ -70,14 +70,13 @@ def timed(net, xs, device, dtype, iters: int) -> float:
     t = torch.from_numpy(pad).to(device)
     if dtype in ("float16", "bfloat16"):
         t = t.to(getattr(torch, dtype))
-    lt = torch.tensor(lengths, device=device)
     top = (net.num_hidden_layers,)
-    net(t, lt, top)  # warm-up
+    net(t, lengths, top)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        net(t, lt, top)
+        net(t, lengths, top)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters

@@ -299,13 +299,13 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
     calls = {"small": 0, "big": 0}
 
     def counting(stage, key):
-        run = stage._run
+        launch = stage._launch
 
         def wrapped(net, chunks, *args):
             calls[key] += 1
-            return run(net, chunks, *args)
+            return launch(net, chunks, *args)
 
-        stage._run = wrapped
+        stage._launch = wrapped
 
     counting(small, "small")
     counting(big, "big")
