@@ -111,6 +111,8 @@ class HubertStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
 
+    overlap = True  # pipeline micro-batches (see _launch); the benchmark times both ways
+
     def __init__(self, config: ModelConfig):
         import torch
 
@@ -253,6 +255,9 @@ class HubertStage:
             if previous is not None:
                 collect(*previous)
             previous = (group, launched)
+            if not self.overlap:
+                collect(*previous)
+                previous = None
         if previous is not None:
             collect(*previous)
         return groups, bad

@@ -407,19 +407,35 @@ def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost
     )
 
 
-def run_actor(bench: Bench, model_dir, items, refs, dist, dtype, batch_size, budget, cost_s=None):
+def run_actor(
+    bench: Bench,
+    model_dir,
+    items,
+    refs,
+    dist,
+    dtype,
+    batch_size,
+    budget,
+    cost_s=None,
+    overlap=True,
+):
+    """One actor row; ``overlap=False``: micro-batches run one after another (each read back
+    before the next is queued), for the side-by-side measure of the overlap."""
     from hubert_ray.extractor import HubertStage
 
+    name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
     row = dict(
         dist=dist,
-        name=f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}"),
+        name=name + ("" if overlap else "_serial"),
         path="actor",
         dtype=dtype,
         batch_size=batch_size,
         micro_batch_cost_s=cost_s,
+        overlap=overlap,
     )
     try:
         stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float32", cost_s))
+        stage.overlap = overlap
         layer = stage.layers[-1]
         batches = [
             items[i : i + batch_size] for i in range(0, len(items), batch_size)
@@ -759,12 +775,21 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
             if r["path"] == "actor"
             and r["batch_size"] == batch_size
             and r.get("micro_batch_cost_s") is None  # the default packing only
+            and r.get("overlap", True)
             and r["rel_l2_err"] is not None
             and r["rel_l2_err"] < 0.05
         ]
         fastest = max(actors, key=lambda r: r["x_realtime"], default=None)
         seed = max(seeds, key=lambda r: r["x_realtime"], default=None)
         ratio("ours (best dtype) / seed recipe", dist, fastest, seed)
+        serial = next((r for r in rs if r["path"] == "actor" and not r.get("overlap", True)), None)
+        if serial:
+            ratio(
+                "overlapped / serial micro-batches",
+                dist,
+                by.get(serial["name"].removesuffix("_serial")),
+                serial,
+            )
         pipe = by.get(f"pipeline_{pipeline_dtype}_b{batch_size}")
         ratio("pipeline / actor only", dist, pipe, by.get(f"actor_{pipeline_dtype}_b{batch_size}"))
         ratio(
@@ -940,6 +965,17 @@ def main(argv: list[str] | None = None) -> int:
                 run_actor(
                     bench, model_dir, items, cref, dist, sweep_dt, args.batch_size, bench_b, c
                 )
+            run_actor(
+                bench,
+                model_dir,
+                items,
+                cref,
+                dist,
+                sweep_dt,
+                args.batch_size,
+                bench_b,
+                overlap=False,
+            )
             del refs, cref
             bench.release()
 

@@ -57,6 +57,7 @@ def test_benchmark_cli_smoke(tmp_path):
         "actor_int8_b4",
         "actor_float32_b4_cost0",
         "actor_float32_b4_cost1e+09",
+        "actor_float32_b4_serial",
         "loop_float32_b4",
         "pipeline_float32_b4",
     }
@@ -79,6 +80,8 @@ def test_benchmark_cli_smoke(tmp_path):
         assert rows[(dist, "plain_fp32_b1")]["rel_l2_err"] == 0.0
         assert rows[(dist, "seed_fp32_b1")]["rel_l2_err"] < 1e-5
         assert rows[(dist, "actor_float32_b4")]["rel_l2_err"] < 1e-5  # exact padded batching
+        # micro-batches read back one by one compute the same features
+        assert rows[(dist, "actor_float32_b4_serial")]["rel_l2_err"] < 1e-5
         assert rows[(dist, "actor_float16_b4")]["rel_l2_err"] < 0.05
         assert rows[(dist, "actor_bfloat16_b4")]["rel_l2_err"] < 0.05
         # loop and pipeline store float16 features: storage rounding only
@@ -96,6 +99,7 @@ def test_benchmark_cli_smoke(tmp_path):
     names = {r["name"] for r in result["ratios"]}
     assert names == {
         "ours (best dtype) / seed recipe",
+        "overlapped / serial micro-batches",
         "pipeline / actor only",
         "pipeline / plain loop (CPU goal >= 0.8)",
     }
