@@ -231,6 +231,10 @@ class ExtractConfig:
     # reserved CPUs lends the model the cores decode tasks leave idle (decoding 16 kHz FLAC
     # took ~7 % of a core next to the tiny model, see benchmarks/RESULTS.md).
     torch_threads: int = 0
+    # Ray tasks each model actor runs at once (ActorPoolStrategy.max_concurrent_calls_per_actor).
+    # The model still runs one call at a time; another call's input fetch and output
+    # serialisation overlap it. None = 2 on GPU, 1 on CPU (benchmarks/RESULTS.md).
+    calls_per_actor: int | None = None
     # Segments per decode task (whole recordings). Small tasks starve the model actor: at 16,
     # Ray's per-task overhead left a CPU actor idle 20 % of the time (benchmarks/RESULTS.md).
     decode_batch_size: int = 128
@@ -283,6 +287,13 @@ class ExtractConfig:
             "torch_threads",
             self.torch_threads,
             "an integer >= 0 (0 = cpus_per_actor)",
+        )
+        _require(
+            self.calls_per_actor is None
+            or (isinstance(self.calls_per_actor, int) and self.calls_per_actor >= 1),
+            "calls_per_actor",
+            self.calls_per_actor,
+            "an integer >= 1 (unset: 2 on GPU, 1 on CPU)",
         )
         _require(
             isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,

@@ -452,12 +452,21 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
 @dataclass(frozen=True)
 class Placement:
     """Where the model stage runs: ``pool`` actors, each on one GPU or on CPU, called with
-    ``rows_per_call`` rows at a time."""
+    ``rows_per_call`` rows at a time, ``calls_per_actor`` calls in flight on each."""
 
     pool: int
     gpu: bool
     model_config: ModelConfig
     rows_per_call: int
+    calls_per_actor: int = 1
+
+
+# Default calls in flight per GPU model actor: Ray fetches the next call's input and ships the
+# last call's output while the model computes (Ray's own recipe for GPU actors; the model still
+# runs one call at a time, so GPU memory does not grow). Not yet measured on a GPU:
+# benchmarks/gpu_run.sh times 1 and 2 side by side.
+GPU_CALLS_PER_ACTOR = 2
+CPU_CALLS_PER_ACTOR = 1
 
 
 def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -> Placement:
@@ -469,9 +478,13 @@ def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -
     n_gpu = cluster_gpus if cfg.num_gpus is None else cfg.num_gpus
     rows = cfg.rows_per_call(num_layers)
     if n_gpu:
-        return Placement(n_gpu, True, cfg.model_config(device="auto"), rows)
+        calls = cfg.calls_per_actor or GPU_CALLS_PER_ACTOR
+        return Placement(n_gpu, True, cfg.model_config(device="auto"), rows, calls)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    return Placement(cfg.num_cpu_actors, False, cfg.model_config("cpu", num_threads=threads), rows)
+    model = cfg.model_config("cpu", num_threads=threads)
+    return Placement(
+        cfg.num_cpu_actors, False, model, rows, cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
+    )
 
 
 def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
@@ -494,7 +507,9 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
         resources = {"num_gpus": 1} if placement.gpu else {"num_cpus": cfg.cpus_per_actor}
         return dict(
             fn_constructor_kwargs={"config": placement.model_config},
-            compute=ray.data.ActorPoolStrategy(size=placement.pool),
+            compute=ray.data.ActorPoolStrategy(
+                size=placement.pool, max_concurrent_calls_per_actor=placement.calls_per_actor
+            ),
             batch_size=placement.rows_per_call,
             batch_format="pyarrow",
             **resources,

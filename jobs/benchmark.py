@@ -220,6 +220,7 @@ class Bench:
         self.cuda = device == "cuda"
         self.rows: list[dict] = []
         self.pipeline_warmup_s: float | None = None  # wall of the 2-utterance warm-up run
+        self.pipeline_calls = [int(c) for c in args.pipeline_calls.split(",") if c.strip()]
 
     def sync(self):
         if self.cuda:
@@ -536,9 +537,10 @@ def run_loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
     return feats, inputs, segments.num_rows, wall, mem.peak_mib, pad
 
 
-def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype):
+def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, calls=None):
     """``hubert_ray.pipeline.run`` on the running local Ray, as the job runs by default (its
-    batch size and micro-batch budget are the job's defaults); returns summary, wall, config."""
+    batch size and micro-batch budget are the job's defaults; ``calls``: calls per model actor,
+    None = the job's default); returns summary, wall, config."""
     import torch
 
     from hubert_ray import pipeline
@@ -556,6 +558,7 @@ def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype):
         cpus_per_actor=float(bench.args.pipeline_cpus_per_actor or max(1, ncpu - 1)),
         # as many torch threads as the loop's process has: decode is cheap next to the model
         torch_threads=0 if bench.cuda else torch.get_num_threads(),
+        calls_per_actor=calls,
     )
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, overwrite=True)
@@ -600,26 +603,37 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
         **common,
     )
     out_dir = os.path.join(work, f"out-{dist}")
-    summary, wall_p, cfg = run_pipeline(bench, model_dir, manifest_path, out_dir, dtype)
-    feats_p = read_features(out_dir, segment_ids=ids)
-    lost = n_items - summary["segments_ok"]
-    actor = (
-        "1 GPU actor"
-        if bench.cuda
-        else f"1 CPU actor reserving {cfg.cpus_per_actor:g} CPUs, {cfg.torch_threads} torch threads"
-    )
-    bench.add(
-        name=f"pipeline_{dtype}_b{args.batch_size}",
-        path="pipeline",
-        items=summary["segments_ok"],
-        wall_s=wall_p,
-        rel_l2_err=None if lost else rel_l2([feats_p[i] for i in ids], ref),
-        status="failed" if lost else "ok",
-        note=f"local Ray, {actor}; model load + Parquet writing timed; peak mem n/a (model "
-        "in another process)" + (f"; {lost} segments not written" if lost else ""),
-        **common,
-    )
+    for calls in [None, *bench.pipeline_calls]:
+        summary, wall_p, cfg = run_pipeline(bench, model_dir, manifest_path, out_dir, dtype, calls)
+        feats_p = read_features(out_dir, segment_ids=ids)
+        lost = n_items - summary["segments_ok"]
+        actor = (
+            "1 GPU actor"
+            if bench.cuda
+            else f"1 CPU actor reserving {cfg.cpus_per_actor:g} CPUs, "
+            f"{cfg.torch_threads} torch threads"
+        )
+        bench.add(
+            name=f"pipeline_{dtype}_b{args.batch_size}"
+            + ("" if calls is None else f"_calls{calls}"),
+            path="pipeline",
+            items=summary["segments_ok"],
+            wall_s=wall_p,
+            rel_l2_err=None if lost else rel_l2([feats_p[i] for i in ids], ref),
+            status="failed" if lost else "ok",
+            note=f"local Ray, {actor}, {placement_calls(cfg, bench.cuda)} calls in flight; "
+            "model load + Parquet writing timed; peak mem n/a (model in another process)"
+            + (f"; {lost} segments not written" if lost else ""),
+            **common,
+        )
     shutil.rmtree(corpus, ignore_errors=True)
+
+
+def placement_calls(cfg, cuda: bool) -> int:
+    """Calls in flight per model actor for ``cfg`` (the job's rule, on one GPU or on CPU)."""
+    from hubert_ray.pipeline import plan_placement
+
+    return plan_placement(cfg, 1 if cuda else 0).calls_per_actor
 
 
 def _real_per_padded(stats: dict) -> float | None:
@@ -872,6 +886,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="repeat a short timed row in whole passes until this wall time (default 2)",
+    )
+    p.add_argument(
+        "--pipeline-calls",
+        default="",
+        help="extra pipeline rows with these calls in flight per model actor, e.g. 1,2 "
+        "(default none: the job's default only)",
     )
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--seed", type=int, default=0)

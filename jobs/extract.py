@@ -54,6 +54,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "num_cpu_actors": (int, "model actors when running on CPU (default 1)"),
     "cpus_per_actor": (float, "Ray CPUs reserved per CPU model actor (default 1)"),
     "torch_threads": (int, "torch threads per CPU model actor (default: cpus_per_actor)"),
+    "calls_per_actor": (
+        int,
+        "Ray tasks per model actor at once; the model runs one at a time, the others' "
+        "input/output transfers overlap it (default: 2 on GPU, 1 on CPU)",
+    ),
     "decode_batch_size": (int, "segments per decode task, whole recordings (default 128)"),
     "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),

@@ -27,7 +27,7 @@ def test_benchmark_cli_smoke(tmp_path):
     env.pop("RAY_ADDRESS", None)
     args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
     args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
-    args += ["--micro-batch-costs", "0,1e9"]
+    args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2"]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.benchmark", *args],
         cwd=ROOT,
@@ -60,6 +60,7 @@ def test_benchmark_cli_smoke(tmp_path):
         "actor_float32_b4_serial",
         "loop_float32_b4",
         "pipeline_float32_b4",
+        "pipeline_float32_b4_calls2",
     }
     rows = {(r["dist"], r["name"]): r for r in result["rows"]}
     assert set(meta["distributions"]) == {"fixed2s", "mixed2.5s"}
@@ -87,6 +88,8 @@ def test_benchmark_cli_smoke(tmp_path):
         # loop and pipeline store float16 features: storage rounding only
         assert rows[(dist, "loop_float32_b4")]["rel_l2_err"] < 1e-2
         assert rows[(dist, "pipeline_float32_b4")]["rel_l2_err"] < 1e-2
+        assert rows[(dist, "pipeline_float32_b4_calls2")]["rel_l2_err"] < 1e-2
+        assert "2 calls in flight" in rows[(dist, "pipeline_float32_b4_calls2")]["note"]
         # packing: least padding only pads nothing; fewest forwards pads at least as much as
         # the default (padding + 1 s per forward on CPU), which pads at least as much as cost 0
         pad = {

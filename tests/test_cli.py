@@ -37,6 +37,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         (["--batch-size", "0"], "--batch-size"),
         (["--torch-threads", "-1"], "--torch-threads"),
         (["--micro-batch-cost-seconds", "-1"], "--micro-batch-cost-seconds"),
+        (["--calls-per-actor", "0"], "--calls-per-actor"),
         (["--num-gpus", "-1"], "--num-gpus"),
         (["--storage-options", "{not json"], "--storage-options"),
         (["--storage-dtype", "int4"], "--storage-dtype"),

@@ -245,6 +245,14 @@ def test_placement_plan():
     assert pipeline.plan_placement(more, 0).model_config.num_threads == 3
     lent = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
     assert pipeline.plan_placement(lent, 0).model_config.num_threads == 2
+    # calls in flight per model actor: by device unless calls_per_actor says
+    assert pipeline.plan_placement(cfg, 1).calls_per_actor == pipeline.GPU_CALLS_PER_ACTOR
+    assert cpu.calls_per_actor == pipeline.CPU_CALLS_PER_ACTOR
+    three = ExtractConfig(manifest="m.jsonl", model="m", output="o", calls_per_actor=3)
+    assert pipeline.plan_placement(three, 1).calls_per_actor == 3
+    assert pipeline.plan_placement(three, 0).calls_per_actor == 3
+    args = pipeline.stage_args("model", three, pipeline.plan_placement(three, 0))
+    assert args["compute"].max_concurrent_calls_per_actor == 3
 
 
 def test_demo_sized_run_does_not_spill(job):
