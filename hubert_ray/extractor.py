@@ -44,28 +44,38 @@ def feature_type(hidden: int, storage_dtype: str) -> pa.DataType:
     return pa.list_(pa.list_(value, hidden))
 
 
-def features_array(per_row: list[np.ndarray | None], hidden: int, storage_dtype: str) -> pa.Array:
-    """``list<fixed_size_list<half|float, hidden>>`` from per-row [frames, hidden] arrays;
-    ``None`` entries become nulls."""
-    np_dtype = np.float16 if storage_dtype == "float16" else np.float32
-    lengths = np.array([0 if a is None else a.shape[0] for a in per_row], dtype=np.int32)
-    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
+def features_array(
+    values: np.ndarray, frames: list[int], valid: list[bool], storage_dtype: str
+) -> pa.Array:
+    """``list<fixed_size_list<half|float, hidden>>``: row i is the next ``frames[i]`` rows of
+    ``values`` [N, hidden] (in order), or null where not ``valid[i]`` (its frames, if any, are
+    dropped). Zero-copy over ``values`` when no frames are dropped."""
+    hidden = values.shape[1]
+    lengths = np.asarray(frames, dtype=np.int64)
+    valid_np = np.asarray(valid, dtype=bool)
+    if (lengths[~valid_np] > 0).any():  # rows that failed after their frames were computed
+        values = values[np.repeat(valid_np, lengths)]
+        lengths = np.where(valid_np, lengths, 0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    parts = [a.reshape(-1) for a in per_row if a is not None and a.size]
-    flat = np.concatenate(parts).astype(np_dtype, copy=False) if parts else np.zeros(0, np_dtype)
-    values = pa.FixedSizeListArray.from_arrays(pa.array(flat), hidden)
-    mask = pa.array([a is None for a in per_row])
-    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask).cast(
+    np_dtype = np.float16 if storage_dtype == "float16" else np.float32
+    flat = np.ascontiguousarray(values, dtype=np_dtype).reshape(-1)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat), hidden)
+    mask = pa.array(~valid_np)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=mask).cast(
         feature_type(hidden, storage_dtype)
     )
 
 
 def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
-    """Zero-copy float32 views of a ``large_list<float32>`` column, one per row."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+    """Zero-copy float32 views of a ``large_list<float32>`` column, one per row (chunk by
+    chunk: combining a batch's chunks would copy all of its audio)."""
+    views = []
+    for arr in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        offsets = arr.offsets.to_numpy()  # of this (possibly sliced) array, into arr.values
+        values = arr.values.to_numpy(zero_copy_only=False)
+        views.extend(values[offsets[i] : offsets[i + 1]] for i in range(len(arr)))
+    return views
 
 
 # Default fixed cost of a forward micro-batch, in seconds of padded audio (ModelConfig.
@@ -81,9 +91,8 @@ class _Work:
     """One batch's chunks and what is known about them while the stage processes it."""
 
     seg_ids: list[str]
-    chunks: list[np.ndarray]  # every OK row's chunks
+    chunks: list[np.ndarray]  # every OK row's chunks, in row order
     owner: list[int]  # chunk j belongs to row owner[j]
-    results: list[dict | None]  # chunk j's {layer: [frames, hidden] tensor}
     row_dtype: dict[int, str]  # dtype each OK row's features were computed in
     fallback: dict[int, str] = field(default_factory=dict)  # row -> why it was recomputed
     groups: list[list[int]] = field(default_factory=list)  # the micro-batches, chunk indices
@@ -97,21 +106,35 @@ class _Work:
 
 
 @dataclass
-class _Launched:
-    """A micro-batch whose forward has been queued: its outputs in host memory (being filled
-    until ``done`` has happened, on CUDA), per-frame finite flags and valid frame counts."""
+class _Features:
+    """Features of chunks ``js`` laid back to back in that order: per layer one host tensor
+    [frames, hidden]; chunk ``js[p]`` is rows ``starts[p]:starts[p + 1]``."""
 
-    host: dict  # layer -> [B, F, H] tensor
-    finite: object  # [B, F] bool tensor
-    frame_lengths: list[int]
-    done: object = None  # torch.cuda.Event on CUDA
+    js: list[int]
+    starts: np.ndarray
+    host: dict  # layer -> [N, H] CPU tensor
+    finite: np.ndarray  # per chunk (position in js): every stored value finite in every layer
+    groups: list[list[int]]  # the micro-batches that computed them (chunk indices)
+
+    @cached_property
+    def pos(self) -> dict[int, int]:
+        return {j: p for p, j in enumerate(self.js)}
+
+    def span(self, js: list[int]) -> tuple[int, int]:
+        """Row range of consecutive chunks ``js`` (e.g. all chunks of one segment)."""
+        p = self.pos[js[0]]
+        return int(self.starts[p]), int(self.starts[p + len(js)])
+
+    def all_finite(self, js: list[int]) -> bool:
+        return bool(all(self.finite[self.pos[j]] for j in js))
 
 
 class HubertStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
 
-    overlap = True  # pipeline micro-batches (see _launch); the benchmark times both ways
+    # Let the host run ahead of the device (see _forward); the benchmark times False too.
+    overlap = True
 
     def __init__(self, config: ModelConfig):
         import torch
@@ -157,6 +180,8 @@ class HubertStage:
             self._reference()
         self.stats = {"batches": 0, "forward_s": 0.0, "samples": 0, "padded_samples": 0}
         self._inputs = [None, None]  # see _staging
+        self._copied = [None, None]  # CUDA events: each input buffer's last copy to the device
+        self.store = torch.float16 if config.storage_dtype == "float16" else torch.float32
 
     def _reference(self):
         if self._fp32 is None:
@@ -171,57 +196,98 @@ class HubertStage:
         return self._fp32
 
     # -- forward --------------------------------------------------------------------------
-    # Micro-batches are software-pipelined: micro-batch k+1 is padded and queued on the GPU
-    # before micro-batch k's outputs are read back, so the host's work (padding, slicing) runs
-    # while the GPU computes. Two pinned input buffers alternate; outputs come back through
-    # pinned memory with one wait per micro-batch. On CPU the same code runs synchronously.
-    def _launch(self, net, chunks: list[np.ndarray], keep_float32: bool, slot: int) -> _Launched:
-        """Start one padded forward of ``chunks`` (asynchronous on CUDA): outputs cast to the
-        storage dtype (float32 with ``keep_float32``) and a per-frame finiteness flag, both on
-        their way to host memory. ``slot`` (0/1) picks the input buffer."""
+    # The host never waits for the device inside a call: micro-batch k+1 is padded and queued
+    # while the device computes k (two pinned input buffers alternate, each reused only once
+    # its copy to the device is done), and every micro-batch writes its valid frames straight
+    # into per-layer output tensors laid out in row order. One copy back per layer at the end
+    # of the call, and those tensors become the Arrow feature columns without another copy
+    # (the host's share of a call was the ceiling for a fast GPU: benchmarks/RESULTS.md).
+    def _forward(self, net, w: _Work, js: list[int], store) -> _Features:
+        """Features of chunks ``js`` (in this order) in the torch dtype ``store``, computed
+        in packed micro-batches."""
         import torch
 
+        frames = [num_frames(len(w.chunks[j])) for j in js]
+        starts = np.zeros(len(js) + 1, dtype=np.int64)
+        np.cumsum(frames, out=starts[1:])
+        groups = [
+            [js[g] for g in group]
+            for group in pack_micro_batches(
+                [len(w.chunks[j]) for j in js],
+                self.config.max_batch_samples,
+                self.batch_cost_samples,
+            )
+        ]
+        pos = {j: p for p, j in enumerate(js)}
+        total = int(starts[-1])
+        out = {
+            k: torch.empty((total, self.hidden), dtype=store, device=self.device)
+            for k in self.layers
+        }
+        peak = torch.empty(total, dtype=torch.float32, device=self.device)
+        for n, group in enumerate(groups):
+            at = [int(starts[pos[j]]) for j in group]
+            self._micro_batch(net, w, group, at, out, peak, n % 2)
+            if not self.overlap and self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        # A frame is finite once stored if no layer has NaN or a magnitude that overflows the
+        # storage dtype (float16 rounds |x| >= 65520 to inf).
+        ok = peak < 65520.0 if store == torch.float16 else torch.isfinite(peak)
+        if self.device.type == "cuda":
+            out, ok = self._to_host(out), self._to_host({0: ok})[0]
+            torch.cuda.current_stream().synchronize()
+        finite = np.logical_and.reduceat(ok.numpy(), starts[:-1]) if js else np.zeros(0, bool)
+        return _Features(js, starts, out, finite, groups)
+
+    def _micro_batch(self, net, w: _Work, group: list[int], starts: list[int], out, peak, slot):
+        """One padded forward of chunks ``group``; chunk ``group[i]``'s frames go to rows
+        ``starts[i]:`` of ``out``'s tensors (cast on the way) and their largest magnitude over
+        all layers (NaN if any is NaN) to ``peak``. ``slot``: the input buffer."""
+        import torch
+
+        chunks = [w.chunks[j] for j in group]
         staging = self._staging(slot, len(chunks) * max(len(c) for c in chunks))
         x, lengths = pad_batch(chunks, out=staging.numpy())
         self.stats["samples"] += sum(lengths)
         self.stats["padded_samples"] += x.size
         param = next(net.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-        xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True).to(dtype)
-        out, frame_lengths = net(xt, lengths, self.layers)
-        float16 = self.config.storage_dtype == "float16" and not keep_float32
-        store = torch.float16 if float16 else torch.float32
-        cast = {k: out[k].to(store) for k in self.layers}
-        # Per frame: every stored value finite in every layer (checked after the storage cast:
-        # float16 can overflow too). Padded frames are ignored in _collect.
-        finite = torch.stack([torch.isfinite(v).all(dim=-1) for v in cast.values()]).all(dim=0)
-        if self.device.type != "cuda":
-            return _Launched(cast, finite, frame_lengths.tolist())
-        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in cast.items()}
-        for k, v in cast.items():
-            host[k].copy_(v, non_blocking=True)
-        finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-        finite_host.copy_(finite, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return _Launched(host, finite_host, frame_lengths.tolist(), done)
+        xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[slot] = torch.cuda.Event()
+            self._copied[slot].record()
+        feats, frame_lengths = net(xt.to(dtype), lengths, self.layers)
+        fl = frame_lengths.tolist()
+        if fl != [num_frames(n) for n in lengths]:
+            raise AssertionError(f"model frame counts {fl} != planned for {lengths} samples")
+        top = None
+        for k in self.layers:
+            dest, src = out[k], feats[k]
+            m = src.abs().amax(dim=-1)
+            top = m if top is None else torch.maximum(top, m)  # NaN propagates
+            for i, n in enumerate(fl):
+                dest[starts[i] : starts[i] + n].copy_(src[i, :n])
+        for i, n in enumerate(fl):
+            peak[starts[i] : starts[i] + n].copy_(top[i, :n])
 
-    def _collect(self, launched: _Launched) -> tuple[list[dict], list[bool]]:
-        """Wait for a launched forward; per chunk ``{layer: [F, H] CPU tensor}`` and whether
-        all its stored values are finite."""
-        if launched.done is not None:
-            launched.done.synchronize()
-        fl, host = launched.frame_lengths, launched.host
-        per_chunk = [{k: host[k][i, :n] for k in self.layers} for i, n in enumerate(fl)]
-        finite = [bool(launched.finite[i, :n].all()) for i, n in enumerate(fl)]
-        return per_chunk, finite
-
-    def _staging(self, slot: int, size: int):
-        """Reused host input buffer ``slot`` (float32, pinned on CUDA) of at least ``size``
-        values. A slot is refilled two micro-batches later, after the one that used it has been
-        collected (so its copy to the device has finished)."""
+    @staticmethod
+    def _to_host(tensors: dict) -> dict:
+        """Start copying device tensors into pinned host memory (the caller synchronises)."""
         import torch
 
+        host = {}
+        for k, v in tensors.items():
+            host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host[k].copy_(v, non_blocking=True)
+        return host
+
+    def _staging(self, slot: int, size: int):
+        """Host input buffer ``slot`` (float32, pinned on CUDA) of at least ``size`` values,
+        once its previous copy to the device has finished."""
+        import torch
+
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
         buf = self._inputs[slot]
         if buf is None or buf.numel() < size:
             size = max(size, self.config.max_batch_samples)
@@ -229,41 +295,9 @@ class HubertStage:
             self._inputs[slot] = buf
         return buf
 
-    def _forward_chunks(self, net, w: _Work, indices, results, keep_float32=False):
-        """Forward ``w.chunks[j] for j in indices`` in packed micro-batches into ``results[j]``.
-        Returns the micro-batches (lists of chunk indices) and the non-finite chunk indices."""
-        groups = [
-            [indices[g] for g in group]
-            for group in pack_micro_batches(
-                [len(w.chunks[j]) for j in indices],
-                self.config.max_batch_samples,
-                self.batch_cost_samples,
-            )
-        ]
-        bad = []
-
-        def collect(group, launched):
-            feats, finite = self._collect(launched)
-            for j, f, ok in zip(group, feats, finite, strict=True):
-                results[j] = f
-                if not ok:
-                    bad.append(j)
-
-        previous = None
-        for n, group in enumerate(groups):
-            launched = self._launch(net, [w.chunks[j] for j in group], keep_float32, n % 2)
-            if previous is not None:
-                collect(*previous)
-            previous = (group, launched)
-            if not self.overlap:
-                collect(*previous)
-                previous = None
-        if previous is not None:
-            collect(*previous)
-        return groups, bad
-
     # -- batch ----------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
+
         n = batch.num_rows
         reasons = batch.column("error_reason").to_pylist()
         audio = audio_views(batch.column("audio"))
@@ -279,15 +313,17 @@ class HubertStage:
             seg_ids=batch.column("segment_id").to_pylist(),
             chunks=chunks,
             owner=owner,
-            results=[None] * len(chunks),
             row_dtype={i: self.dtype for i in ok_rows},
         )
         t0 = time.perf_counter()
-        w.groups, bad = self._forward_chunks(self.net, w, list(range(len(chunks))), w.results)
+        feats = self._forward(self.net, w, list(range(len(chunks))), self.store)
+        w.groups = feats.groups
+        bad = [j for j in range(len(chunks)) if not feats.finite[j]]
         bad_rows = {owner[j] for j in bad}
         if bad and self.dtype != "float32" and self.precision.on_precision_breach == "fail":
             j = bad[0]
-            layer = next(k for k, v in w.results[j].items() if not bool(v.isfinite().all()))
+            a, b = feats.span([j])
+            layer = next(k for k, v in feats.host.items() if not bool(v[a:b].isfinite().all()))
             raise PrecisionBreach(
                 f"precision breach: segment {w.seg_ids[owner[j]]!r} layer {layer}: non-finite "
                 f"output in {self.dtype}; rerun with --dtype float32 or "
@@ -296,52 +332,55 @@ class HubertStage:
         if bad and self.dtype != "float32":
             # Non-finite in reduced precision: recompute the affected micro-batches' rows in FP32.
             rows = {owner[j] for g in w.groups if set(g) & set(bad) for j in g}
-            bad_rows = (bad_rows - rows) | self._recompute_rows(w, rows, "non_finite")
+            bad_rows = (bad_rows - rows) | self._recompute_rows(w, feats, rows, "non_finite")
 
         precision = [None] * n
         if self.checking:
-            bad_rows |= self._check_precision(w, ok_rows, bad_rows, precision)
+            bad_rows |= self._check_precision(w, feats, ok_rows, bad_rows, precision)
         self.stats["forward_s"] += time.perf_counter() - t0
         self.stats["batches"] += 1
 
-        per_layer: dict[int, list[np.ndarray | None]] = {k: [None] * n for k in self.layers}
         frames = [0] * n
         for i, js in w.chunks_of.items():
-            if i in bad_rows:
-                continue
-            for k, feats in self._stitch(w.results, js).items():
-                per_layer[k][i] = feats
-            frames[i] = per_layer[self.layers[0]][i].shape[0]
+            a, b = feats.span(js)
+            frames[i] = b - a
             if frames[i] != num_frames(len(audio[i])):
                 raise AssertionError(
                     f"{w.seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
                 )
-        out = self._assemble(batch, per_layer, frames, w.row_dtype, bad_rows, w.fallback, precision)
+        valid = [i in w.chunks_of and i not in bad_rows for i in range(n)]
+        columns = {
+            k: features_array(feats.host[k].numpy(), frames, valid, self.config.storage_dtype)
+            for k in self.layers
+        }
+        frames = [f if ok else 0 for f, ok in zip(frames, valid, strict=True)]
+        out = self._assemble(batch, columns, frames, w.row_dtype, bad_rows, w.fallback, precision)
         if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
             raise AssertionError("model stage must return one row per input row, in order")
         return out
 
-    def _stitch(self, results, js) -> dict[int, np.ndarray]:
-        import torch
-
-        if len(js) == 1:  # most segments: one chunk, no copy
-            return {k: results[js[0]][k].numpy() for k in self.layers}
-        return {k: torch.cat([results[j][k] for j in js]).numpy() for k in self.layers}
-
-    def _recompute_rows(self, w: _Work, rows: set[int], why: str) -> set[int]:
-        """Recompute every chunk of ``rows`` in FP32 and mark those rows as float32.
-        Returns the rows still non-finite."""
+    def _recompute_rows(self, w: _Work, feats: _Features, rows: set[int], why: str) -> set[int]:
+        """Recompute every chunk of ``rows`` in FP32 into ``feats`` (storage dtype) and mark
+        those rows as float32. Returns the rows still non-finite."""
         chunks_of = w.chunks_of
         js = sorted(j for i in rows for j in chunks_of[i])
-        _, bad = self._forward_chunks(self._reference(), w, js, w.results)
+        again = self._forward(self._reference(), w, js, self.store)
         for i in rows:
+            a, b = feats.span(chunks_of[i])
+            c, d = again.span(chunks_of[i])
+            for k in self.layers:
+                feats.host[k][a:b] = again.host[k][c:d]
             w.row_dtype[i] = "float32"
             w.fallback.setdefault(i, why)
-        return {i for i in rows if set(chunks_of[i]) & set(bad)}
+        return {i for i in rows if not again.all_finite(chunks_of[i])}
 
-    def _check_precision(self, w: _Work, ok_rows, bad_rows, precision) -> set[int]:
+    def _check_precision(
+        self, w: _Work, feats: _Features, ok_rows, bad_rows, precision
+    ) -> set[int]:
         """Recompute sampled rows in FP32; record metrics; warn / fall back / fail.
         Returns rows left non-finite by a fallback recompute (normally none)."""
+        import torch
+
         cfg = self.precision
         sampled = [
             i
@@ -353,15 +392,18 @@ class HubertStage:
         if not sampled:
             return set()
         chunks_of = w.chunks_of
-        ref: list[dict | None] = [None] * len(w.chunks)
-        js = [j for i in sampled for j in chunks_of[i]]
-        self._forward_chunks(self._reference(), w, js, ref, keep_float32=True)
+        ref = self._forward(
+            self._reference(), w, [j for i in sampled for j in chunks_of[i]], torch.float32
+        )
         group_of = {j: g for g, group in enumerate(w.groups) for j in group}
         breached: set[int] = set()
         for i in sampled:
-            got = self._stitch(w.results, chunks_of[i])
-            want = self._stitch(ref, chunks_of[i])
-            metrics = {k: compare(got[k], want[k]) for k in self.layers}
+            a, b = feats.span(chunks_of[i])
+            c, d = ref.span(chunks_of[i])
+            metrics = {
+                k: compare(feats.host[k][a:b].numpy(), ref.host[k][c:d].numpy())
+                for k in self.layers
+            }
             worst_layer = max(metrics, key=lambda k: metrics[k]["rel_l2"])
             worst = metrics[worst_layer]["rel_l2"]
             action = "none"
@@ -394,10 +436,10 @@ class HubertStage:
             # The affected micro-batches are recomputed and written in FP32 (all their rows).
             hit = {group_of[j] for i in breached for j in chunks_of[i]}
             rows = {w.owner[j] for g in hit for j in w.groups[g]}
-            return self._recompute_rows(w, rows, "precision")
+            return self._recompute_rows(w, feats, rows, "precision")
         return set()
 
-    def _assemble(self, batch, per_layer, frames, row_dtype, bad_rows, fallback, precision):
+    def _assemble(self, batch, columns, frames, row_dtype, bad_rows, fallback, precision):
         n = batch.num_rows
         stage = batch.column("error_stage").to_pylist()
         reason = batch.column("error_reason").to_pylist()
@@ -416,9 +458,7 @@ class HubertStage:
             "num_frames": pa.array(frames, pa.int32()),
         }
         for k in self.layers:
-            cols[f"layer_{k}"] = features_array(
-                per_layer[k], self.hidden, self.config.storage_dtype
-            )
+            cols[f"layer_{k}"] = columns[k]
         ok = [reason[i] is None for i in range(n)]
         cols["model"] = pa.array([self.model_name] * n, pa.string())
         cols["model_revision"] = pa.array([self.revision] * n, pa.string())

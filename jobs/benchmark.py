@@ -408,6 +408,28 @@ def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost
     )
 
 
+class NullHubert:
+    """Stands in for :class:`hubert_ray.model.ExactHubert` with no arithmetic: zero features
+    of the right shape, dtype and device (the actor's own work is all that is left)."""
+
+    def __init__(self, net, hidden: int):
+        self._param = next(net.parameters())
+        self.hidden = hidden
+
+    def parameters(self):
+        return iter([self._param])
+
+    def __call__(self, x, lengths, layers):
+        import torch
+
+        from hubert_ray.chunking import num_frames
+
+        frames = [num_frames(int(n)) for n in lengths]
+        shape = (x.shape[0], max(frames), self.hidden)
+        out = {k: torch.zeros(shape, dtype=x.dtype, device=x.device) for k in layers}
+        return out, torch.tensor(frames)
+
+
 def run_actor(
     bench: Bench,
     model_dir,
@@ -419,24 +441,29 @@ def run_actor(
     budget,
     cost_s=None,
     overlap=True,
+    null_model=False,
 ):
-    """One actor row; ``overlap=False``: micro-batches run one after another (each read back
-    before the next is queued), for the side-by-side measure of the overlap."""
+    """One actor row; ``overlap=False``: the host waits for the device after each micro-batch
+    (vs the overlapped default); ``null_model``: the model replaced by :class:`NullHubert`, so
+    the row measures the actor's own work around the model (its ceiling for any GPU)."""
     from hubert_ray.extractor import HubertStage
 
     name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
     row = dict(
         dist=dist,
-        name=name + ("" if overlap else "_serial"),
+        name=name + ("" if overlap else "_serial") + ("_nullmodel" if null_model else ""),
         path="actor",
         dtype=dtype,
         batch_size=batch_size,
         micro_batch_cost_s=cost_s,
         overlap=overlap,
+        null_model=null_model,
     )
     try:
         stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float32", cost_s))
         stage.overlap = overlap
+        if null_model:  # no model: no FP32 rechecks either
+            stage.net, stage.checking = NullHubert(stage.net, stage.hidden), False
         layer = stage.layers[-1]
         batches = [
             items[i : i + batch_size] for i in range(0, len(items), batch_size)
@@ -462,8 +489,8 @@ def run_actor(
         audio_s=audio_s,
         wall_s=wall,
         peak_mem_mib=peak,
-        rel_l2_err=rel_l2(outs, refs[:n]),
-        err_ref="plain_fp32_b1 on the same chunks",
+        rel_l2_err=None if null_model else rel_l2(outs, refs[:n]),
+        err_ref="n/a: no model" if null_model else "plain_fp32_b1 on the same chunks",
         real_per_padded=_real_per_padded(stats),
         note=_passes_note(n, len(items), passes),
         stage_stats=stats,
@@ -790,20 +817,22 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
             and r["batch_size"] == batch_size
             and r.get("micro_batch_cost_s") is None  # the default packing only
             and r.get("overlap", True)
+            and not r.get("null_model")
             and r["rel_l2_err"] is not None
             and r["rel_l2_err"] < 0.05
         ]
         fastest = max(actors, key=lambda r: r["x_realtime"], default=None)
         seed = max(seeds, key=lambda r: r["x_realtime"], default=None)
         ratio("ours (best dtype) / seed recipe", dist, fastest, seed)
-        serial = next((r for r in rs if r["path"] == "actor" and not r.get("overlap", True)), None)
-        if serial:
-            ratio(
-                "overlapped / serial micro-batches",
-                dist,
-                by.get(serial["name"].removesuffix("_serial")),
-                serial,
-            )
+        for suffix, what in (
+            ("_serial", "overlapped / serial micro-batches"),
+            ("_nullmodel", "actor without the model / actor (host share: >> 1 is good)"),
+        ):
+            variant = next((r for r in rs if r["name"].endswith(suffix)), None)
+            if variant:
+                base = by.get(variant["name"].removesuffix(suffix))
+                a, b = (base, variant) if suffix == "_serial" else (variant, base)
+                ratio(what, dist, a, b)
         pipe = by.get(f"pipeline_{pipeline_dtype}_b{batch_size}")
         ratio("pipeline / actor only", dist, pipe, by.get(f"actor_{pipeline_dtype}_b{batch_size}"))
         ratio(
@@ -985,17 +1014,18 @@ def main(argv: list[str] | None = None) -> int:
                 run_actor(
                     bench, model_dir, items, cref, dist, sweep_dt, args.batch_size, bench_b, c
                 )
-            run_actor(
-                bench,
-                model_dir,
-                items,
-                cref,
-                dist,
-                sweep_dt,
-                args.batch_size,
-                bench_b,
-                overlap=False,
-            )
+            for variant in ({"overlap": False}, {"null_model": True}):
+                run_actor(
+                    bench,
+                    model_dir,
+                    items,
+                    cref,
+                    dist,
+                    sweep_dt,
+                    args.batch_size,
+                    bench_b,
+                    **variant,
+                )
             del refs, cref
             bench.release()
 

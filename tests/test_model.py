@@ -299,13 +299,13 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
     calls = {"small": 0, "big": 0}
 
     def counting(stage, key):
-        launch = stage._launch
+        micro_batch = stage._micro_batch
 
-        def wrapped(net, chunks, *args):
+        def wrapped(net, *args):
             calls[key] += 1
-            return launch(net, chunks, *args)
+            return micro_batch(net, *args)
 
-        stage._launch = wrapped
+        stage._micro_batch = wrapped
 
     counting(small, "small")
     counting(big, "big")
@@ -441,3 +441,39 @@ def test_import_does_not_pull_torch_or_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# -- Arrow in and out ------------------------------------------------------------------------
+def test_audio_views_of_sliced_chunks_are_zero_copy_rows():
+    from hubert_ray.extractor import audio_views
+
+    rows = [np.arange(n, dtype=np.float32) + 10 * n for n in (3, 5, 2, 4)]
+    arr = pa.array(rows[:3], pa.large_list(pa.float32()))
+    column = pa.chunked_array([arr.slice(1), pa.array(rows[3:], pa.large_list(pa.float32()))])
+    views = audio_views(column)
+    assert [v.tolist() for v in views] == [r.tolist() for r in rows[1:]]
+    # views share the column's memory: no copy of the batch's audio
+    assert np.shares_memory(views[0], arr.values.to_numpy())
+
+
+def test_features_array_rows_nulls_and_dropped_frames():
+    from hubert_ray.extractor import features_array
+
+    hidden = 3
+    values = np.arange(6 * hidden, dtype=np.float16).reshape(6, hidden)
+    # row 0: 2 frames; row 1: null without frames (a decode error); row 2: 3 frames;
+    # row 3: 1 frame
+    arr = features_array(values[:6], [2, 0, 3, 1], [True, False, True, True], "float16")
+    assert arr.type == pa.list_(pa.list_(pa.float16(), hidden))
+    assert arr.null_count == 1 and arr[1].as_py() is None
+    got = [None if a.as_py() is None else np.array(a.as_py()) for a in arr]
+    np.testing.assert_array_equal(got[0], values[0:2])
+    np.testing.assert_array_equal(got[2], values[2:5])
+    np.testing.assert_array_equal(got[3], values[5:6])
+    # nothing dropped: the column is the values buffer itself
+    assert arr.values.values.buffers()[1].address == values.ctypes.data
+    # row 2 failed after its frames were computed: null, and its frames are left out
+    arr = features_array(values, [2, 0, 3, 1], [True, False, False, True], "float16")
+    assert arr[2].as_py() is None and arr.null_count == 2
+    np.testing.assert_array_equal(np.array(arr[3].as_py()), values[5:6])
+    assert len(arr.values) == 3
