@@ -1,0 +1,85 @@
+"""The model actor's own work per call, with the model replaced by ``NullHubert`` (zero
+features of the right shapes), for two source trees side by side in one run:
+
+    python benchmarks/host_share.py --trees OLD_TREE NEW_TREE [--arch tiny] [--repeats 2]
+
+Each tree runs in its own subprocess (imports come from that tree), alternately, on the same
+generated WenetSpeech-like mixed batch of ~256 rows; prints ms per call and x-realtime. On a CPU
+the "device" work (zero outputs, casts, copies) runs on the host too, so this is an upper bound
+of the host's share; on a GPU it is the host's share itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "benchmark.py"
+)
+CHILD = r"""
+import importlib.util, os, sys, tempfile, time
+import torch
+# NullHubert and the input generators from this repository's benchmark (a tree being compared
+# may predate them); everything else is imported from the tree
+spec = importlib.util.spec_from_file_location("this_benchmark", sys.argv[4])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+NullHubert, decoded_table, make_lengths, make_model, make_raw = (
+    bench.NullHubert, bench.decoded_table, bench.make_lengths, bench.make_model, bench.make_raw
+)
+from hubert_ray.audio import normalise
+from hubert_ray.config import ModelConfig
+from hubert_ray.extractor import HubertStage
+
+arch, device, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
+work = tempfile.mkdtemp()
+model = make_model(arch, os.path.join(work, "m"))
+lengths = make_lengths(2.5, True, 256 * 2.3, 0)[:256]
+batch = decoded_table([normalise(x) for x in make_raw(lengths, 0)], "x")
+stage = HubertStage(ModelConfig(model_uri=model, layers="last", dtype="float16" if device ==
+    "cuda" else "float32", device=device))
+stage.net, stage.checking = NullHubert(stage.net, 768), False
+stage.hidden = 768  # chinese-hubert-base's output size, whatever --arch computes
+stage(batch)
+t0 = time.perf_counter()
+for _ in range(calls):
+    stage(batch)
+if device == "cuda":
+    torch.cuda.synchronize()
+wall = (time.perf_counter() - t0) / calls
+audio = sum(lengths) / 16000
+print(f"RESULT {batch.num_rows} {audio:.1f} {wall * 1e3:.2f} {audio / wall:.0f}")
+"""
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trees", nargs="+", required=True, help="source trees to compare")
+    p.add_argument("--arch", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    print("| tree | rows | audio s | ms per call | x realtime |\n|---|---|---|---|---|")
+    for _ in range(args.repeats):
+        for tree in args.trees:
+            env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+            proc = subprocess.run(
+                [sys.executable, "-c", CHILD, args.arch, args.device, str(args.calls), BENCH],
+                cwd=tree,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+            rows, audio, ms, xrt = line.split()[1:]
+            print(f"| {tree} | {rows} | {audio} | {ms} | {xrt} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
