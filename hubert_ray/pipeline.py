@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hubert_ray import manifest, metrics, output, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
@@ -79,11 +80,18 @@ def redacted(cfg: ExtractConfig) -> dict:
 def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
     """Cut the recording-ordered segment table into blocks of about ``target_rows`` rows at
     recording boundaries, so each decode task decodes each of its recordings once."""
-    rec = table.column("recording_id").to_pylist()
+    import numpy as np
+
+    rec = table.column("recording_id")
+    n = len(rec)
+    # rows where a new recording starts (column-wise: no Python string per segment)
+    change = pc.not_equal(rec.slice(1), rec.slice(0, n - 1)) if n > 1 else []
+    starts = np.flatnonzero(np.asarray(change, dtype=bool)) + 1
     blocks, start = [], 0
-    for i in range(1, len(rec) + 1):
-        if i == len(rec) or (i - start >= target_rows and rec[i] != rec[i - 1]):
-            blocks.append(table.slice(start, i - start))
+    for i in [*starts.tolist(), n]:
+        if i == n or i - start >= target_rows:
+            if i > start:
+                blocks.append(table.slice(start, i - start))
             start = i
     return blocks
 
@@ -187,7 +195,7 @@ def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) ->
 
 def prepare_output(
     cfg: ExtractConfig, overwrite: bool, identity: dict | None = None
-) -> tuple[set[str], dict | None]:
+) -> tuple[pa.Array, dict | None]:
     """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
     an existing one is compatible (:func:`check_identity`) and return the segment ids it
     already holds (skipped by this run) and its identity."""
@@ -205,7 +213,7 @@ def prepare_output(
         ):
             if fs.exists(f"{base}/{p}"):
                 fs.rm(f"{base}/{p}", recursive=True)
-        return set(), None
+        return pa.array([], pa.string()), None
     previous = _previous_identity(cfg, fs, base)
     if identity is not None:
         check_identity(cfg, previous, identity)
@@ -343,7 +351,7 @@ class HubertStage:
         before = storage.retry_count()
         upstream = 0
         if RETRIES_COLUMN in batch.column_names:
-            upstream = int(pa.compute.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
+            upstream = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
             batch = batch.drop_columns([RETRIES_COLUMN])
         forward_before = self.stage.stats["forward_s"]
         self._calls += 1
@@ -380,7 +388,7 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
             if not tables:
                 return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0}
             block = pa.concat_tables(tables)
-            upstream = int(pa.compute.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
+            upstream = int(pc.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
             ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
 
             # Part names are keyed by the segment ids they hold, so a retried write replaces
@@ -530,19 +538,19 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
     t_start = time.time()
     driver_retries = storage.retry_count()
-    recordings = manifest.read_manifest(cfg.manifest, cfg.storage_options)
-    segments = manifest.segment_table(recordings)
+    segments = manifest.read_segments(cfg.manifest, cfg.storage_options)
+    num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
     identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
     done, previous = prepare_output(cfg, overwrite, identity)
     todo = segments
-    if done:  # resume: skip the segments an earlier run of this job already wrote
+    if len(done):  # resume: skip the segments an earlier run of this job already wrote
         ids = segments.column("segment_id")
-        todo = segments.filter(pa.compute.invert(pa.compute.is_in(ids, pa.array(list(done)))))
+        todo = segments.filter(pc.invert(pc.is_in(ids, done)))
     log.info(
         "manifest: %d recordings, %d segments (%d already in the output); layers %s",
-        len(recordings),
+        num_recordings,
         segments.num_rows,
         segments.num_rows - todo.num_rows,
         list(layers),
@@ -578,15 +586,13 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         ds.write_datasink(sink)
         sink_retries = sink.storage_retries
 
-    summary = output.summarize(
-        cfg.output, segments.column("segment_id").to_pylist(), cfg.storage_options
-    )
+    summary = output.summarize(cfg.output, segments.column("segment_id"), cfg.storage_options)
     wall = time.time() - t_start
     summary.update(
         {
             "wall_seconds": round(wall, 3),
             "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
-            "recordings_total": len(recordings),
+            "recordings_total": num_recordings,
             "layers": list(layers),
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",

@@ -18,6 +18,7 @@ from hubert_ray.manifest import (
     Recording,
     Segment,
     read_manifest,
+    read_segments,
     segment_table,
     write_canonical,
 )
@@ -399,6 +400,117 @@ def test_segment_table_order_and_schema():
 def test_segment_table_empty():
     table = segment_table([])
     assert table.num_rows == 0 and table.schema.equals(SEGMENT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# read_segments: the column-wise path for canonical Parquet
+
+
+def _canonical_file(path, rows, schema=CANONICAL_SCHEMA) -> str:
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def _seg(sid, start, end):
+    return {"segment_id": sid, "start_s": start, "end_s": end}
+
+
+GOOD_ROWS = [
+    {
+        "recording_id": "r1",
+        "audio_uri": " audio/r1.opus ",  # relative, with blanks: resolved and stripped
+        "duration_s": 9.0,
+        "segments": [_seg("r1-b", 4.0, 6.5), _seg("r1-a", 0.0, 3.0)],
+    },
+    {
+        "recording_id": "r2",
+        "audio_uri": "../up.wav",
+        "duration_s": None,
+        "segments": [_seg("r2", 0.0, None)],
+    },
+    {
+        "recording_id": "r3",
+        "audio_uri": "s3://b/r3.flac",
+        "duration_s": 2.0,
+        "segments": [_seg("z", 0.5, 1.0)],
+    },
+]
+
+
+def test_read_segments_canonical_equals_the_per_record_path(tmp_path):
+    from hubert_ray import manifest
+
+    uri = _canonical_file(tmp_path / "c.parquet", GOOD_ROWS)
+    fast = manifest._canonical_segments(uri, None)
+    assert fast is not None  # the column-wise path took it
+    assert fast.schema.equals(SEGMENT_SCHEMA)
+    assert fast.equals(segment_table(read_manifest(uri)))
+    assert read_segments(uri).equals(fast)
+    assert fast.column("audio_uri").to_pylist()[:2] == [f"{tmp_path}/audio/r1.opus"] * 2
+    assert fast.column("audio_uri")[2].as_py().startswith("path-escape://")
+    # without the optional duration column
+    no_dur = CANONICAL_SCHEMA.remove(CANONICAL_SCHEMA.get_field_index("duration_s"))
+    rows = [{k: v for k, v in r.items() if k != "duration_s"} for r in GOOD_ROWS]
+    uri = _canonical_file(tmp_path / "nodur.parquet", rows, no_dur)
+    assert manifest._canonical_segments(uri, None).equals(segment_table(read_manifest(uri)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"recording_id": " "},
+        {"audio_uri": ""},
+        {"recording_id": "r2"},  # duplicate recording id
+        {"segments": [_seg("z", 0.0, 1.0)]},  # duplicate segment id (r3's)
+        {"segments": []},
+        {"segments": [_seg("", 0.0, 1.0)]},
+        {"segments": [_seg("x", -1.0, 1.0)]},
+        {"segments": [_seg("x", 0.0, float("inf"))]},
+        {"segments": [_seg("x", float("nan"), 1.0)]},
+        {"segments": [_seg("x", 2.0, 2.0)]},  # end <= start
+        {"duration_s": 0.0},
+        {"duration_s": float("nan")},
+    ],
+)
+def test_read_segments_bad_canonical_reports_like_read_manifest(tmp_path, change):
+    from hubert_ray import manifest
+
+    rows = [dict(GOOD_ROWS[0], **change), *GOOD_ROWS[1:]]
+    uri = _canonical_file(tmp_path / "bad.parquet", rows)
+    assert manifest._canonical_segments(uri, None) is None
+    with pytest.raises(ManifestError) as info:
+        read_segments(uri)
+    assert str(info.value) == manifest_error(uri)
+
+
+def test_read_segments_other_formats_and_types_take_the_per_record_path(tmp_path):
+    from hubert_ray import manifest
+
+    # float32 times: not exactly canonical, so read (and validated) record by record
+    schema = pa.schema(
+        [
+            ("recording_id", pa.string()),
+            ("audio_uri", pa.string()),
+            (
+                "segments",
+                pa.list_(
+                    pa.struct(
+                        [
+                            ("segment_id", pa.string()),
+                            ("start_s", pa.float32()),
+                            ("end_s", pa.float32()),
+                        ]
+                    )
+                ),
+            ),
+        ]
+    )
+    rows = [{k: v for k, v in r.items() if k != "duration_s"} for r in GOOD_ROWS]
+    uri = _canonical_file(tmp_path / "f32.parquet", rows, schema)
+    assert manifest._canonical_segments(uri, None) is None
+    assert read_segments(uri).equals(segment_table(read_manifest(uri)))
+    jsonl = write_jsonl(tmp_path / "m.jsonl", [{"audio": "a.wav"}])
+    assert read_segments(jsonl).equals(segment_table(read_manifest(jsonl)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""Pure unit tests for hubert_ray.output's accounting (no Ray, no torch)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from hubert_ray import output
+
+
+def _features(ids):
+    n = len(ids)
+    return pa.table(
+        {
+            "segment_id": ids,
+            "start_s": [0.0] * n,
+            "end_s": [1.5] * n,
+            "num_frames": pa.array([74] * n, pa.int32()),
+            "compute_dtype": ["float16"] * (n - 1) + ["float32"],
+            "fallback_reason": pa.array([None] * n, pa.string()),
+        }
+    )
+
+
+def _errors(ids, reason):
+    n = len(ids)
+    return pa.table(
+        {
+            "segment_id": ids,
+            "recording_id": ["r"] * n,
+            "stage": ["decode"] * n,
+            "reason": [reason] * n,
+            "message": ["m"] * n,
+        }
+    )
+
+
+def test_summarize_counts_missing_duplicated_unexpected(tmp_path):
+    out = str(tmp_path)
+    feats = f"{out}/{output.FEATURES_DIR}"
+    output.write_part(_features(["a", "b", "c"]), feats, None)
+    output.write_part(_features(["c", "x"]), feats, None)  # c twice; x not in manifest
+    output.write_part(_errors(["d", "e"], "too_short"), f"{out}/{output.ERRORS_DIR}", None)
+    output.write_part(_errors(["f"], "decode_failed"), f"{out}/{output.ERRORS_DIR}", None)
+    manifest_ids = ["a", "b", "c", "d", "e", "f", "g", "h"]  # g, h never written
+    for ids in (manifest_ids, pa.array(manifest_ids)):
+        s = output.summarize(out, ids)
+        assert s["segments_total"] == 8
+        assert (s["segments_ok"], s["segments_failed"]) == (5, 3)
+        assert s["segments_missing"] == 2
+        assert s["segments_duplicated"] == 1
+        assert s["segments_unexpected"] == 1
+        assert s["errors_by_reason"] == {"decode_failed": 1, "too_short": 2}
+        assert s["compute_dtype_counts"] == {"float16": 3, "float32": 2}
+        assert s["frames"] == 5 * 74 and s["audio_seconds"] == 7.5
+    done = output.done_segment_ids(out)
+    assert sorted(done.to_pylist()) == sorted(["a", "b", "c", "c", "x", "d", "e", "f"])
+
+
+def test_summarize_empty_output(tmp_path):
+    s = output.summarize(str(tmp_path), ["a"])
+    assert (s["segments_total"], s["segments_missing"], s["segments_ok"]) == (1, 1, 0)
+    assert len(output.done_segment_ids(str(tmp_path))) == 0
+
+
+def test_segment_blocks_cut_at_recording_boundaries():
+    from hubert_ray.pipeline import segment_blocks
+
+    recs = ["a"] * 3 + ["b"] * 1 + ["c"] * 5 + ["d"] * 2 + ["e"] * 1
+    table = pa.table({"recording_id": recs, "segment_id": [str(i) for i in range(len(recs))]})
+    for target in (1, 2, 4, 5, 100):
+        blocks = segment_blocks(table, target)
+        assert pa.concat_tables(blocks).equals(table)  # every row once, in order
+        for b in blocks:
+            ids = b.column("recording_id").to_pylist()
+            assert b.num_rows >= 1
+            # a block holds whole recordings; it closes at the first boundary past the target
+            assert not (
+                set(ids) & {r for o in blocks if o is not b for r in o.column(0).to_pylist()}
+            )
+            firsts = [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+            assert all(i < target for i in firsts)
+    assert [b.num_rows for b in segment_blocks(table, 4)] == [4, 5, 3]
+    assert [b.num_rows for b in segment_blocks(table, 1)] == [3, 1, 5, 2, 1]
+    assert segment_blocks(table.slice(0, 0), 4) == []
