@@ -17,8 +17,9 @@ timeout 70 python3 -m jobs.precision_study --device cuda --arch base --batch 64 
 # chunks per micro-batch); micro-batch cost sweep (the GPU default, 16 s, is not yet measured);
 # an actor row with serial micro-batches (vs the overlapped default); the pipeline on 4 h of
 # FLAC per distribution (end to end vs the plain loop and the actor), with the default 2 calls
-# in flight per model actor and with 1 (neither GPU default is measured yet).
+# in flight per model actor and with 1; micro-batches padded to the longest item (0) vs the GPU
+# default of whole 0.25 s (none of these GPU defaults is measured yet).
 timeout 330 python3 -m jobs.benchmark --device cuda --arch base --utt-seconds 10,mixed \
   --seconds 640 --batch-sizes 1,16,64 --micro-batch-costs 4,64 --pipeline-seconds 14400 \
-  --pipeline-calls 1 --max-row-seconds 10 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  --pad-multiples 0 --pipeline-calls 1 --max-row-seconds 10 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 grep "^\[bench\]" "$OUT/bench.log" | tail -40

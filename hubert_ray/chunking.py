@@ -49,21 +49,33 @@ def plan_chunks(num_samples: int, chunk_samples: int) -> list[tuple[int, int]]:
     return chunks
 
 
+def padded_length(longest: int, multiple: int = 1) -> int:
+    """A micro-batch's padded length: its longest item rounded up to ``multiple`` samples."""
+    return -(-longest // multiple) * multiple if multiple > 1 else longest
+
+
 def pack_micro_batches(
-    lengths: Sequence[int], max_batch_samples: int, batch_cost_samples: float = 0.0
+    lengths: Sequence[int],
+    max_batch_samples: int,
+    batch_cost_samples: float = 0.0,
+    pad_multiple: int = 1,
 ) -> list[list[int]]:
     """Group item indices into micro-batches of similar lengths, longest first.
 
-    A micro-batch is padded to its longest item and holds at most ``max_batch_samples`` padded
-    samples (an item longer than that runs alone). Of all splits of the length-sorted items
-    into consecutive runs, returns the one with the least ``padded samples +
-    batch_cost_samples × micro-batches`` (dynamic programming; ties go to fewer, larger
-    micro-batches). ``batch_cost_samples`` is the fixed cost of one forward pass (kernel
-    launches, per-call overhead) in samples of padded audio: 0 only minimises padding.
+    A micro-batch is padded to its longest item rounded up to ``pad_multiple`` samples
+    (:func:`padded_length`: fewer distinct shapes, so per-shape work such as cuDNN's plan
+    choice is cached instead of redone) and holds at most ``max_batch_samples`` padded samples
+    (an item longer than that runs alone). Of all splits of the length-sorted items into
+    consecutive runs, returns the one with the least ``padded samples + batch_cost_samples ×
+    micro-batches`` (dynamic programming; ties go to fewer, larger micro-batches).
+    ``batch_cost_samples`` is the fixed cost of one forward pass (kernel launches, per-call
+    overhead) in samples of padded audio: 0 only minimises padding.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     n = len(order)
-    sorted_len = np.array([lengths[i] for i in order], dtype=np.float64)
+    sorted_len = np.array(
+        [padded_length(lengths[i], pad_multiple) for i in order], dtype=np.float64
+    )
     best = np.zeros(n + 1)  # best[i]: least cost of packing sorted items i..n-1
     end = np.zeros(n, dtype=np.int64)  # the run starting at i ends before end[i]
     for i in range(n - 1, -1, -1):
@@ -81,14 +93,14 @@ def pack_micro_batches(
 
 
 def pad_batch(
-    items: Sequence[np.ndarray], out: np.ndarray | None = None
+    items: Sequence[np.ndarray], out: np.ndarray | None = None, multiple: int = 1
 ) -> tuple[np.ndarray, list[int]]:
-    """Zero-pad 1-D float32 arrays into one [len(items), longest] array; returns it and the
-    lengths (exact batching masks the padding, see hubert_ray.model). With ``out`` (a 1-D
-    float32 buffer of at least ``len(items) * longest`` values, e.g. reused pinned memory)
-    the batch is written into its head instead of a new array."""
+    """Zero-pad 1-D float32 arrays into one [len(items), padded_length(longest, multiple)]
+    array; returns it and the lengths (exact batching masks the padding, see
+    hubert_ray.model). With ``out`` (a 1-D float32 buffer of at least that many values, e.g.
+    reused pinned memory) the batch is written into its head instead of a new array."""
     lengths = [len(x) for x in items]
-    shape = (len(items), max(lengths))
+    shape = (len(items), padded_length(max(lengths), multiple))
     if out is None:
         batch = np.zeros(shape, dtype=np.float32)
     else:

@@ -143,6 +143,10 @@ class ModelConfig:
     # padding against micro-batch count (see chunking.pack_micro_batches). None = by device:
     # 1 s on CPU (measured best of 0/1/4/16 s at 256 rows per call), 16 s on GPU (unmeasured).
     micro_batch_cost_seconds: float | None = None
+    # Micro-batches are padded to a multiple of this many seconds (0 = to the longest item):
+    # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,
+    # 0.25 s on GPU (not yet measured there; benchmarks/gpu_run.sh sweeps it).
+    pad_multiple_seconds: float | None = None
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
@@ -195,6 +199,16 @@ class ModelConfig:
             self.micro_batch_cost_seconds,
             "a number of seconds >= 0 (unset: by device)",
         )
+        _require(
+            self.pad_multiple_seconds is None
+            or (
+                isinstance(self.pad_multiple_seconds, (int, float))
+                and 0 <= self.pad_multiple_seconds <= self.chunk_seconds
+            ),
+            "pad_multiple_seconds",
+            self.pad_multiple_seconds,
+            "a number of seconds from 0 to chunk_seconds (unset: by device)",
+        )
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
         _require(
             isinstance(self.num_threads, int) and self.num_threads >= 0,
@@ -224,6 +238,7 @@ class ExtractConfig:
     batch_size: int | None = None
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     micro_batch_cost_seconds: float | None = None  # None: 1 s on CPU, 16 s on GPU
+    pad_multiple_seconds: float | None = None  # None: 0 on CPU, 0.25 s on GPU
     num_gpus: int | None = None  # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
     num_cpu_actors: int = 1  # model actors when running on CPU
     cpus_per_actor: float = 1.0  # Ray CPUs reserved per CPU model actor
@@ -337,6 +352,7 @@ class ExtractConfig:
             chunk_seconds=self.chunk_seconds,
             max_batch_samples=self.max_batch_samples,
             micro_batch_cost_seconds=self.micro_batch_cost_seconds,
+            pad_multiple_seconds=self.pad_multiple_seconds,
             device=device,
             num_threads=num_threads,
             allow_pickle_weights=self.allow_pickle_weights,

@@ -17,7 +17,13 @@ import numpy as np
 import pyarrow as pa
 
 from hubert_ray import errors
-from hubert_ray.chunking import num_frames, pack_micro_batches, pad_batch, plan_chunks
+from hubert_ray.chunking import (
+    num_frames,
+    pack_micro_batches,
+    pad_batch,
+    padded_length,
+    plan_chunks,
+)
 from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig, parse_layers
 from hubert_ray.precision import PrecisionBreach, compare, is_sampled
 
@@ -84,6 +90,13 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
 # arithmetic; 16 s is a first guess, not yet measured (benchmarks/gpu_run.sh sweeps it).
 CPU_BATCH_COST_S = 1.0
 GPU_BATCH_COST_S = 16.0
+# Default padded-length multiple (ModelConfig.pad_multiple_seconds). GPU: every micro-batch of
+# mixed lengths otherwise has a new shape, and cuDNN chooses plans per shape (on the H200, batch-1
+# rows over hundreds of lengths spent their time in cudnn::EngineHeuristics, session 9): 0.25 s
+# bounds the lengths to 40 per 10 s for ~0.125 s of padding per micro-batch row. Not yet
+# measured on a GPU (benchmarks/gpu_run.sh sweeps it). CPU: no per-shape planning to save.
+CPU_PAD_MULTIPLE_S = 0.0
+GPU_PAD_MULTIPLE_S = 0.25
 
 
 @dataclass
@@ -151,6 +164,10 @@ class HubertStage:
         if cost_s is None:
             cost_s = GPU_BATCH_COST_S if use_cuda else CPU_BATCH_COST_S
         self.batch_cost_samples = cost_s * SAMPLE_RATE_HZ
+        pad_s = config.pad_multiple_seconds
+        if pad_s is None:
+            pad_s = GPU_PAD_MULTIPLE_S if use_cuda else CPU_PAD_MULTIPLE_S
+        self.pad_multiple = max(1, int(round(pad_s * SAMPLE_RATE_HZ)))
         if not use_cuda:
             if config.num_threads:
                 torch.set_num_threads(config.num_threads)
@@ -216,6 +233,7 @@ class HubertStage:
                 [len(w.chunks[j]) for j in js],
                 self.config.max_batch_samples,
                 self.batch_cost_samples,
+                self.pad_multiple,
             )
         ]
         pos = {j: p for p, j in enumerate(js)}
@@ -246,8 +264,9 @@ class HubertStage:
         import torch
 
         chunks = [w.chunks[j] for j in group]
-        staging = self._staging(slot, len(chunks) * max(len(c) for c in chunks))
-        x, lengths = pad_batch(chunks, out=staging.numpy())
+        width = padded_length(max(len(c) for c in chunks), self.pad_multiple)
+        staging = self._staging(slot, len(chunks) * width)
+        x, lengths = pad_batch(chunks, out=staging.numpy(), multiple=self.pad_multiple)
         self.stats["samples"] += sum(lengths)
         self.stats["padded_samples"] += x.size
         param = next(net.parameters())

@@ -89,7 +89,7 @@ def decode_all(manifest_uri: str, storage_options: dict | None) -> tuple[float, 
     from hubert_ray.config import DecodeConfig
     from hubert_ray.pipeline import segment_blocks
 
-    table = manifest.segment_table(manifest.read_manifest(manifest_uri, storage_options))
+    table = manifest.read_segments(manifest_uri, storage_options)
     stage = DecodeStage(DecodeConfig(storage_options=dict(storage_options or {})))
     clear_cache()
     retries = storage.retry_count()

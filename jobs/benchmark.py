@@ -389,7 +389,9 @@ def chunked_reference(model_dir, device, items, refs, chunk_samples):
     return out
 
 
-def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost_s=None):
+def model_config(
+    bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost_s=None, pad_s=None
+):
     from hubert_ray.config import ModelConfig
 
     chunk_s = bench.args.chunk_seconds
@@ -404,6 +406,7 @@ def model_config(bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost
         chunk_seconds=chunk_s,
         max_batch_samples=budget,
         micro_batch_cost_seconds=cost_s,
+        pad_multiple_seconds=pad_s,
         device=bench.device,
     )
 
@@ -442,6 +445,7 @@ def run_actor(
     cost_s=None,
     overlap=True,
     null_model=False,
+    pad_s=None,
 ):
     """One actor row; ``overlap=False``: the host waits for the device after each micro-batch
     (vs the overlapped default); ``null_model``: the model replaced by :class:`NullHubert`, so
@@ -449,6 +453,7 @@ def run_actor(
     from hubert_ray.extractor import HubertStage
 
     name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
+    name += "" if pad_s is None else f"_pad{pad_s:g}"
     row = dict(
         dist=dist,
         name=name + ("" if overlap else "_serial") + ("_nullmodel" if null_model else ""),
@@ -456,11 +461,14 @@ def run_actor(
         dtype=dtype,
         batch_size=batch_size,
         micro_batch_cost_s=cost_s,
+        pad_multiple_s=pad_s,
         overlap=overlap,
         null_model=null_model,
     )
     try:
-        stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float32", cost_s))
+        stage = HubertStage(
+            model_config(bench, model_dir, dtype, batch_size, "float32", cost_s, pad_s)
+        )
         stage.overlap = overlap
         if null_model:  # no model: no FP32 rechecks either
             stage.net, stage.checking = NullHubert(stage.net, stage.hidden), False
@@ -544,7 +552,7 @@ def run_loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
     feats, inputs = {}, {}
     with PeakMemory(bench.cuda) as mem:
         t0 = time.perf_counter()
-        segments = manifest.segment_table(manifest.read_manifest(manifest_path))
+        segments = manifest.read_segments(manifest_path)
         every = math.ceil(segments.num_rows / ERROR_SAMPLE)
         decode = DecodeStage()
         stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float16"))
@@ -816,6 +824,7 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
             if r["path"] == "actor"
             and r["batch_size"] == batch_size
             and r.get("micro_batch_cost_s") is None  # the default packing only
+            and r.get("pad_multiple_s") is None
             and r.get("overlap", True)
             and not r.get("null_model")
             and r["rel_l2_err"] is not None
@@ -917,6 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat a short timed row in whole passes until this wall time (default 2)",
     )
     p.add_argument(
+        "--pad-multiples",
+        default="",
+        help="extra actor rows (FP16 on GPU, FP32 on CPU) padding micro-batches to multiples "
+        "of these seconds, e.g. 0,0.25 (default none: the job's default for the device)",
+    )
+    p.add_argument(
         "--pipeline-calls",
         default="",
         help="extra pipeline rows with these calls in flight per model actor, e.g. 1,2 "
@@ -956,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         else ([1, 16, 64] if cuda else [])
     )
     costs = [float(c) for c in (args.micro_batch_costs or "").split(",") if c.strip()]
+    pads = [float(c) for c in (args.pad_multiples or "").split(",") if c.strip()]
     pdtype = (
         args.pipeline_dtype if args.pipeline_dtype != "auto" else ("float16" if cuda else "float32")
     )
@@ -1013,6 +1029,18 @@ def main(argv: list[str] | None = None) -> int:
             for c in costs:
                 run_actor(
                     bench, model_dir, items, cref, dist, sweep_dt, args.batch_size, bench_b, c
+                )
+            for pad in pads:
+                run_actor(
+                    bench,
+                    model_dir,
+                    items,
+                    cref,
+                    dist,
+                    sweep_dt,
+                    args.batch_size,
+                    bench_b,
+                    pad_s=pad,
                 )
             for variant in ({"overlap": False}, {"null_model": True}):
                 run_actor(

@@ -50,6 +50,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "cost of one forward micro-batch in seconds of padded audio; the packer trades "
         "padding against micro-batches (default: 1 on CPU, 16 on GPU)",
     ),
+    "pad_multiple_seconds": (
+        float,
+        "pad each forward micro-batch to a multiple of this many seconds, so shapes repeat "
+        "(default: 0 on CPU = to the longest item, 0.25 on GPU)",
+    ),
     "num_gpus": (int, "model actors on GPUs (default: all GPUs in the cluster; 0 = CPU)"),
     "num_cpu_actors": (int, "model actors when running on CPU (default 1)"),
     "cpus_per_actor": (float, "Ray CPUs reserved per CPU model actor (default 1)"),

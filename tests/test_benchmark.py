@@ -27,7 +27,7 @@ def test_benchmark_cli_smoke(tmp_path):
     env.pop("RAY_ADDRESS", None)
     args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
     args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
-    args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2"]
+    args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2", "--pad-multiples", "0.25"]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.benchmark", *args],
         cwd=ROOT,
@@ -58,6 +58,7 @@ def test_benchmark_cli_smoke(tmp_path):
         "actor_float32_b4_cost0",
         "actor_float32_b4_cost1e+09",
         "actor_float32_b4_serial",
+        "actor_float32_b4_pad0.25",
         "actor_float32_b4_nullmodel",
         "loop_float32_b4",
         "pipeline_float32_b4",
@@ -88,6 +89,10 @@ def test_benchmark_cli_smoke(tmp_path):
         assert rows[(dist, "actor_float32_b4")]["rel_l2_err"] < 1e-5  # exact padded batching
         # micro-batches read back one by one compute the same features
         assert rows[(dist, "actor_float32_b4_serial")]["rel_l2_err"] < 1e-5
+        # padding micro-batches to whole 0.25 s: same features, more padding
+        assert rows[(dist, "actor_float32_b4_pad0.25")]["rel_l2_err"] < 1e-5
+        pad_bucketed = rows[(dist, "actor_float32_b4_pad0.25")]["real_per_padded"]
+        assert pad_bucketed <= rows[(dist, "actor_float32_b4")]["real_per_padded"]
         assert rows[(dist, "actor_float16_b4")]["rel_l2_err"] < 0.05
         assert rows[(dist, "actor_bfloat16_b4")]["rel_l2_err"] < 0.05
         # loop and pipeline store float16 features: storage rounding only

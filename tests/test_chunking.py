@@ -6,9 +6,18 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
-from hubert_ray.chunking import HOP, RECEPTIVE_FIELD, num_frames, pack_micro_batches, plan_chunks
+from hubert_ray.chunking import (
+    HOP,
+    RECEPTIVE_FIELD,
+    num_frames,
+    pack_micro_batches,
+    pad_batch,
+    padded_length,
+    plan_chunks,
+)
 
 OVERLAP = RECEPTIVE_FIELD - HOP  # 80 samples
 
@@ -79,14 +88,15 @@ def test_plan_chunks_frames_spread_evenly():
     assert max(frames) - min(frames) <= 1
 
 
-def _check_packing(lengths, budget, cost=0.0):
-    batches = pack_micro_batches(lengths, budget, cost)
+def _check_packing(lengths, budget, cost=0.0, multiple=1):
+    batches = pack_micro_batches(lengths, budget, cost, multiple)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
     for b in batches:
         assert b, batches
         if len(b) > 1:
-            assert len(b) * max(lengths[i] for i in b) <= budget, (b, budget)
+            width = padded_length(max(lengths[i] for i in b), multiple)
+            assert len(b) * width <= budget, (b, budget)
     # longest first: flattened order is non-increasing in length
     flat_lengths = [lengths[i] for i in flat]
     assert flat_lengths == sorted(flat_lengths, reverse=True)
@@ -99,7 +109,17 @@ def test_pack_micro_batches_random():
         n = rng.randrange(0, 60)
         lengths = [rng.randrange(1, 200000) for _ in range(n)]
         budget = rng.choice([400, 8000, 16000, 160000, 640000, 10**7])
-        _check_packing(lengths, budget, rng.choice([0, 1000, 160000]))
+        _check_packing(lengths, budget, rng.choice([0, 1000, 160000]), rng.choice([1, 4000]))
+
+
+def test_padded_length_and_pad_batch_multiple():
+    assert [padded_length(n, 4000) for n in (1, 3999, 4000, 4001)] == [4000] * 3 + [8000]
+    assert padded_length(4001) == 4001
+    batch, lengths = pad_batch([np.ones(5000, np.float32), np.ones(100, np.float32)], multiple=4000)
+    assert batch.shape == (2, 8000) and lengths == [5000, 100]
+    assert batch[0, 5000:].sum() == 0 and batch[1, 100:].sum() == 0
+    # with buckets, lengths in one bucket pad alike: one micro-batch costs no more padding
+    assert _check_packing([3000, 3900], 10**6, cost=1, multiple=4000) == [[1, 0]]
 
 
 def test_pack_micro_batches_cases():
@@ -118,8 +138,8 @@ def test_pack_micro_batches_cases():
     assert _check_packing([1000] + [100] * 9, 10_000, cost=200) == [[0], list(range(1, 10))]
 
 
-def _cost(lengths, batches, cost):
-    return sum(len(b) * max(lengths[i] for i in b) + cost for b in batches)
+def _cost(lengths, batches, cost, multiple=1):
+    return sum(len(b) * padded_length(max(lengths[i] for i in b), multiple) + cost for b in batches)
 
 
 def _greedy(lengths, budget):
@@ -143,7 +163,8 @@ def test_pack_micro_batches_is_optimal():
         lengths = [rng.randrange(400, 160_000) for _ in range(n)]
         budget = rng.choice([160_000, 320_000, 10**6])
         cost = rng.choice([0, 8000, 160_000])
-        got = _cost(lengths, _check_packing(lengths, budget, cost), cost)
+        m = rng.choice([1, 1, 4000])
+        got = _cost(lengths, _check_packing(lengths, budget, cost, m), cost, m)
         order = sorted(range(n), key=lambda i: lengths[i], reverse=True)
         best = math.inf
         for cuts in itertools.product([False, True], repeat=n - 1):
@@ -154,7 +175,10 @@ def test_pack_micro_batches_is_optimal():
                     current = []
                 current.append(i)
             batches.append(current)
-            if all(len(b) == 1 or len(b) * lengths[b[0]] <= budget for b in batches):
-                best = min(best, _cost(lengths, batches, cost))
-        assert got == pytest.approx(best), (lengths, budget, cost)
-        assert got <= _cost(lengths, _greedy(lengths, budget), cost) + 1e-6
+            if all(
+                len(b) == 1 or len(b) * padded_length(lengths[b[0]], m) <= budget for b in batches
+            ):
+                best = min(best, _cost(lengths, batches, cost, m))
+        assert got == pytest.approx(best), (lengths, budget, cost, m)
+        if m == 1:
+            assert got <= _cost(lengths, _greedy(lengths, budget), cost) + 1e-6

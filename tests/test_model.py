@@ -319,6 +319,33 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_padding_to_a_multiple_gives_same_result(affine_dir):
+    """Micro-batches padded to a multiple of 0.25 s (the GPU default) compute the same
+    features as padding to the longest item: the extra padding is masked like any other."""
+    lengths = [400, 1000, 3000, 5000, 8000, 2500, 7999, 16_000, 30_000]
+    batch = _decoded_batch([(f"s{i}", _audio(n, seed=i), None) for i, n in enumerate(lengths)])
+    common = dict(
+        model_uri=affine_dir, layers="all", dtype="float32", storage_dtype="float32", device="cpu"
+    )
+    tight = HubertStage(ModelConfig(pad_multiple_seconds=0, **common))
+    bucketed = HubertStage(ModelConfig(pad_multiple_seconds=0.25, **common))
+    shapes = []  # (rows, longest item) of each micro-batch
+    micro_batch = bucketed._micro_batch
+
+    def recording(net, w, group, *args):
+        shapes.append((len(group), max(len(w.chunks[j]) for j in group)))
+        return micro_batch(net, w, group, *args)
+
+    bucketed._micro_batch = recording
+    a, b = tight(batch), bucketed(batch)
+    # every micro-batch was padded to a whole number of 0.25 s (4000 samples)
+    assert bucketed.stats["padded_samples"] == sum(r * -(-n // 4000) * 4000 for r, n in shapes)
+    assert bucketed.stats["padded_samples"] > tight.stats["padded_samples"]
+    for k in ALL_LAYERS:
+        for i in range(len(lengths)):
+            np.testing.assert_allclose(_features(a, k, i), _features(b, k, i), rtol=1e-5, atol=1e-5)
+
+
 def test_storage_float32_type(affine_dir, nets):
     audio = _audio(5000, 0)
     cfg = ModelConfig(
