@@ -250,8 +250,10 @@ class ExtractConfig:
     # The model still runs one call at a time; another call's input fetch and output
     # serialisation overlap it. None = 2 on GPU, 1 on CPU (benchmarks/RESULTS.md).
     calls_per_actor: int | None = None
-    # Segments per decode task (whole recordings). Small tasks starve the model actor: at 16,
-    # Ray's per-task overhead left a CPU actor idle 20 % of the time (benchmarks/RESULTS.md).
+    # Segments per decode batch; a decode task gets a block of whole recordings of this size
+    # (larger for very large corpora, see pipeline.input_blocks). Small tasks starve the model
+    # actor: at 16, Ray's per-task overhead left a CPU actor idle 20 % of the time
+    # (benchmarks/RESULTS.md).
     decode_batch_size: int = 128
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file

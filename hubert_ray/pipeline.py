@@ -506,7 +506,9 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
         # the model actor).
         return dict(
             fn_kwargs={"config": cfg.decode_config()},
-            batch_size=None,  # one block = whole recordings, see segment_blocks
+            # whole recordings per block (input_blocks); batches within a block stay in order
+            # in one worker, so a recording spanning two batches is decoded once
+            batch_size=cfg.decode_batch_size,
             batch_format="pyarrow",
             num_cpus=1,
             memory=cfg.decode_memory_mb * 2**20,
@@ -525,11 +527,26 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
     raise ValueError(f"unknown stage {stage!r}")
 
 
+# Most input blocks the driver hands to Ray. ``ray.data.from_arrow`` runs one metadata task per
+# block: 5,000 blocks of 292-segment recordings took 14.2 s on a 2-CPU machine, and
+# WenetSpeech cut into 128-segment blocks would be 50,000 (benchmarks/RESULTS.md). Larger
+# corpora get larger blocks; a decode task still decodes batches of ``decode_batch_size``
+# segments (a recording cut between two batches is decoded once: the per-process cache).
+MAX_INPUT_BLOCKS = 2_000
+
+
+def input_blocks(cfg: ExtractConfig, segments: pa.Table) -> list[pa.Table]:
+    """The segment table cut at recording boundaries into the dataset's input blocks: about
+    ``decode_batch_size`` segments each, larger where that would exceed MAX_INPUT_BLOCKS."""
+    rows = max(cfg.decode_batch_size, -(-segments.num_rows // MAX_INPUT_BLOCKS))
+    return segment_blocks(segments, rows)
+
+
 def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
     """segment rows → decode tasks → model actors (not yet executed)."""
     import ray
 
-    ds = ray.data.from_arrow(segment_blocks(segments, cfg.decode_batch_size))
+    ds = ray.data.from_arrow(input_blocks(cfg, segments))
     ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
     return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
 

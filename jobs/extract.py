@@ -64,7 +64,10 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "Ray tasks per model actor at once; the model runs one at a time, the others' "
         "input/output transfers overlap it (default: 2 on GPU, 1 on CPU)",
     ),
-    "decode_batch_size": (int, "segments per decode task, whole recordings (default 128)"),
+    "decode_batch_size": (
+        int,
+        "segments per decode batch (default 128); decode tasks take whole recordings",
+    ),
     "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
     "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),

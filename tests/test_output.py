@@ -82,3 +82,17 @@ def test_segment_blocks_cut_at_recording_boundaries():
     assert [b.num_rows for b in segment_blocks(table, 4)] == [4, 5, 3]
     assert [b.num_rows for b in segment_blocks(table, 1)] == [3, 1, 5, 2, 1]
     assert segment_blocks(table.slice(0, 0), 4) == []
+
+
+def test_input_blocks_are_bounded_in_number(monkeypatch):
+    from hubert_ray import pipeline
+    from hubert_ray.config import ExtractConfig
+
+    recs = [f"r{i // 3}" for i in range(300)]  # 100 recordings of 3 segments
+    table = pa.table({"recording_id": recs, "segment_id": [str(i) for i in range(300)]})
+    cfg = ExtractConfig(manifest="m.jsonl", model="m", output="o", decode_batch_size=6)
+    assert [b.num_rows for b in pipeline.input_blocks(cfg, table)] == [6] * 50
+    monkeypatch.setattr(pipeline, "MAX_INPUT_BLOCKS", 8)  # 300 rows: blocks of >= 38 rows
+    blocks = pipeline.input_blocks(cfg, table)
+    assert len(blocks) <= 8 and pa.concat_tables(blocks).equals(table)
+    assert all(b.num_rows % 3 == 0 for b in blocks)  # whole recordings
