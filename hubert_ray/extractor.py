@@ -146,7 +146,8 @@ class HubertStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
 
-    # Let the host run ahead of the device (see _forward); the benchmark times False too.
+    # Let the host run ahead of the device (see _forward); False waits after each micro-batch
+    # (the benchmark's `_serial` rows time both).
     overlap = True
 
     def __init__(self, config: ModelConfig):
@@ -213,12 +214,13 @@ class HubertStage:
         return self._fp32
 
     # -- forward --------------------------------------------------------------------------
-    # The host never waits for the device inside a call: micro-batch k+1 is padded and queued
-    # while the device computes k (two pinned input buffers alternate, each reused only once
-    # its copy to the device is done), and every micro-batch writes its valid frames straight
-    # into per-layer output tensors laid out in row order. One copy back per layer at the end
-    # of the call, and those tensors become the Arrow feature columns without another copy
-    # (the host's share of a call was the ceiling for a fast GPU: benchmarks/RESULTS.md).
+    # Inside a call the host does not wait for the device's results: micro-batch k+1 is padded
+    # and queued while the device computes k (two pinned input buffers alternate; a buffer is
+    # refilled once its copy to the device has finished, which keeps the host at most about two
+    # micro-batches ahead), and every micro-batch writes its valid frames straight into
+    # per-layer output tensors laid out in row order. One copy back per layer at the end of the
+    # call, and those tensors become the Arrow feature columns without another copy (the
+    # host's share of a call was the ceiling for a fast GPU: benchmarks/RESULTS.md).
     def _forward(self, net, w: _Work, js: list[int], store) -> _Features:
         """Features of chunks ``js`` (in this order) in the torch dtype ``store``, computed
         in packed micro-batches."""
@@ -316,7 +318,6 @@ class HubertStage:
 
     # -- batch ----------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
-
         n = batch.num_rows
         reasons = batch.column("error_reason").to_pylist()
         audio = audio_views(batch.column("audio"))

@@ -37,7 +37,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hubert_ray import storage
@@ -190,9 +192,9 @@ def read_segments(uri: str, storage_options: dict | None = None) -> pa.Table:
 
     A canonical Parquet manifest (what ``jobs.prepare`` writes, e.g. from WenetSpeech.json) is
     read and checked column-wise with Arrow, without a Python object per segment: at
-    WenetSpeech scale (14.6 M segments) the per-segment path costs the driver about a minute
-    and ~12 GB (benchmarks/RESULTS.md). Any other format, or a canonical file that fails a
-    check, goes through :func:`read_manifest`, which reports every problem by line."""
+    WenetSpeech scale (14.6 M segments) the per-segment path cost the driver 71 s, this one
+    8 s (benchmarks/RESULTS.md). Any other format, or a canonical file that fails a check,
+    goes through :func:`read_manifest`, which reports every problem by line."""
     if _extension(uri) in PARQUET_EXTENSIONS:
         table = _canonical_segments(uri, storage_options)
         if table is not None:
@@ -203,9 +205,6 @@ def read_segments(uri: str, storage_options: dict | None = None) -> pa.Table:
 def _canonical_segments(uri: str, storage_options: dict | None) -> pa.Table | None:
     """Column-wise :func:`read_segments` of a canonical Parquet manifest; ``None`` when the
     file is not canonical or breaks any rule (the caller then takes the reporting path)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
     fs, path = storage.filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:

@@ -123,8 +123,10 @@ class ExactHubert(nn.Module):
         attn_mask = None  # unpadded: no mask (SDPA may then pick its fastest kernel)
         if padded:
             h = h.masked_fill(~frame_mask[..., None], 0.0)
-            attn_mask = create_bidirectional_mask(  # padded: never skippable, so no check
-                config=self.config,  # of the mask's values (that would wait for the device)
+            # Padded, so the mask can never be skipped: no check of its values (reading them
+            # back would wait for the device).
+            attn_mask = create_bidirectional_mask(
+                config=self.config,
                 inputs_embeds=h,
                 attention_mask=frame_mask,
                 allow_is_bidirectional_skip=False,

@@ -146,23 +146,18 @@ def read_table(
     return pq.ParquetDataset(files, filesystem=fs, filters=filters).read(columns=columns)
 
 
-def written_ids(uri: str, storage_options: dict | None = None) -> tuple[pa.Array, pa.Array]:
-    """Segment ids of the rows under ``<uri>/features`` and under ``<uri>/errors``, as
-    written (repeats included): Arrow arrays, no Python string per segment."""
-    out = []
-    for sub in (FEATURES_DIR, ERRORS_DIR):
-        table = read_table(storage.join(uri, sub), ["segment_id"], storage_options)
-        ids = table.column("segment_id").combine_chunks() if table is not None else None
-        out.append(ids if ids is not None else pa.array([], pa.string()))
-    return out[0], out[1]
-
-
 def done_segment_ids(uri: str, storage_options: dict | None = None) -> pa.Array:
-    """Segment ids already written under ``<uri>/features`` and ``<uri>/errors`` (resume).
+    """Segment ids already written under ``<uri>/features`` and ``<uri>/errors`` (resume), as
+    one Arrow array (no Python string per segment).
 
     Exact because part files appear whole (temporary name + rename, or one upload) and a
     segment is one row in exactly one part: a killed run leaves each part whole or absent."""
-    return pa.concat_arrays(list(written_ids(uri, storage_options)))
+    chunks = []
+    for sub in (FEATURES_DIR, ERRORS_DIR):
+        table = read_table(storage.join(uri, sub), ["segment_id"], storage_options)
+        if table is not None:
+            chunks.extend(table.column("segment_id").chunks)
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
 def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
