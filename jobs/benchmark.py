@@ -1026,23 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
             for b in sweep:
                 if b != args.batch_size:
                     run_actor(bench, model_dir, items, cref, dist, sweep_dt, b, bench_b)
-            for c in costs:
-                run_actor(
-                    bench, model_dir, items, cref, dist, sweep_dt, args.batch_size, bench_b, c
-                )
-            for pad in pads:
-                run_actor(
-                    bench,
-                    model_dir,
-                    items,
-                    cref,
-                    dist,
-                    sweep_dt,
-                    args.batch_size,
-                    bench_b,
-                    pad_s=pad,
-                )
-            for variant in ({"overlap": False}, {"null_model": True}):
+            # variants of the default row, in the device's default dtype
+            variants = [{"cost_s": c} for c in costs] + [{"pad_s": p} for p in pads]
+            for variant in [*variants, {"overlap": False}, {"null_model": True}]:
                 run_actor(
                     bench,
                     model_dir,
