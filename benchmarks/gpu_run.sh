@@ -15,7 +15,8 @@ timeout 70 python3 -m jobs.precision_study --device cuda --arch base --batch 64 
   --iters 10 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
 # Fixed 10 s and WenetSpeech-like mixed lengths; batch sweep (rows per call, <= 64 = that many
 # chunks per micro-batch); micro-batch cost sweep (the GPU default, 16 s, is not yet measured);
-# an actor row with serial micro-batches (vs the overlapped default); the pipeline on 4 h of
+# actor rows with serial micro-batches (vs the overlapped default) and with no model (the host's
+# ceiling: the `_nullmodel` ratio); the pipeline on 4 h of
 # FLAC per distribution (end to end vs the plain loop and the actor), with the default 2 calls
 # in flight per model actor and with 1; micro-batches padded to the longest item (0) vs the GPU
 # default of whole 0.25 s (none of these GPU defaults is measured yet).
