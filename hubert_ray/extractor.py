@@ -256,7 +256,10 @@ class HubertStage:
         if self.device.type == "cuda":
             out, ok = self._to_host(out), self._to_host({0: ok})[0]
             torch.cuda.current_stream().synchronize()
-        finite = np.logical_and.reduceat(ok.numpy(), starts[:-1]) if js else np.zeros(0, bool)
+        finite = np.ones(len(js), dtype=bool)  # per chunk: all its frames finite
+        some = np.asarray(frames, dtype=np.int64) > 0  # (a chunk under 400 samples has none)
+        if some.any():
+            finite[some] = np.logical_and.reduceat(ok.numpy(), starts[:-1][some])
         return _Features(js, starts, out, finite, groups)
 
     def _micro_batch(self, net, w: _Work, group: list[int], starts: list[int], out, peak, slot):
