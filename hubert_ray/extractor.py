@@ -229,25 +229,21 @@ class HubertStage:
         frames = [num_frames(len(w.chunks[j])) for j in js]
         starts = np.zeros(len(js) + 1, dtype=np.int64)
         np.cumsum(frames, out=starts[1:])
-        groups = [
-            [js[g] for g in group]
-            for group in pack_micro_batches(
-                [len(w.chunks[j]) for j in js],
-                self.config.max_batch_samples,
-                self.batch_cost_samples,
-                self.pad_multiple,
-            )
-        ]
-        pos = {j: p for p, j in enumerate(js)}
+        packed = pack_micro_batches(  # positions in js
+            [len(w.chunks[j]) for j in js],
+            self.config.max_batch_samples,
+            self.batch_cost_samples,
+            self.pad_multiple,
+        )
+        groups = [[js[p] for p in group] for group in packed]
         total = int(starts[-1])
         out = {
             k: torch.empty((total, self.hidden), dtype=store, device=self.device)
             for k in self.layers
         }
         peak = torch.empty(total, dtype=torch.float32, device=self.device)
-        for n, group in enumerate(groups):
-            at = [int(starts[pos[j]]) for j in group]
-            self._micro_batch(net, w, group, at, out, peak, n % 2)
+        for n, (group, ps) in enumerate(zip(groups, packed, strict=True)):
+            self._micro_batch(net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
             if not self.overlap and self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
         # A frame is finite once stored if no layer has NaN or a magnitude that overflows the

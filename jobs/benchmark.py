@@ -50,6 +50,11 @@ MIXED_MIN_S, MIXED_MAX_S = 0.3, 20.0
 
 
 # -- inputs ---------------------------------------------------------------------------------------
+def numbers(text: str | None, kind: type) -> list:
+    """A comma-separated option ("1,16,64") as a list of ``kind``; empty or unset: []."""
+    return [kind(v) for v in (text or "").split(",") if v.strip()]
+
+
 def parse_dists(spec: str) -> list[tuple[str, float, bool]]:
     """``"10,mixed"`` → [(name, seconds, is_mixed)]; ``mixed:MEAN`` sets the mean (default 2.5)."""
     out = []
@@ -220,7 +225,7 @@ class Bench:
         self.cuda = device == "cuda"
         self.rows: list[dict] = []
         self.pipeline_warmup_s: float | None = None  # wall of the 2-utterance warm-up run
-        self.pipeline_calls = [int(c) for c in args.pipeline_calls.split(",") if c.strip()]
+        self.pipeline_calls = numbers(args.pipeline_calls, int)
 
     def sync(self):
         if self.cuda:
@@ -966,12 +971,12 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device == "cuda"
     dists = parse_dists(args.utt_seconds)
     sweep = (
-        [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        numbers(args.batch_sizes, int)
         if args.batch_sizes is not None
         else ([1, 16, 64] if cuda else [])
     )
-    costs = [float(c) for c in (args.micro_batch_costs or "").split(",") if c.strip()]
-    pads = [float(c) for c in (args.pad_multiples or "").split(",") if c.strip()]
+    costs = numbers(args.micro_batch_costs, float)
+    pads = numbers(args.pad_multiples, float)
     pdtype = (
         args.pipeline_dtype if args.pipeline_dtype != "auto" else ("float16" if cuda else "float32")
     )
