@@ -17,6 +17,8 @@ SAMPLE_RATE_HZ = 16_000
 MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
 DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 STORAGE_DTYPES = ("float16", "float32")
+# torch.compile of the model actor's forward: none, or a torch.compile mode.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _LAYERS_RE = re.compile(r"^(all|last|\d+(\s*,\s*\d+)*)$")
 
 
@@ -147,6 +149,11 @@ class ModelConfig:
     # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,
     # 0.25 s on GPU (not yet measured there; benchmarks/gpu_run.sh sweeps it).
     pad_multiple_seconds: float | None = None
+    # torch.compile the transformer layers (model.ExactHubert.compile_layers): none or a
+    # torch.compile mode. Off by default: each actor pays the compiles and needs a C++ compiler
+    # (CPU) or Triton (GPU); no faster on CPU (benchmarks/RESULTS.md), not yet measured on a
+    # GPU, where fusing the layers' elementwise work is what it is for.
+    compile: str = "none"
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
@@ -209,6 +216,7 @@ class ModelConfig:
             self.pad_multiple_seconds,
             "a number of seconds from 0 to chunk_seconds (unset: by device)",
         )
+        _require(self.compile in COMPILE_MODES, "compile", self.compile, ", ".join(COMPILE_MODES))
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
         _require(
             isinstance(self.num_threads, int) and self.num_threads >= 0,
@@ -239,6 +247,7 @@ class ExtractConfig:
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     micro_batch_cost_seconds: float | None = None  # None: 1 s on CPU, 16 s on GPU
     pad_multiple_seconds: float | None = None  # None: 0 on CPU, 0.25 s on GPU
+    compile: str = "none"  # torch.compile mode of the model actors' forward (ModelConfig)
     num_gpus: int | None = None  # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
     num_cpu_actors: int = 1  # model actors when running on CPU
     cpus_per_actor: float = 1.0  # Ray CPUs reserved per CPU model actor
@@ -355,6 +364,7 @@ class ExtractConfig:
             max_batch_samples=self.max_batch_samples,
             micro_batch_cost_seconds=self.micro_batch_cost_seconds,
             pad_multiple_seconds=self.pad_multiple_seconds,
+            compile=self.compile,
             device=device,
             num_threads=num_threads,
             allow_pickle_weights=self.allow_pickle_weights,

@@ -185,6 +185,9 @@ class HubertStage:
         self.net = hm.load_hubert(
             self.model_dir, self.device, dtype, allow_pickle=config.allow_pickle_weights
         )
+        if config.compile != "none":
+            self.net.compile_layers(config.compile)
+            log.info("model forward compiled with torch.compile mode %s", config.compile)
         self.hidden = self.net.config.hidden_size
         self.layers = parse_layers(config.layers, self.net.num_hidden_layers)
         self.model_name = hm.model_name(self.model_dir)

@@ -75,6 +75,24 @@ class ExactHubert(nn.Module):
         self.config = model.config
         if getattr(self.config, "do_stable_layer_norm", False):
             raise ValueError("stable-layer-norm (large) HuBERT variants are not supported yet")
+        convs = list(model.feature_extractor.conv_layers)
+        # The first conv layer normalises over time (GroupNorm): run per item, see above.
+        self._time_norm = None
+        if isinstance(getattr(convs[0], "layer_norm", None), nn.GroupNorm):
+            self._time_norm, convs = convs[0], convs[1:]
+        self._convs = tuple(convs)  # (not registered twice)
+        self.compiled = None
+
+    def compile_layers(self, mode: str) -> None:
+        """``torch.compile`` the transformer layers (``mode``: ``default``, ``reduce-overhead``
+        = CUDA graphs, ``max-autotune``, ...). Only those: their graphs settle after a few
+        shapes (batch size 1, 2, then dynamic; with and without a padding mask: 5 graphs over
+        a stream of mixed-length batches), while compiling the strided convolutions recompiles
+        for every power-of-two range of lengths (cuDNN's backend choice guards on sizes) and
+        hits dynamo's recompile limit. ``reduce-overhead`` records a CUDA graph per distinct
+        shape (see ``pad_multiple_seconds``)."""
+        self._layers = torch.compile(self._layers, mode=None if mode == "default" else mode)
+        self.compiled = mode
 
     @property
     def num_hidden_layers(self) -> int:
@@ -95,57 +113,50 @@ class ExactHubert(nn.Module):
         if isinstance(lengths, torch.Tensor):
             lengths = lengths.tolist()
         lengths = [int(n) for n in lengths]
-        model = self.model
-        convs = list(model.feature_extractor.conv_layers)
         h = x[:, None, :]
-        first = convs[0]
-        if isinstance(getattr(first, "layer_norm", None), nn.GroupNorm):
+        if self._time_norm is not None:
+            first = self._time_norm
             h = first.conv(h)
             l0 = conv_output_lengths(
                 lengths, self.config.conv_kernel[0], self.config.conv_stride[0]
             )
             h = first.activation(masked_group_norm(h, l0, first.layer_norm))
-            convs = convs[1:]
-        for conv in convs:
-            h = conv(h)
-        h = h.transpose(1, 2)  # [B, F, C]
         frame_lengths = self._feature_lengths(lengths)
-        padded = any(n < h.shape[1] for n in frame_lengths)
-        frame_mask = None
-        if padded:
+        t = self._feature_lengths([x.shape[1]])[0]  # frames of the padded width
+        frame_mask = attn_mask = None
+        if any(n < t for n in frame_lengths):
             valid = to_device(torch.tensor(frame_lengths), h.device)
-            frame_mask = torch.arange(h.shape[1], device=h.device)[None, :] < valid[:, None]
-
-        h = model.feature_projection(h)
-        if isinstance(h, tuple):  # older transformers return (hidden, normed extract features)
-            h = h[0]
-        encoder = model.encoder
-        attn_mask = None  # unpadded: no mask (SDPA may then pick its fastest kernel)
-        if padded:
-            h = h.masked_fill(~frame_mask[..., None], 0.0)
+            frame_mask = torch.arange(t, device=h.device)[None, :] < valid[:, None]
             # Padded, so the mask can never be skipped: no check of its values (reading them
             # back would wait for the device).
             attn_mask = create_bidirectional_mask(
                 config=self.config,
-                inputs_embeds=h,
+                inputs_embeds=torch.empty((h.shape[0], t, 0), dtype=h.dtype, device=h.device),
                 attention_mask=frame_mask,
                 allow_is_bidirectional_skip=False,
             )
-        h = h + encoder.pos_conv_embed(h)
-        h = encoder.layer_norm(h)
-        out = {}
-        if 0 in layers:
-            out[0] = h
-        top = max(layers)
-        for i, layer in enumerate(encoder.layers, start=1):
-            if i > top:
-                break
+        for conv in self._convs:
+            h = conv(h)
+        h = self.model.feature_projection(h.transpose(1, 2))  # [B, F, C]
+        if isinstance(h, tuple):  # older transformers return (hidden, normed extract features)
+            h = h[0]
+        if frame_mask is not None:
+            h = h.masked_fill(~frame_mask[..., None], 0.0)
+        encoder = self.model.encoder
+        h = encoder.layer_norm(h + encoder.pos_conv_embed(h))
+        return self._layers(h, attn_mask, tuple(sorted(layers))), torch.tensor(frame_lengths)
+
+    def _layers(self, h, attn_mask, layers: tuple[int, ...]) -> dict:
+        """The transformer layers up to the highest requested one (what :meth:`compile_layers`
+        compiles). Returns the requested ones; 0 is their input."""
+        out = {0: h} if 0 in layers else {}
+        for i, layer in enumerate(self.model.encoder.layers[: max(layers)], start=1):
             h = layer(h, attention_mask=attn_mask)
             if isinstance(h, tuple):
                 h = h[0]
             if i in layers:
                 out[i] = h
-        return out, torch.tensor(frame_lengths)
+        return out
 
 
 def model_revision(model_dir: str) -> str:

@@ -45,6 +45,8 @@ import traceback
 
 import numpy as np
 
+from hubert_ray.config import COMPILE_MODES
+
 SR = 16_000
 MIXED_MIN_S, MIXED_MAX_S = 0.3, 20.0
 
@@ -395,7 +397,14 @@ def chunked_reference(model_dir, device, items, refs, chunk_samples):
 
 
 def model_config(
-    bench: Bench, model_dir, dtype, batch_size, storage_dtype, cost_s=None, pad_s=None
+    bench: Bench,
+    model_dir,
+    dtype,
+    batch_size,
+    storage_dtype,
+    cost_s=None,
+    pad_s=None,
+    compile_mode="none",
 ):
     from hubert_ray.config import ModelConfig
 
@@ -412,6 +421,7 @@ def model_config(
         max_batch_samples=budget,
         micro_batch_cost_seconds=cost_s,
         pad_multiple_seconds=pad_s,
+        compile=compile_mode,
         device=bench.device,
     )
 
@@ -451,14 +461,18 @@ def run_actor(
     overlap=True,
     null_model=False,
     pad_s=None,
+    compile_mode="none",
 ):
     """One actor row; ``overlap=False``: the host waits for the device after each micro-batch
     (vs the overlapped default); ``null_model``: the model replaced by :class:`NullHubert`, so
-    the row measures the actor's own work around the model (its ceiling for any GPU)."""
+    the row measures the actor's own work around the model (its ceiling for any GPU);
+    ``compile_mode``: torch.compile the forward (one untimed pass over the rows first pays the
+    compiles; its wall time is in the note)."""
     from hubert_ray.extractor import HubertStage
 
     name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
     name += "" if pad_s is None else f"_pad{pad_s:g}"
+    name += "" if compile_mode == "none" else f"_compile-{compile_mode}"
     row = dict(
         dist=dist,
         name=name + ("" if overlap else "_serial") + ("_nullmodel" if null_model else ""),
@@ -469,10 +483,14 @@ def run_actor(
         pad_multiple_s=pad_s,
         overlap=overlap,
         null_model=null_model,
+        compile=compile_mode,
     )
+    compile_note = ""
     try:
         stage = HubertStage(
-            model_config(bench, model_dir, dtype, batch_size, "float32", cost_s, pad_s)
+            model_config(
+                bench, model_dir, dtype, batch_size, "float32", cost_s, pad_s, compile_mode
+            )
         )
         stage.overlap = overlap
         if null_model:  # no model: no FP32 rechecks either
@@ -486,6 +504,12 @@ def run_actor(
         ]
         w = [bench.warm_item(x) for x in batches[0]]
         warm = (sum(map(len, w)) / SR, decoded_table(w, "warm"))
+        if compile_mode != "none":
+            t = time.perf_counter()
+            for _, x in units:
+                stage(x)
+            bench.sync()
+            compile_note = f"compiles + first pass {time.perf_counter() - t:.1f} s untimed; "
         tables, audio_s, wall, peak, passes = bench.timed(units, stage, warm, budget)
         stats = {k: v for k, v in stage.stats.items() if k != "forward_s"}
     except Exception as exc:
@@ -494,6 +518,10 @@ def run_actor(
     finally:
         stage = None
         bench.release()
+        if compile_mode != "none":  # the next compiled row starts from an empty dynamo cache
+            import torch._dynamo
+
+            torch._dynamo.reset()
     outs = [f for t in tables for f in feature_rows(t, layer)]
     n = len(outs)
     bench.add(
@@ -505,7 +533,7 @@ def run_actor(
         rel_l2_err=None if null_model else rel_l2(outs, refs[:n]),
         err_ref="n/a: no model" if null_model else "plain_fp32_b1 on the same chunks",
         real_per_padded=_real_per_padded(stats),
-        note=_passes_note(n, len(items), passes),
+        note=compile_note + _passes_note(n, len(items), passes),
         stage_stats=stats,
     )
 
@@ -830,6 +858,7 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
             and r["batch_size"] == batch_size
             and r.get("micro_batch_cost_s") is None  # the default packing only
             and r.get("pad_multiple_s") is None
+            and r.get("compile", "none") == "none"
             and r.get("overlap", True)
             and not r.get("null_model")
             and r["rel_l2_err"] is not None
@@ -847,6 +876,10 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
                 base = by.get(variant["name"].removesuffix(suffix))
                 a, b = (base, variant) if suffix == "_serial" else (variant, base)
                 ratio(what, dist, a, b)
+        for r in rs:
+            if r.get("compile", "none") != "none":
+                base = by.get(r["name"].removesuffix(f"_compile-{r['compile']}"))
+                ratio(f"compiled ({r['compile']}) / eager", dist, r, base)
         pipe = by.get(f"pipeline_{pipeline_dtype}_b{batch_size}")
         ratio("pipeline / actor only", dist, pipe, by.get(f"actor_{pipeline_dtype}_b{batch_size}"))
         ratio(
@@ -937,6 +970,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of these seconds, e.g. 0,0.25 (default none: the job's default for the device)",
     )
     p.add_argument(
+        "--compile-modes",
+        default="",
+        help="extra actor rows (FP16 on GPU, FP32 on CPU) with the forward torch.compiled in "
+        "these modes, e.g. default,reduce-overhead (default none)",
+    )
+    p.add_argument(
         "--pipeline-calls",
         default="",
         help="extra pipeline rows with these calls in flight per model actor, e.g. 1,2 "
@@ -977,6 +1016,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     costs = numbers(args.micro_batch_costs, float)
     pads = numbers(args.pad_multiples, float)
+    compiles = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    if set(compiles) - set(COMPILE_MODES[1:]):
+        print(f"error: --compile-modes: one of {', '.join(COMPILE_MODES[1:])}", file=sys.stderr)
+        return 2
     pdtype = (
         args.pipeline_dtype if args.pipeline_dtype != "auto" else ("float16" if cuda else "float32")
     )
@@ -1033,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_actor(bench, model_dir, items, cref, dist, sweep_dt, b, bench_b)
             # variants of the default row, in the device's default dtype
             variants = [{"cost_s": c} for c in costs] + [{"pad_s": p} for p in pads]
+            variants += [{"compile_mode": m} for m in compiles]
             for variant in [*variants, {"overlap": False}, {"null_model": True}]:
                 run_actor(
                     bench,

@@ -55,6 +55,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "pad each forward micro-batch to a multiple of this many seconds, so shapes repeat "
         "(default: 0 on CPU = to the longest item, 0.25 on GPU)",
     ),
+    "compile": (
+        str,
+        "torch.compile the model actors' forward: none (default), default, reduce-overhead "
+        "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs; each actor compiles once",
+    ),
     "num_gpus": (int, "model actors on GPUs (default: all GPUs in the cluster; 0 = CPU)"),
     "num_cpu_actors": (int, "model actors when running on CPU (default 1)"),
     "cpus_per_actor": (float, "Ray CPUs reserved per CPU model actor (default 1)"),

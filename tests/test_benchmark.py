@@ -28,6 +28,7 @@ def test_benchmark_cli_smoke(tmp_path):
     args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
     args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
     args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2", "--pad-multiples", "0.25"]
+    args += ["--compile-modes", "default"]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.benchmark", *args],
         cwd=ROOT,
@@ -60,6 +61,7 @@ def test_benchmark_cli_smoke(tmp_path):
         "actor_float32_b4_serial",
         "actor_float32_b4_pad0.25",
         "actor_float32_b4_nullmodel",
+        "actor_float32_b4_compile-default",
         "loop_float32_b4",
         "pipeline_float32_b4",
         "pipeline_float32_b4_calls2",
@@ -91,6 +93,8 @@ def test_benchmark_cli_smoke(tmp_path):
         assert rows[(dist, "actor_float32_b4_serial")]["rel_l2_err"] < 1e-5
         # padding micro-batches to whole 0.25 s: same features, more padding
         assert rows[(dist, "actor_float32_b4_pad0.25")]["rel_l2_err"] < 1e-5
+        assert rows[(dist, "actor_float32_b4_compile-default")]["rel_l2_err"] < 1e-5
+        assert "untimed" in rows[(dist, "actor_float32_b4_compile-default")]["note"]
         pad_bucketed = rows[(dist, "actor_float32_b4_pad0.25")]["real_per_padded"]
         assert pad_bucketed <= rows[(dist, "actor_float32_b4")]["real_per_padded"]
         assert rows[(dist, "actor_float16_b4")]["rel_l2_err"] < 0.05
@@ -114,6 +118,7 @@ def test_benchmark_cli_smoke(tmp_path):
         "ours (best dtype) / seed recipe",
         "overlapped / serial micro-batches",
         "actor without the model / actor (host share: >> 1 is good)",
+        "compiled (default) / eager",
         "pipeline / actor only",
         "pipeline / plain loop (CPU goal >= 0.8)",
     }

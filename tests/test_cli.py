@@ -39,6 +39,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         (["--micro-batch-cost-seconds", "-1"], "--micro-batch-cost-seconds"),
         (["--calls-per-actor", "0"], "--calls-per-actor"),
         (["--pad-multiple-seconds", "-1"], "--pad-multiple-seconds"),
+        (["--compile", "fast"], "--compile"),
         (["--num-gpus", "-1"], "--num-gpus"),
         (["--storage-options", "{not json"], "--storage-options"),
         (["--storage-dtype", "int4"], "--storage-dtype"),

@@ -75,6 +75,32 @@ def test_stage_float16_on_cuda_with_precision_checks(base_model):
             assert r["rel_l2"] < 0.05 and r["cos_min"] > 0.99
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_stage_on_cuda_matches_eager(tiny_model, mode):
+    """torch.compile (``reduce-overhead``: CUDA graphs) of the FP16 forward: the features of
+    padded mixed-length batches stay within FP16 noise of the eager forward's (tiny model:
+    compiling the base one takes longer than this check is worth; the benchmark's
+    ``_compile-*`` rows time and check it)."""
+    from hubert_ray.config import ModelConfig, PrecisionConfig
+    from hubert_ray.extractor import HubertStage
+    from tests.test_model import _audio, _decoded_batch
+
+    torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactHubert
+    common = dict(
+        model_uri=tiny_model, layers="2", precision=PrecisionConfig(precision_sample_rate=0)
+    )
+    eager = HubertStage(ModelConfig(**common))
+    compiled = HubertStage(ModelConfig(compile=mode, **common))
+    for lengths in ([16_000, 160_000, 3_000], [40_000, 40_000], [9_000, 70_000, 400, 120_000]):
+        batch = _decoded_batch([(f"s{i}", _audio(n, i), None) for i, n in enumerate(lengths)])
+        a, b = eager(batch), compiled(batch)
+        for row in range(len(lengths)):
+            fa = np.asarray(a.column("layer_2")[row].as_py(), np.float32)
+            fb = np.asarray(b.column("layer_2")[row].as_py(), np.float32)
+            assert fa.shape == fb.shape and np.isfinite(fb).all()
+            assert _rel(fb, fa) < 1e-2, (mode, lengths[row], _rel(fb, fa))
+
+
 @pytest.mark.ray
 def test_pipeline_uses_the_gpu(ray_session, corpus, tiny_model, tmp_path):
     from hubert_ray import pipeline

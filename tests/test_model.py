@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -344,6 +345,37 @@ def test_padding_to_a_multiple_gives_same_result(affine_dir):
     for k in ALL_LAYERS:
         for i in range(len(lengths)):
             np.testing.assert_allclose(_features(a, k, i), _features(b, k, i), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
+def test_compiled_stage_gives_same_result(affine_dir):
+    """``compile=default``: the transformer layers run through torch.compile (really: dynamo
+    records graphs) and every batch shape gives the eager features, padded or not, for new
+    shapes too (dynamic shapes after the first recompile)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactHubert
+
+    common = dict(
+        model_uri=affine_dir, layers="all", dtype="float32", storage_dtype="float32", device="cpu"
+    )
+    eager = HubertStage(ModelConfig(**common))
+    compiled = HubertStage(ModelConfig(compile="default", **common))
+    assert compiled.net.compiled == "default" and eager.net.compiled is None
+    graphs = counters["stats"]["unique_graphs"]
+    for lengths in ([16_000, 16_000], [400, 7000, 16_000], [3000, 12_000, 30_000, 2000, 9000]):
+        batch = _decoded_batch([(f"s{n}", _audio(n, seed=n), None) for n in lengths])
+        a, b = eager(batch), compiled(batch)
+        for k in ALL_LAYERS:
+            for i in range(len(lengths)):
+                np.testing.assert_allclose(
+                    _features(b, k, i), _features(a, k, i), rtol=1e-5, atol=1e-5
+                )
+    assert counters["stats"]["unique_graphs"] > graphs
 
 
 def test_storage_float32_type(affine_dir, nets):

@@ -253,6 +253,12 @@ def test_placement_plan():
     assert pipeline.plan_placement(three, 0).calls_per_actor == 3
     args = pipeline.stage_args("model", three, pipeline.plan_placement(three, 0))
     assert args["compute"].max_concurrent_calls_per_actor == 3
+    # torch.compile: off unless asked, then in the model actors of either device
+    assert cpu.model_config.compile == gpu.model_config.compile == "none"
+    compiled = ExtractConfig(manifest="m.jsonl", model="m", output="o", compile="max-autotune")
+    assert pipeline.plan_placement(compiled, 1).model_config.compile == "max-autotune"
+    with pytest.raises(ConfigError, match="compile"):
+        ExtractConfig(manifest="m.jsonl", model="m", output="o", compile="yes")
 
 
 def test_demo_sized_run_does_not_spill(job):
