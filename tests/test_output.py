@@ -96,3 +96,26 @@ def test_input_blocks_are_bounded_in_number(monkeypatch):
     blocks = pipeline.input_blocks(cfg, table)
     assert len(blocks) <= 8 and pa.concat_tables(blocks).equals(table)
     assert all(b.num_rows % 3 == 0 for b in blocks)  # whole recordings
+
+
+def test_feature_columns_written_without_dictionary_or_statistics(tmp_path):
+    """Parquet options of a part: the flat columns keep dictionary encoding and min/max
+    statistics (resume and ``read_features`` filter on segment_id), the feature column's leaf
+    values have neither (pure cost there), and the values read back unchanged."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    values = np.random.default_rng(0).standard_normal((7, 4)).astype(np.float16)
+    feats = pa.ListArray.from_arrays(
+        pa.array([0, 3, 7], pa.int32()), pa.FixedSizeListArray.from_arrays(values.reshape(-1), 4)
+    )
+    table = _features(["a", "b"]).append_column("layer_12", feats)
+    url = output.write_part(table, str(tmp_path), {"k": 1}, key="x")
+    meta = pq.ParquetFile(url).metadata.row_group(0)
+    chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    seg, leaf = chunks["segment_id"], chunks["layer_12.list.element.list.element"]
+    assert seg.is_stats_set and seg.statistics.min == "a"
+    assert any("DICT" in e for e in seg.encodings)
+    assert not leaf.is_stats_set
+    assert not any("DICT" in e for e in leaf.encodings)
+    assert pq.read_table(url).column("layer_12").combine_chunks().equals(feats)
