@@ -2,14 +2,16 @@
 
     python -m jobs.plan --hours 10000 --gpus 8 --decode-cores 352 [--format opus|flac]
         [--gpu-rate X] [--decode-rate X] [--decode-profile reference|measured]
-        [--gpus-per-node 8] [--cores-per-node 16] [--json]
+        [--layers 1] [--write-rate X] [--gpus-per-node 8] [--cores-per-node 16] [--json]
 
 The job is a pipeline: decode (CPU tasks) feeds the model actors (one per GPU), so its speed is
 the slower of the two stages: ``min(gpus x gpu_rate, decode_cores x decode_rate)`` seconds of
-audio per second. Rates come from :mod:`hubert_ray.rates` (each printed with where it was
-measured) unless given. ``--decode-cores`` counts every core given to decoding (CPU-only nodes
-plus spare cores on GPU nodes). Not modelled: start-up (cluster, model load), the manifest read,
-object-storage bandwidth, and stragglers at the end; treat the result as a lower bound.
+audio per second. The write tasks (Parquet encoding of the features) need cores of their own,
+``throughput x layers / write_rate``, on any node; the plan reports them. Rates come from
+:mod:`hubert_ray.rates` (each printed with where it was measured) unless given.
+``--decode-cores`` counts every core given to decoding (CPU-only nodes plus spare cores on GPU
+nodes). Not modelled: start-up (cluster, model load), the manifest read, object-storage
+bandwidth, and stragglers at the end; treat the result as a lower bound.
 Bad options exit with code 2.
 """
 
@@ -33,6 +35,8 @@ def plan(
     decode_profile: str = rates.DEFAULT_DECODE_PROFILE,
     gpus_per_node: int = 8,
     cores_per_node: int = 16,
+    layers: int = 1,
+    write_rate: float | None = None,
 ) -> dict:
     """The plan as a dict (see the module doc for the model)."""
     if gpu_rate is None:
@@ -45,6 +49,10 @@ def plan(
         decode_rate, decode_source = dec.x_realtime, dec.source
     else:
         decode_source = "given (--decode-rate)"
+    if write_rate is None:
+        write_rate, write_source = rates.WRITE_RATE.x_realtime, rates.WRITE_RATE.source
+    else:
+        write_source = "given (--write-rate)"
     audio_s = hours * 3600.0
     gpu_x = gpus * gpu_rate
     decode_x = decode_cores * decode_rate
@@ -75,6 +83,10 @@ def plan(
         "cores_per_node": cores_per_node,
         "decode_cores_to_saturate_gpus": balanced_cores,
         "decode_nodes_to_saturate_gpus": math.ceil(balanced_cores / cores_per_node),
+        "layers": layers,
+        "write_rate_per_core_per_layer": write_rate,
+        "write_rate_source": write_source,
+        "write_cores": math.ceil(x * layers / write_rate),
     }
 
 
@@ -93,6 +105,9 @@ def render(p: dict) -> str:
         f"{p['model_stage_x_realtime']:,.0f}x realtime  [{p['gpu_rate_source']}]",
         f"  decode stage: {p['decode_cores']} core(s) x {p['decode_rate_per_core']:,.1f}x = "
         f"{p['decode_stage_x_realtime']:,.0f}x realtime  [{p['decode_rate_source']}]",
+        f"  write tasks : {p['write_cores']:,} core(s) for {p['layers']} stored layer(s) at "
+        f"{p['write_rate_per_core_per_layer']:,.0f}x per core per layer, on any node  "
+        f"[{p['write_rate_source']}]",
         f"  throughput  : {p['x_realtime']:,.0f}x realtime; bottleneck: {p['bottleneck']}; "
         f"GPUs {100 * p['gpu_busy_fraction']:.0f}% busy",
         f"  wall time   : {_duration(p['wall_seconds'])} ({p['wall_seconds']:,.0f} s), "
@@ -136,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=rates.DEFAULT_DECODE_PROFILE,
         help="which stored decode rates: the reference node or this machine's measurement",
     )
+    p.add_argument("--layers", type=_positive(int), default=1, help="stored layers")
+    p.add_argument(
+        "--write-rate",
+        type=_positive(float),
+        help="x realtime per write core per stored layer (override)",
+    )
     p.add_argument("--gpus-per-node", type=_positive(int), default=8)
     p.add_argument("--cores-per-node", type=_positive(int), default=16)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -154,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_profile=args.decode_profile,
         gpus_per_node=args.gpus_per_node,
         cores_per_node=args.cores_per_node,
+        layers=args.layers,
+        write_rate=args.write_rate,
     )
     print(json.dumps(p, indent=2) if args.json else render(p))
     return 0

@@ -24,6 +24,8 @@ def test_wenetspeech_l_on_one_8_gpu_node():
     assert (p["gpu_nodes"], p["decode_nodes"]) == (1, 22)
     assert p["decode_cores_to_saturate_gpus"] == math.ceil(77_760 / 218.75) == 356
     assert p["decode_nodes_to_saturate_gpus"] == 23
+    # write tasks: one stored layer at the measured per-core rate, at the plan's throughput
+    assert p["write_cores"] == math.ceil(77_000 / rates.WRITE_RATE.x_realtime)
 
 
 def test_gpu_bound_and_overrides():
@@ -37,6 +39,9 @@ def test_gpu_bound_and_overrides():
     assert p["decode_cores_to_saturate_gpus"] == 6
     assert p["gpu_rate_source"] == "given (--gpu-rate)"
     assert p["decode_rate_source"] == "given (--decode-rate)"
+    three = planner.plan(100, 3, 40, gpu_rate=1_000, decode_rate=500, layers=3, write_rate=700)
+    assert three["write_cores"] == math.ceil(3_000 * 3 / 700) == 13
+    assert three["write_rate_source"] == "given (--write-rate)"
 
 
 def test_decode_profiles_and_formats():
@@ -65,6 +70,7 @@ def test_cli(capsys):
     out = capsys.readouterr().out
     assert "wall time   : 23.0 min" in out and "bottleneck: gpu" in out
     assert "H200" in out and "H100, DESIGN.md reference table" in out
+    assert "write tasks : 10 core(s) for 1 stored layer(s)" in out and "write_rate.py" in out
     assert planner.main(["--hours", "5", "--gpus", "1", "--decode-cores", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hours"] == 5
 
