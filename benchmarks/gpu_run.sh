@@ -1,26 +1,52 @@
 #!/usr/bin/env bash
-# The GPU device check, as run on the lent H200 (results in benchmarks/RESULTS.md):
+# The GPU device check (results in benchmarks/RESULTS.md), in two parts that each fit one `run`
+# call (<= 600 s) with room for the machine's start within the session's 15 device minutes:
 #   bash ../shared/gpu/prepare-wheels.sh   # here, once: fills .whl/ (ray, soundfile, soxr)
-#   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh   (carry .whl)
-# Each step has its own time limit so a slow one still leaves the others' results in $OUT.
+#   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh model      (carry .whl)
+#   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh pipeline   (carry .whl)
+# Each step has its own time limit so a slow one still leaves the others' results in $OUT; the
+# benchmark prints a `[bench]` line per row as it goes (bench.log), results.json at the end.
+# A dry run of the same steps on a CPU (checks the options, not the numbers):
+#   DEVICE=cpu ARCH=tiny SECS=20 PIPE_SECS=60 bash benchmarks/gpu_run.sh model
 set -u
+PART=${1:-model}
 OUT=${OUT:-gpu_out}
+DEVICE=${DEVICE:-cuda}
+ARCH=${ARCH:-base}
+SECS=${SECS:-640}
+PIPE_SECS=${PIPE_SECS:-14400}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
-tail -4 "$OUT/gpu_tests.log"
-timeout 70 python3 -m jobs.precision_study --device cuda --arch base --batch 64 --seconds 10 \
-  --iters 10 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
-# Fixed 10 s and WenetSpeech-like mixed lengths; batch sweep (rows per call, <= 64 = that many
-# chunks per micro-batch); micro-batch cost sweep (the GPU default, 16 s, is not yet measured);
-# actor rows with serial micro-batches (vs the overlapped default) and with no model (the host's
-# ceiling: the `_nullmodel` ratio); the pipeline on 4 h of
-# FLAC per distribution (end to end vs the plain loop and the actor), with the default 2 calls
-# in flight per model actor and with 1; micro-batches padded to the longest item (0) vs the GPU
-# default of whole 0.25 s (none of these GPU defaults is measured yet).
-timeout 330 python3 -m jobs.benchmark --device cuda --arch base --utt-seconds 10,mixed \
-  --seconds 640 --batch-sizes 1,16,64 --micro-batch-costs 4,64 --pipeline-seconds 14400 \
-  --pad-multiples 0 --pipeline-calls 1 --max-row-seconds 10 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+case "$PART" in
+model)
+  # CUDA tests (exact padded batches, FP16 stage with checks, torch.compile vs eager, the
+  # pipeline on the GPU), the FP16/BF16 precision study, then model-only rows (no Ray):
+  # fixed 10 s and WenetSpeech-like mixed lengths; batch sweep (<= 64 rows = that many chunks
+  # per micro-batch); micro-batch cost sweep around the unmeasured GPU default (16 s); padding
+  # to the longest item (0) vs the GPU default of whole 0.25 s; serial micro-batches vs
+  # overlapped; no model (`_nullmodel`: the host's ceiling); torch.compile of the transformer
+  # layers (`_compile-*`; compiles are paid in an untimed pass, its time is in the note).
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  tail -4 "$OUT/gpu_tests.log"
+  timeout 60 python3 -m jobs.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
+    --iters 10 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
+  timeout 330 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
+    --seconds "$SECS" --batch-sizes 16,64 --micro-batch-costs 4,64 --pad-multiples 0 \
+    --compile-modes default,reduce-overhead --skip-pipeline --max-row-seconds 6 \
+    --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  ;;
+pipeline)
+  # End to end on 4 h of FLAC per distribution vs the plain loop and the actor, with the
+  # default 2 calls in flight per model actor and with 1 (short actor rows: the reference).
+  timeout 540 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
+    --seconds 120 --batch-sizes "" --pipeline-seconds "$PIPE_SECS" --pipeline-calls 1 \
+    --max-row-seconds 4 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  ;;
+*)
+  echo "usage: gpu_run.sh model|pipeline" >&2
+  exit 2
+  ;;
+esac
 grep "^\[bench\]" "$OUT/bench.log" | tail -40
