@@ -43,7 +43,9 @@ _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
 def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Split model-stage output into (features rows, error rows, precision-check rows)."""
     failed = block.column("error_reason").is_valid()
-    ok = block.filter(pc.invert(failed)).drop_columns([*_MODEL_ERROR_FIELDS, "precision"])
+    ok = block.drop_columns([*_MODEL_ERROR_FIELDS, "precision"])
+    if block.column("error_reason").null_count < block.num_rows:  # else: no copy of features
+        ok = ok.filter(pc.invert(failed))
     bad = block.filter(failed)
     errs = pa.table(
         {

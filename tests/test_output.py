@@ -119,3 +119,64 @@ def test_feature_columns_written_without_dictionary_or_statistics(tmp_path):
     assert not leaf.is_stats_set
     assert not any("DICT" in e for e in leaf.encodings)
     assert pq.read_table(url).column("layer_12").combine_chunks().equals(feats)
+
+
+def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
+    """A model-stage output block of ``n`` rows (4 frames of 2 values each)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from hubert_ray.extractor import HubertStage, features_array
+
+    values = np.arange(n * 8, dtype=np.float16).reshape(-1, 2)
+    valid = [i not in failed for i in range(n)]
+    layer = features_array(values, [4] * n, valid, "float16")
+    batch = pa.table(
+        {
+            "segment_id": [f"s{i}" for i in range(n)],
+            "recording_id": ["r"] * n,
+            "start_s": [0.0] * n,
+            "end_s": [0.1] * n,
+            "error_stage": ["decode" if i in failed else None for i in range(n)],
+            "error_reason": ["too_short" if i in failed else None for i in range(n)],
+            "error_message": ["m" if i in failed else None for i in range(n)],
+        }
+    )
+    check = {"layer": 1, "checked_dtype": "float16", "cos_mean": 1.0, "cos_min": 1.0}
+    check.update({"rel_l2": 1e-3, "max_abs": 0.1, "action": "none"})
+    stage = SimpleNamespace(
+        layers=[1], model_name="m", revision="r", config=SimpleNamespace(storage_dtype="float16")
+    )
+    return HubertStage._assemble(
+        stage,
+        batch,
+        {1: layer},
+        [0 if i in failed else 4 for i in range(n)],
+        {i: "float16" for i in range(n) if i not in failed},
+        set(),
+        {},
+        [[check] if i in checked else None for i in range(n)],
+    )
+
+
+def test_split_block_rows_and_no_copy_without_failures():
+    block = _model_block(failed={1}, checked={2})
+    ok, bad, checks = output.split_block(block)
+    assert ok.column("segment_id").to_pylist() == ["s0", "s2", "s3"]
+    assert "error_reason" not in ok.column_names and "precision" not in ok.column_names
+    assert ok.column("layer_1").to_pylist()[1] == block.column("layer_1").to_pylist()[2]
+    assert bad.column("segment_id").to_pylist() == ["s1"]
+    assert bad.column("reason").to_pylist() == ["too_short"]
+    assert checks.column("segment_id").to_pylist() == ["s2"]
+    assert checks.column("rel_l2").to_pylist() == [1e-3]
+
+    # Nothing failed (the usual block): the feature rows are the block's, not a copy.
+    clean = _model_block(failed=set(), checked=set())
+    ok, bad, checks = output.split_block(clean)
+    assert ok.num_rows == 4 and bad.num_rows == 0 and checks.num_rows == 0
+    leaf = ok.column("layer_1").chunk(0).values.values
+    assert (
+        leaf.buffers()[1].address
+        == clean.column("layer_1").chunk(0).values.values.buffers()[1].address
+    )
