@@ -109,8 +109,10 @@ def main(argv=None) -> int:
         times["read_default"] = best_of(args.repeats, lambda: pq.read_table(old))
         times["read_part"] = best_of(args.repeats, lambda: pq.read_table(new_file))
         sizes = {"default": os.path.getsize(old), "part": os.path.getsize(new_file)}
-        assert pq.read_table(new_file).column(f"layer_{layers[-1]}").equals(
-            ok.column(f"layer_{layers[-1]}")
+        assert (
+            pq.read_table(new_file)
+            .column(f"layer_{layers[-1]}")
+            .equals(ok.column(f"layer_{layers[-1]}"))
         )
     rates = {k: round(audio_s / v) for k, v in times.items()}
     result = {
