@@ -85,16 +85,17 @@ def part_key(segment_ids) -> str:
 def parquet_options(schema: pa.Schema) -> dict:
     """``pq.write_table`` options: dictionary encoding and min/max statistics for the flat
     columns only. For the feature columns (one leaf value per feature, ~38,000 per audio
-    second at 768 dims) both are pure cost: on 768-dim float16 features they made writing 4x
-    and reading 5x slower (``benchmarks/write_rate.py``), and no reader filters on feature
-    values. Nested columns keep Parquet's default snappy compression and plain encoding."""
+    second at 768 dims) both are pure cost: with them, one core wrote 768-dim float16 features
+    ~3.5x slower and read them back 3-6x slower (``benchmarks/write_rate.py``), and no reader
+    filters on feature values. Nested columns keep Parquet's default snappy compression and
+    plain encoding."""
     flat = [f.name for f in schema if not pa.types.is_nested(f.type)]
     return {"use_dictionary": flat, "write_statistics": flat}
 
 
 # Rows per record batch handed to the Parquet writer: it builds its repetition/definition levels
-# per batch (one per feature value), and levels for one batch of 2,000 rows made writing ~3x
-# slower than for batches of 64 (benchmarks/RESULTS.md, session 12).
+# per batch (one per feature value): one batch of 2,000 rows wrote ~2x slower than batches of
+# 16-256 rows (benchmarks/RESULTS.md, session 12). Splitting a table into batches copies nothing.
 WRITE_BATCH_ROWS = 64
 
 

@@ -68,11 +68,12 @@ DECODE_RATES: dict[str, dict[str, Rate]] = {
 DEFAULT_DECODE_PROFILE = "reference"
 # Write tasks: Parquet parts of one stored 768-dim float16 layer (output.write_part), per core;
 # a run storing k layers needs k times the cores. (pyarrow's default options, dictionary
-# encoding and statistics on every feature value, measured 703x: 3.9x the cores.)
+# encoding and statistics on every feature value, measured 658-850x: ~3.5x the cores.)
 WRITE_RATE = Rate(
-    2_768.0,
+    2_739.0,
     "core",
     "measured 2026-11-28 on this CI-class 2-core machine (x86_64), python "
-    "benchmarks/write_rate.py: one 768-dim float16 layer, WenetSpeech-like segments",
+    "benchmarks/write_rate.py: one 768-dim float16 layer, WenetSpeech-like segments, "
+    "median of 5 rounds",
 )
 FORMATS = ("opus", "flac")
