@@ -3,10 +3,12 @@
     python -m jobs.measure_decode [--seconds 60] [--recordings 3] [--repeats 5]
 
 Generates long 16 kHz mono recordings (the synthetic WenetSpeech signal), writes each as Ogg
-Opus and as FLAC, then times what a decode task does per recording — one whole-object read,
-soundfile decode, downmix/resample to 16 kHz mono (:func:`hubert_ray.audio.read_audio` +
-:func:`~hubert_ray.audio.to_mono_16k`) — in this single process (= one core). Prints JSON: the
-median and best x-realtime over the repeats per format. The numbers stored in
+Opus and as FLAC, then times in this single process (= one core), alternating: the decode of
+each recording — one whole-object read, soundfile decode, downmix/resample to 16 kHz mono
+(:func:`hubert_ray.audio.read_audio` + :func:`~hubert_ray.audio.to_mono_16k`) — and a decode
+task's whole work (``stage_*``: :class:`hubert_ray.audio.DecodeStage` on the recordings cut
+into WenetSpeech-like segments, 128 per batch: decode, cut, check, normalise, Arrow). Prints
+JSON: the median and best x-realtime over the repeats per format. The numbers stored in
 :mod:`hubert_ray.rates` as "measured" come from this command.
 """
 
@@ -17,14 +19,37 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
 
+INPUT_COLUMNS = ("segment_id", "recording_id", "audio_uri", "start_s", "end_s")
+
+
+def segment_table(paths: list[str], seconds: float, seed: int = 0) -> dict[str, list]:
+    """Each recording cut back to back into WenetSpeech-like segments (gamma lengths, mean
+    2.5 s, 0.3-20 s): a decode task's input columns."""
+    rng = random.Random(seed)
+    table: dict[str, list] = {k: [] for k in INPUT_COLUMNS}
+    for r, path in enumerate(paths):
+        start = 0.0
+        while start < seconds - 0.3:
+            end = min(start + min(max(rng.gammavariate(2.0, 1.25), 0.3), 20.0), seconds)
+            row = (f"r{r}-{len(table['segment_id'])}", f"r{r}", path, start, end)
+            for key, value in zip(INPUT_COLUMNS, row, strict=True):
+                table[key].append(value)
+            start = end
+    return table
+
 
 def measure(seconds: float, recordings: int, repeats: int) -> dict:
-    from hubert_ray.audio import read_audio, to_mono_16k
+    import pyarrow as pa
+
+    from hubert_ray.audio import DecodeStage, clear_cache, read_audio, to_mono_16k
     from hubert_ray.synth import synth_signal, write_audio
+
+    stage = DecodeStage()
 
     out: dict = {
         "date": datetime.date.today().isoformat(),
@@ -40,16 +65,25 @@ def measure(seconds: float, recordings: int, repeats: int) -> dict:
                 path = os.path.join(tmp, f"rec{i}.{fmt}")
                 write_audio(path, synth_signal(seconds, 16000, 1, seed=i), 16000, fmt)
                 paths.append(path)
-            rates = []
-            for _ in range(repeats):
+            table = segment_table(paths, seconds)
+            audio_s = sum(e - b for b, e in zip(table["start_s"], table["end_s"], strict=True))
+            rates, stage_rates = [], []
+            for _ in range(repeats):  # alternating: drifts hit both alike
                 t0 = time.perf_counter()
                 for path in paths:
                     samples, sr = read_audio(path)
                     to_mono_16k(samples, sr)
                 rates.append(seconds * recordings / (time.perf_counter() - t0))
+                clear_cache()
+                t0 = time.perf_counter()
+                for start in range(0, len(table["segment_id"]), 128):  # the job's decode batch
+                    stage(pa.table({k: v[start : start + 128] for k, v in table.items()}))
+                stage_rates.append(audio_s / (time.perf_counter() - t0))
             out["formats"][fmt] = {
                 "x_realtime_median": round(statistics.median(rates), 1),
                 "x_realtime_best": round(max(rates), 1),
+                "stage_x_realtime_median": round(statistics.median(stage_rates), 1),
+                "stage_x_realtime_best": round(max(stage_rates), 1),
                 "bytes_per_second": round(
                     sum(os.path.getsize(p) for p in paths) / seconds / recordings
                 ),

@@ -88,3 +88,24 @@ def test_bad_options_exit_2(args):
     with pytest.raises(SystemExit) as exc:
         planner.main(args)
     assert exc.value.code == 2
+
+
+def test_measure_decode_times_decode_and_decode_tasks(capsys):
+    """``python -m jobs.measure_decode`` on short recordings: both formats, the decode alone and
+    a decode task's whole work (cut into segments, normalised), as positive rates."""
+    from jobs import measure_decode
+
+    table = measure_decode.segment_table(["a.flac", "b.flac"], 10.0)
+    for rec in ("r0", "r1"):  # back to back, covering each recording
+        spans = [
+            (b, e)
+            for r, b, e in zip(table["recording_id"], table["start_s"], table["end_s"], strict=True)
+            if r == rec
+        ]
+        assert spans[0][0] == 0.0 and spans[-1][1] == pytest.approx(10.0, abs=0.3)
+        assert all(e1 == b2 for (_, e1), (b2, _) in zip(spans, spans[1:], strict=False))
+    assert measure_decode.main(["--seconds", "3", "--recordings", "1", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for fmt in ("opus", "flac"):
+        rates = result["formats"][fmt]
+        assert rates["x_realtime_median"] > 0 and rates["stage_x_realtime_median"] > 0
