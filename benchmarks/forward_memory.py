@@ -1,0 +1,69 @@
+"""Peak memory of one model call of ``--rows`` x 10 s rows (chinese-hubert-base's architecture,
+random weights, float32 on CPU), for source trees side by side (issue #8):
+
+    python benchmarks/forward_memory.py --trees OLD_TREE NEW_TREE [--rows 16]
+
+Each tree runs in its own subprocess (that tree first on ``PYTHONPATH``): ``HubertStage`` on CPU,
+one call, peak resident set size above the RSS before the call (sampled every 5 ms, as the
+benchmark's CPU rows do). The GPU goal bounds an actor's GPU memory at the chosen batch
+(default: 64 x 10 s per forward); on CPU the same activations are float32, twice their FP16
+size, so this shows what a change does to the forward's peak, not the GPU's number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = r"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("this_benchmark", sys.argv[3])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+from hubert_ray.audio import normalise
+from hubert_ray.config import ModelConfig
+from hubert_ray.extractor import HubertStage
+model, rows = sys.argv[1], int(sys.argv[2])
+table = bench.decoded_table([normalise(x) for x in bench.make_raw([160000] * rows, 0)], "m")
+stage = HubertStage(ModelConfig(model_uri=model, dtype="float32", device="cpu"))
+with bench.PeakMemory(False) as mem:
+    stage(table)
+print(f"RESULT {mem.peak_mib:.0f}")
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trees", nargs="+", required=True, help="source trees to compare")
+    p.add_argument("--rows", type=int, default=16, help="10 s rows in the call")
+    args = p.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from jobs.benchmark import make_model
+
+    with tempfile.TemporaryDirectory() as work:
+        model = make_model("base", os.path.join(work, "base"))
+        print("| tree | rows x 10 s | peak RSS above the start, MiB |\n|---|---|---|")
+        for tree in args.trees:
+            tree = os.path.abspath(tree)
+            proc = subprocess.run(
+                [sys.executable, "-c", CHILD, model, str(args.rows),
+                 os.path.join(ROOT, "jobs", "benchmark.py")],
+                cwd=tree,
+                env={**os.environ, "PYTHONPATH": tree},
+                capture_output=True,
+                text=True,
+            )  # fmt: skip
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
+            if line is None:
+                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+                return 1
+            print(f"| {tree} | {args.rows} | {line.split()[1]} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
