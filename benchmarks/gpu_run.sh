@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU device check (results in benchmarks/RESULTS.md), in two parts that each fit one `run`
-# call (<= 600 s) with room for the machine's start within the session's 15 device minutes:
+# The GPU device check (results in benchmarks/RESULTS.md), in two parts, each one `run` call:
+# `model` (<= ~440 s) first; `pipeline` (<= ~250 s) if the session's 15 device minutes still
+# hold it after the machine's start (minutes) and the first part:
 #   bash ../shared/gpu/prepare-wheels.sh   # here, once: fills .whl/ (ray, soundfile, soxr)
 #   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh model      (carry .whl)
 #   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh pipeline   (carry .whl)
@@ -14,7 +15,7 @@ OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
 ARCH=${ARCH:-base}
 SECS=${SECS:-640}
-PIPE_SECS=${PIPE_SECS:-14400}
+PIPE_SECS=${PIPE_SECS:-7200}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__,
@@ -28,19 +29,19 @@ model)
   # to the longest item (0) vs the GPU default of whole 0.25 s; serial micro-batches vs
   # overlapped; no model (`_nullmodel`: the host's ceiling); torch.compile of the transformer
   # layers (`_compile-*`; compiles are paid in an untimed pass, its time is in the note).
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
-  timeout 60 python3 -m jobs.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
+  timeout 45 python3 -m jobs.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
     --iters 10 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
-  timeout 330 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
+  timeout 240 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
     --seconds "$SECS" --batch-sizes 16,64 --micro-batch-costs 4,64 --pad-multiples 0 \
     --compile-modes default,reduce-overhead --skip-pipeline --max-row-seconds 6 \
     --out "$OUT/bench" > "$OUT/bench.log" 2>&1
   ;;
 pipeline)
-  # End to end on 4 h of FLAC per distribution vs the plain loop and the actor, with the
+  # End to end on 2 h of FLAC per distribution vs the plain loop and the actor, with the
   # default 2 calls in flight per model actor and with 1 (short actor rows: the reference).
-  timeout 540 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
+  timeout 240 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
     --seconds 120 --batch-sizes "" --pipeline-seconds "$PIPE_SECS" --pipeline-calls 1 \
     --max-row-seconds 4 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
   ;;
