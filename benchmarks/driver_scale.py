@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
+
+from trees import run_in_tree
 
 CHILD = r"""
 import resource, sys, time
@@ -111,18 +112,12 @@ def main() -> int:
         )
         print("|---|---|---|---|---|---|---|---|")
         for tree in args.trees:
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, path, out],
-                cwd=tree,
-                env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
-                capture_output=True,
-                text=True,
-            )
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
-            if proc.returncode or not lines:
-                print(f"| {tree} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
+            try:
+                fields = run_in_tree(tree, CHILD, path, out)
+            except RuntimeError as exc:
+                print(f"| {tree} | failed: {str(exc).strip().splitlines()[-1:]} |")
                 continue
-            print(f"| {tree} | " + " | ".join(lines[0].split()[1:]) + " |", flush=True)
+            print(f"| {tree} | " + " | ".join(fields) + " |", flush=True)
     return 0
 
 

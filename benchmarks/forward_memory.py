@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
+
+from trees import run_in_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
@@ -47,21 +48,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         model = make_model("base", os.path.join(work, "base"))
         print("| tree | rows x 10 s | peak RSS above the start, MiB |\n|---|---|---|")
+        bench = os.path.join(ROOT, "jobs", "benchmark.py")
         for tree in args.trees:
-            tree = os.path.abspath(tree)
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, model, str(args.rows),
-                 os.path.join(ROOT, "jobs", "benchmark.py")],
-                cwd=tree,
-                env={**os.environ, "PYTHONPATH": tree},
-                capture_output=True,
-                text=True,
-            )  # fmt: skip
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
-            if line is None:
-                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            try:
+                (peak,) = run_in_tree(tree, CHILD, model, str(args.rows), bench)
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
                 return 1
-            print(f"| {tree} | {args.rows} | {line.split()[1]} |", flush=True)
+            print(f"| {os.path.abspath(tree)} | {args.rows} | {peak} |", flush=True)
     return 0
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
+
+from trees import run_in_tree
 
 BENCH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "benchmark.py"
@@ -66,17 +67,9 @@ def main() -> int:
     print("| tree | rows | audio s | ms per call | x realtime |\n|---|---|---|---|---|")
     for _ in range(args.repeats):
         for tree in args.trees:
-            env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, args.arch, args.device, str(args.calls), BENCH],
-                cwd=tree,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
+            rows, audio, ms, xrt = run_in_tree(
+                tree, CHILD, args.arch, args.device, str(args.calls), BENCH
             )
-            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-            rows, audio, ms, xrt = line.split()[1:]
             print(f"| {tree} | {rows} | {audio} | {ms} | {xrt} |", flush=True)
     return 0
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
+
+from trees import run_in_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
@@ -69,22 +70,12 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for _ in range(args.repeats):
         for tree in args.trees:
-            tree = os.path.abspath(tree)
-            env = {**os.environ, "PYTHONPATH": tree}
-            env.pop("RAY_ADDRESS", None)
-            out = os.path.join(work, "out")
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, manifest, model, out],
-                cwd=tree,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
-            if line is None:
-                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            try:
+                fields = run_in_tree(tree, CHILD, manifest, model, os.path.join(work, "out"))
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
                 return 1
-            print(f"| {tree} | " + " | ".join(line.split()[1:]) + " |", flush=True)
+            print(f"| {os.path.abspath(tree)} | " + " | ".join(fields) + " |", flush=True)
     return 0
 
 
