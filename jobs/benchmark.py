@@ -1016,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     costs = numbers(args.micro_batch_costs, float)
     pads = numbers(args.pad_multiples, float)
-    compiles = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    compiles = numbers(args.compile_modes, str.strip)
     if set(compiles) - set(COMPILE_MODES[1:]):
         print(f"error: --compile-modes: one of {', '.join(COMPILE_MODES[1:])}", file=sys.stderr)
         return 2
