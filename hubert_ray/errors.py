@@ -21,6 +21,16 @@ class ManifestError(ValueError):
     """A manifest record is invalid; the message names the source, line and field."""
 
 
+class WorkerDeathError(RuntimeError):
+    """A decode task or model-actor call whose worker process kept dying (crash, OOM killer,
+    lost node) past the job's retry bound; the parts already written are kept (a rerun
+    resumes). ``stage`` is ``decode`` or ``model``."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+
 # Stages that can produce error rows.
 STAGE_DECODE = "decode"
 STAGE_MODEL = "model"

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from hubert_ray import manifest, metrics, output, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
-from hubert_ray.errors import ConfigError
+from hubert_ray.errors import STAGE_DECODE, STAGE_MODEL, ConfigError, WorkerDeathError
 
 log = logging.getLogger("hubert_ray")
 
@@ -287,9 +287,16 @@ def _decode(batch: pa.Table, config) -> pa.Table:
 RETRY_MARKER = "hubert_ray: retryable model-stage failure"
 """Prefix of the error the model stage raises for a failed batch; Ray Data retries map tasks
 whose error matches it (``DataContext.retried_map_errors``) up to :data:`MAX_MODEL_RETRIES`
-times. A model actor whose process dies is restarted and its task retried by Ray itself
-(Ray Data's actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``)."""
+times. A model actor whose process dies is restarted and its task retried by Ray itself, up to
+:data:`MAX_PROCESS_DEATHS` times."""
 MAX_MODEL_RETRIES = 3
+MAX_PROCESS_DEATHS = 3
+"""Retries of a decode task or model-actor call whose process died (a lost node, a crash, the
+kernel's OOM killer). Ray Data's defaults retry both without end (``max_retries=-1`` for
+tasks, ``max_task_retries=-1`` for actor pools), so a batch that kills its process every time
+(a decoder crash on one file, a batch too large for the host's memory) would loop forever; with
+this bound the job fails with an error naming the stage, keeps the parts already written, and a
+rerun resumes. Actors themselves are still restarted without end (``max_restarts=-1``)."""
 
 FAIL_BATCH_ENV = "HUBERT_RAY_FAIL_BATCH"
 FAIL_MODE_ENV = "HUBERT_RAY_FAIL_MODE"
@@ -317,18 +324,24 @@ def configure_retries() -> None:
 def _inject_failure(call: int) -> None:
     """Test hook: with ``$HUBERT_RAY_FAIL_BATCH=k``, the k-th model-stage call in a process
     fails once per job (a marker file in ``$HUBERT_RAY_FAIL_DIR`` records that it did):
-    ``$HUBERT_RAY_FAIL_MODE=raise`` (default) raises, ``exit`` kills the actor process."""
+    ``$HUBERT_RAY_FAIL_MODE=raise`` (default) raises, ``exit`` kills the actor process;
+    ``exit-every`` kills every process at its k-th call (a batch that always kills its actor)."""
     k = os.environ.get(FAIL_BATCH_ENV)
-    fail_dir = os.environ.get(FAIL_DIR_ENV)
-    if not k or not fail_dir or call != int(k):
+    if not k or call != int(k):
         return
-    try:
-        fd = os.open(os.path.join(fail_dir, "failed-once"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, f"{os.getpid()} call {call}\n".encode())
-    os.close(fd)
-    if os.environ.get(FAIL_MODE_ENV, "raise") == "exit":
+    mode = os.environ.get(FAIL_MODE_ENV, "raise")
+    if mode != "exit-every":
+        fail_dir = os.environ.get(FAIL_DIR_ENV)
+        if not fail_dir:
+            return
+        try:
+            marker = os.path.join(fail_dir, "failed-once")
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, f"{os.getpid()} call {call}\n".encode())
+        os.close(fd)
+    if mode.startswith("exit"):
         os._exit(17)
     raise RuntimeError(f"injected failure in model-stage call {call} ({FAIL_BATCH_ENV})")
 
@@ -512,6 +525,7 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
             batch_format="pyarrow",
             num_cpus=1,
             memory=cfg.decode_memory_mb * 2**20,
+            max_retries=MAX_PROCESS_DEATHS,
         )
     if stage == "model":
         resources = {"num_gpus": 1} if placement.gpu else {"num_cpus": cfg.cpus_per_actor}
@@ -522,6 +536,7 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
             ),
             batch_size=placement.rows_per_call,
             batch_format="pyarrow",
+            max_task_retries=MAX_PROCESS_DEATHS,
             **resources,
         )
     raise ValueError(f"unknown stage {stage!r}")
@@ -549,6 +564,27 @@ def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
     ds = ray.data.from_arrow(input_blocks(cfg, segments))
     ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
     return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
+
+
+def _write(ds, sink) -> None:
+    """Execute the dataset into ``sink`` (write tasks retried as decode tasks are); a worker
+    process that died past :data:`MAX_PROCESS_DEATHS` retries becomes a
+    :class:`WorkerDeathError` naming its stage."""
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    try:
+        ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
+    except (RayActorError, WorkerCrashedError, OutOfMemoryError) as exc:
+        actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
+        what = "a model-stage call" if actor else "a decode or write task"
+        cause = (exc.args[0] if exc.args else str(exc)).strip().splitlines()
+        raise WorkerDeathError(
+            f"{what} failed {MAX_PROCESS_DEATHS + 1} times because its worker process died or "
+            "became unreachable (a crash on one batch, host or GPU memory, a lost node); the "
+            "parts written so far are kept and a rerun resumes. Ray: "
+            f"{type(exc).__name__}: {(cause or [''])[0][:300]}",
+            STAGE_MODEL if actor else STAGE_DECODE,
+        ) from exc
 
 
 def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
@@ -600,7 +636,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         configure_retries()
         ds = build_dataset(cfg, todo, placement)
         sink = _make_sink(cfg, metadata)
-        ds.write_datasink(sink)
+        _write(ds, sink)
         sink_retries = sink.storage_retries
 
     summary = output.summarize(cfg.output, segments.column("segment_id"), cfg.storage_options)

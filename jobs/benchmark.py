@@ -9,6 +9,9 @@ Measured side by side in one run, for each utterance-length distribution:
   GPU; on CPU the model as-is in float32 *and* a ``.half()`` attempt), one utterance at a time,
   ``model(x).last_hidden_state`` under ``torch.no_grad()``, no padding, no chunking;
 * ``plain_fp32_b1``: a plain FP32 loop (batch 1, ``inference_mode``) — the FP32 reference;
+* ``stock_<dtype>_b<N>``: stock transformers batched as a user would (``.half()`` on GPU, N
+  utterances in data order zero-padded to the longest, no attention mask): exact on equal
+  lengths only, its error column shows what padding does otherwise;
 * ``actor_<dtype>_b<B>``: :class:`hubert_ray.extractor.HubertStage` called on pre-decoded
   batches in ``DECODED_SCHEMA`` (model only: exact padded batching, chunking, NaN guard);
 * ``loop_<dtype>_b<B>`` / ``pipeline_<dtype>_b<B>``: the same generated corpus written as FLAC,
@@ -313,10 +316,16 @@ class Bench:
 
 
 # -- the measured paths ---------------------------------------------------------------------------
-def run_batch1(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, budget):
-    """Seed recipe / plain loop: HubertModel on one unpadded utterance at a time."""
+def run_stock(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, budget, batch=1):
+    """Stock transformers: ``HubertModel`` (``.half()`` for float16, the seed article's recipe)
+    on ``batch`` utterances at a time in data order, zero-padded to the longest, no attention
+    mask (the model card's advice), each item's valid frames kept. Batch 1 (the seed recipe and
+    the plain FP32 reference) pads nothing; a larger batch is exact only where its lengths are
+    equal (first-layer GroupNorm spans the padding): the error column shows the cost."""
     import torch
     from transformers import HubertModel
+
+    from hubert_ray.chunking import num_frames
 
     dev = torch.device(bench.device)
     tdtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
@@ -328,14 +337,18 @@ def run_batch1(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, 
         model = model.to(dev)
         ctx = torch.no_grad if recipe == "seed" else torch.inference_mode
 
-        def fn(x):
+        def fn(xs):
+            x = torch.zeros(len(xs), max(map(len, xs)), dtype=tdtype)
+            for i, item in enumerate(xs):
+                x[i, : len(item)] = torch.from_numpy(item)
             with ctx():
-                xt = torch.from_numpy(x)[None].to(dev).to(tdtype)
-                return model(xt).last_hidden_state[0].float().cpu().numpy()
+                h = model(x.to(dev)).last_hidden_state.float().cpu().numpy()
+            return [h[i, : num_frames(len(item))] for i, item in enumerate(xs)]
 
-        units = [(len(x) / SR, x) for x in items]
-        w = bench.warm_item(items[0])
-        warm = (len(w) / SR, w)
+        batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+        units = [(sum(map(len, b)) / SR, b) for b in batches]
+        w = [bench.warm_item(x) for x in batches[0]]
+        warm = (sum(map(len, w)) / SR, w)
         outs, audio_s, wall, peak, passes = bench.timed(units, fn, warm, budget)
     except Exception as exc:  # e.g. half precision unsupported on this device
         bench.add(
@@ -343,7 +356,7 @@ def run_batch1(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, 
             name=name,
             path=recipe,
             dtype=dtype,
-            batch_size=1,
+            batch_size=batch,
             status="failed",
             note=f"{type(exc).__name__}: {_first_line(exc)}",
         )
@@ -351,22 +364,22 @@ def run_batch1(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, 
     finally:
         model = None
         bench.release()
+    outs = [f for out in outs for f in out]
     n = len(outs)
-    partial = _passes_note(n, len(items), passes)
     err = rel_l2(outs, refs[:n]) if refs is not None else 0.0
     bench.add(
         dist=dist,
         name=name,
         path=recipe,
         dtype=dtype,
-        batch_size=1,
+        batch_size=batch,
         items=n,
         audio_s=audio_s,
         wall_s=wall,
         peak_mem_mib=peak,
         rel_l2_err=err,
         err_ref="plain_fp32_b1" if refs is not None else "self (reference)",
-        note=partial,
+        note=_passes_note(n, len(items), passes),
     )
     return outs
 
@@ -867,6 +880,11 @@ def ratios(rows: list[dict], batch_size: int, pipeline_dtype: str) -> list[dict]
         fastest = max(actors, key=lambda r: r["x_realtime"], default=None)
         seed = max(seeds, key=lambda r: r["x_realtime"], default=None)
         ratio("ours (best dtype) / seed recipe", dist, fastest, seed)
+        # vs stock transformers batched (exact only on equal lengths: see its error column)
+        stock = next((r for r in rs if r["path"] == "stock"), None)
+        if stock:
+            ours = by.get(f"actor_{stock['dtype']}_b{batch_size}")
+            ratio(f"ours / stock batched ({stock['dtype']})", dist, ours, stock)
         for suffix, what in (
             ("_serial", "overlapped / serial micro-batches"),
             ("_nullmodel", "actor without the model / actor (host share: >> 1 is good)"),
@@ -931,6 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra actor rows (FP16 on GPU, FP32 on CPU) at these micro_batch_cost_seconds, "
         "e.g. 4,16,64 "
         "(default none: the rows use the job's default for the device)",
+    )
+    p.add_argument(
+        "--stock-batch",
+        type=int,
+        default=64,
+        help="rows per forward of the stock-transformers batched row (stock_<dtype>_b<N>: "
+        "zero-padded, no mask, as a user would batch; default 64; 0 or 1: no such row)",
     )
     p.add_argument("--chunk-seconds", type=float, default=10.0)
     p.add_argument(
@@ -1051,26 +1076,32 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"[bench] {dist}: {inputs_meta[dist]}", flush=True)
             # 2. plain FP32 batch-1 loop: the reference (never cut short by the time budget)
-            refs = run_batch1(
+            refs = run_stock(
                 bench, model_dir, items, None, dist, "plain_fp32_b1", "plain", "float32", None
             )
             if refs is None:
                 raise RuntimeError("the FP32 reference loop failed")
             # 1. the seed recipe
             bench_b = args.max_row_seconds
-            run_batch1(
+            run_stock(
                 bench, model_dir, items, refs, dist, "seed_fp16_b1", "seed", "float16", bench_b
             )
             if not cuda:
-                run_batch1(
+                run_stock(
                     bench, model_dir, items, refs, dist, "seed_fp32_b1", "seed", "float32", bench_b
                 )
+            sweep_dt = "float16" if cuda else "float32"  # the device's default dtype
+            if args.stock_batch > 1:  # stock transformers batched, as a user would
+                name = f"stock_{sweep_dt}_b{args.stock_batch}"
+                run_stock(
+                    bench, model_dir, items, refs, dist, name, "stock", sweep_dt, bench_b,
+                    batch=args.stock_batch,
+                )  # fmt: skip
             # 3. our actor path on pre-decoded batches
             cref = chunked_reference(model_dir, device, items, refs, chunk_samples)
             dtypes = ["float32", "float16", "bfloat16"] + ([] if cuda else ["int8"])
             for dt in dtypes:
                 run_actor(bench, model_dir, items, cref, dist, dt, args.batch_size, bench_b)
-            sweep_dt = "float16" if cuda else "float32"  # the device's default dtype
             for b in sweep:
                 if b != args.batch_size:
                     run_actor(bench, model_dir, items, cref, dist, sweep_dt, b, bench_b)

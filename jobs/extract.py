@@ -6,7 +6,9 @@
 Options may also come from a YAML/JSON file (``--config``; keys are the option names with
 ``_`` or ``-``); command-line options override the file. Under ``ray job submit`` the job joins
 the cluster named by ``RAY_ADDRESS``; otherwise it starts Ray locally. Bad options exit with
-code 2 and a message naming the option and what is allowed.
+code 2 and a message naming the option and what is allowed; a precision breach under
+``--on-precision-breach fail`` exits 3; a worker process that keeps dying on the same work
+(past the job's retries) exits 4; missing or duplicated segments at the end exit 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import sys
 
 from hubert_ray.config import ExtractConfig
-from hubert_ray.errors import ConfigError, ManifestError
+from hubert_ray.errors import ConfigError, ManifestError, WorkerDeathError
 
 
 def _json_option(text: str):
@@ -180,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as e:
         print(f"error: --manifest: {e}", file=sys.stderr)
         return 2
+    except WorkerDeathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except Exception as e:
         breach = _precision_breach(e)
         if breach is None:

@@ -4,10 +4,12 @@
 
 For each compute dtype (float16, bfloat16; int8 on CPU) with and without FP32 LayerNorms, runs
 the same inputs through :class:`hubert_ray.model.ExactHubert` and compares every layer with the
-FP32 run (relative L2 over each utterance, then mean and max; minimum per-frame cosine), and
-times the forward at one batch size (x realtime). Writes ``precision.json`` and
-``precision.md``. ``--arch base`` is ``HubertConfig()`` (chinese-hubert-base's architecture)
-with random weights unless ``--model`` names a real checkpoint; nothing is downloaded.
+FP32 run (relative L2 over each utterance, then mean and max; minimum per-frame cosine), times
+the forward at one batch size (x realtime) and splits its time into the conv frontend, the
+projection with the positional convolution, and the transformer layers. Writes
+``precision.json`` and ``precision.md``. ``--arch base`` is ``HubertConfig()``
+(chinese-hubert-base's architecture) with random weights unless ``--model`` names a real
+checkpoint; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -82,6 +84,66 @@ def timed(net, xs, device, dtype, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+PHASES = (
+    "conv 1 + GroupNorm + GELU",
+    "convs 2-7",
+    "projection + positional conv",
+    "transformer layers",
+)
+
+
+def phase_split(net, xs, device, dtype, iters: int) -> dict:
+    """Where one forward's time goes: ms per forward in each of :data:`PHASES` (boundaries
+    marked by module hooks with CUDA events on a GPU, so nothing waits in between; wall clock
+    on a CPU). Same inputs and layers as :func:`timed`."""
+    import torch
+
+    cuda = device.type == "cuda"
+    marks: list = []
+
+    def mark(*_):
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append(ev)
+        else:
+            marks.append(time.perf_counter())
+
+    first = net._time_norm.conv if net._time_norm is not None else net._convs[0]
+    layers = net.model.encoder.layers[: net.num_hidden_layers]
+    hooks = [
+        first.register_forward_pre_hook(mark),
+        net._convs[0].register_forward_pre_hook(mark),
+        net._convs[-1].register_forward_hook(mark),
+        layers[0].register_forward_pre_hook(mark),
+        layers[-1].register_forward_hook(mark),
+    ]
+    pad, lengths = pad_batch(xs)
+    t = torch.from_numpy(pad).to(device)
+    if dtype in ("float16", "bfloat16"):
+        t = t.to(getattr(torch, dtype))
+    top = (net.num_hidden_layers,)
+    try:
+        net(t, lengths, top)  # warm-up
+        marks.clear()
+        for _ in range(iters):
+            net(t, lengths, top)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(marks) != 5 * iters:  # a wrapped model that skips one of the hooked modules
+        raise RuntimeError(f"{len(marks)} phase marks for {iters} forwards, expected 5 each")
+    ms = [0.0] * 4
+    for i in range(iters):
+        m = marks[5 * i : 5 * i + 5]
+        for k in range(4):
+            ms[k] += m[k].elapsed_time(m[k + 1]) if cuda else 1e3 * (m[k + 1] - m[k])
+    total = sum(ms)
+    return {name: {"ms": v / iters, "share": v / total} for name, v in zip(PHASES, ms, strict=True)}
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -95,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="reduced dtypes to compare with FP32, e.g. float16 (default float16,bfloat16, "
+        "plus int8 on CPU; float16 is slow on most CPUs)",
+    )
     p.add_argument("--out", default="precision_out")
     args = p.parse_args(argv)
 
@@ -112,17 +180,20 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float32",
             "fp32_norms": False,
             "x_realtime": audio_s / timed(ref_net, xs, device, "float32", args.iters),
+            "phases": phase_split(ref_net, xs, device, "float32", args.iters),
         }
     ]
     del ref_net
-    variants = [("float16", False), ("float16", True), ("bfloat16", False), ("bfloat16", True)]
-    if not use_cuda:
-        variants.append(("int8", False))
+    dtypes = ["float16", "bfloat16"] + ([] if use_cuda else ["int8"])
+    if args.dtypes is not None:
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    variants = [(d, norms) for d in dtypes for norms in (False, True) if d != "int8" or not norms]
     for dtype, fp32_norms in variants:
         try:
             net = load_hubert(model_dir, device, dtype, fp32_norms=fp32_norms)
             got = run(net, xs, layers, device, dtype)
             sec = timed(net, xs, device, dtype, args.iters)
+            phases = None if fp32_norms else phase_split(net, xs, device, dtype, args.iters)
         except Exception as e:  # e.g. an op without a CPU half kernel
             results.append({"dtype": dtype, "fp32_norms": fp32_norms, "error": repr(e)[:200]})
             continue
@@ -140,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fp32_norms": fp32_norms,
                 "x_realtime": audio_s / sec,
                 "layers": per_layer,
+                "phases": phases,
             }
         )
         del net
@@ -178,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{a['rel_l2_mean']:.2e} / {a['rel_l2_max']:.2e} | "
                 f"{b['rel_l2_mean']:.2e} / {b['rel_l2_max']:.2e} | {b['cos_min']:.5f} |"
             )
+    lines += [
+        "",
+        "Where the forward's time goes (ms per forward, share; "
+        f"{sum(len(x) for x in xs) / 16000:.0f} s of audio in {len(xs)} padded rows):",
+        "",
+        "| dtype | " + " | ".join(PHASES) + " |",
+        "|---|" + "---|" * len(PHASES),
+    ]
+    for r in results:
+        if r.get("phases"):
+            cells = [f"{r['phases'][n]['ms']:.1f} ({r['phases'][n]['share']:.0%})" for n in PHASES]
+            lines.append(f"| {r['dtype']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "precision.md"), "w") as f:
         f.write(table)

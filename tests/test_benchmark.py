@@ -28,7 +28,7 @@ def test_benchmark_cli_smoke(tmp_path):
     args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
     args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
     args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2", "--pad-multiples", "0.25"]
-    args += ["--compile-modes", "default"]
+    args += ["--compile-modes", "default", "--stock-batch", "3"]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.benchmark", *args],
         cwd=ROOT,
@@ -52,6 +52,7 @@ def test_benchmark_cli_smoke(tmp_path):
         "plain_fp32_b1",
         "seed_fp16_b1",
         "seed_fp32_b1",
+        "stock_float32_b3",
         "actor_float32_b4",
         "actor_float16_b4",
         "actor_bfloat16_b4",
@@ -89,6 +90,7 @@ def test_benchmark_cli_smoke(tmp_path):
         assert rows[(dist, "plain_fp32_b1")]["rel_l2_err"] == 0.0
         assert rows[(dist, "seed_fp32_b1")]["rel_l2_err"] < 1e-5
         assert rows[(dist, "actor_float32_b4")]["rel_l2_err"] < 1e-5  # exact padded batching
+        assert rows[(dist, "stock_float32_b3")]["batch_size"] == 3
         # micro-batches read back one by one compute the same features
         assert rows[(dist, "actor_float32_b4_serial")]["rel_l2_err"] < 1e-5
         # padding micro-batches to whole 0.25 s: same features, more padding
@@ -113,9 +115,13 @@ def test_benchmark_cli_smoke(tmp_path):
         assert pad["b4_cost0"] == 1.0
         assert pad["b4_cost1e+09"] <= pad["b4"] <= 1.0
     assert rows[("mixed2.5s", "actor_float32_b4_cost1e+09")]["real_per_padded"] < 1.0
+    # stock batching is exact on equal lengths, not on mixed ones (GroupNorm spans the padding)
+    assert rows[("fixed2s", "stock_float32_b3")]["rel_l2_err"] < 1e-5
+    assert rows[("mixed2.5s", "stock_float32_b3")]["rel_l2_err"] > 1e-3
     names = {r["name"] for r in result["ratios"]}
     assert names == {
         "ours (best dtype) / seed recipe",
+        "ours / stock batched (float32)",
         "overlapped / serial micro-batches",
         "actor without the model / actor (host share: >> 1 is good)",
         "compiled (default) / eager",

@@ -300,3 +300,26 @@ def test_failed_model_batch_is_retried(reference, resume_corpus, tiny_model, tmp
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(ref_ids)
     for sid in ref2:
         assert np.array_equal(got1[sid], ref1[sid]) and np.array_equal(got2[sid], ref2[sid])
+
+
+def test_batch_that_always_kills_its_actor_fails_the_job(resume_corpus, tiny_model, tmp_path):
+    """Every model-actor process dies at its first call: Ray restarts the actor and retries the
+    call MAX_PROCESS_DEATHS times, then the job exits 4 with an error naming the stage (with
+    Ray Data's defaults it restarted actors until killed: 18 processes in 120 s, by hand), and
+    leaves no completion marker."""
+    from hubert_ray.pipeline import MAX_PROCESS_DEATHS
+
+    out = str(tmp_path / "out")
+    env = {**_env(), "HUBERT_RAY_FAIL_BATCH": "1", "HUBERT_RAY_FAIL_MODE": "exit-every"}
+    res = subprocess.run(
+        _args(resume_corpus, tiny_model, out),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert res.returncode == 4, res.stderr[-4000:]
+    message = next(line for line in res.stderr.splitlines() if line.startswith("error: "))
+    assert f"a model-stage call failed {MAX_PROCESS_DEATHS + 1} times" in message
+    assert not os.path.exists(os.path.join(out, output.SUCCESS_FILE))
