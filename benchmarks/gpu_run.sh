@@ -23,8 +23,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__,
 case "$PART" in
 model)
   # CUDA tests (exact padded batches, FP16 stage with checks, torch.compile vs eager, the
-  # pipeline on the GPU), the FP16/BF16 precision study, then model-only rows (no Ray):
-  # fixed 10 s and WenetSpeech-like mixed lengths; batch sweep (<= 64 rows = that many chunks
+  # pipeline on the GPU), the FP16/BF16 precision study with the split of the forward's time
+  # (conv frontend / projection + positional conv / transformer layers), then model-only rows
+  # (no Ray): fixed 10 s and WenetSpeech-like mixed lengths; stock transformers FP16 batched
+  # (stock_float16_b64: the issue's 9,720x reference on an H100); batch sweep (<= 64 rows = that many chunks
   # per micro-batch); micro-batch cost sweep around the unmeasured GPU default (16 s); padding
   # to the longest item (0) vs the GPU default of whole 0.25 s; serial micro-batches vs
   # overlapped; no model (`_nullmodel`: the host's ceiling); torch.compile of the transformer
@@ -32,7 +34,7 @@ model)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
   timeout 45 python3 -m jobs.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
-    --iters 10 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
+    --iters 5 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
   timeout 240 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
     --seconds "$SECS" --batch-sizes 16,64 --micro-batch-costs 4,64 --pad-multiples 0 \
     --compile-modes default,reduce-overhead --skip-pipeline --max-row-seconds 6 \

@@ -951,6 +951,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default none: the rows use the job's default for the device)",
     )
     p.add_argument(
+        "--dtypes",
+        default=None,
+        help="dtypes of the actor rows at --batch-size (default float32,float16,bfloat16, plus "
+        "int8 on CPU; float16 is slow on most CPUs)",
+    )
+    p.add_argument(
         "--stock-batch",
         type=int,
         default=64,
@@ -1042,6 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
     costs = numbers(args.micro_batch_costs, float)
     pads = numbers(args.pad_multiples, float)
     compiles = numbers(args.compile_modes, str.strip)
+    dtypes = ["float32", "float16", "bfloat16"] + ([] if cuda else ["int8"])
+    if args.dtypes is not None:
+        dtypes = numbers(args.dtypes, str.strip)
     if set(compiles) - set(COMPILE_MODES[1:]):
         print(f"error: --compile-modes: one of {', '.join(COMPILE_MODES[1:])}", file=sys.stderr)
         return 2
@@ -1099,7 +1108,6 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
             # 3. our actor path on pre-decoded batches
             cref = chunked_reference(model_dir, device, items, refs, chunk_samples)
-            dtypes = ["float32", "float16", "bfloat16"] + ([] if cuda else ["int8"])
             for dt in dtypes:
                 run_actor(bench, model_dir, items, cref, dist, dt, args.batch_size, bench_b)
             for b in sweep:

@@ -173,3 +173,57 @@ def test_job_api_refuses_a_wrong_token(head):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "token" in (proc.stdout + proc.stderr).lower()
+
+
+def _job(address: str, env: dict, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_ray_bin(), "job", args[0], "--address", address, *args[1:]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path):
+    """``ray job stop`` while parts are being written: the job ends STOPPED with no completion
+    marker and its parts kept; the same job submitted again resumes (skips what was written)
+    and ends with every segment exactly once."""
+    from hubert_ray.synth import synth_signal, write_audio
+
+    address, env = head
+    lines = []
+    for r in range(40):  # 960 half-second segments, parts of 3 rows: long enough to stop
+        write_audio(str(tmp_path / f"r{r}.wav"), synth_signal(12.0, 16000, seed=r), 16000, "wav16")
+        segs = [{"id": f"r{r}-{i}", "start_s": 0.5 * i, "end_s": 0.5 * i + 0.5} for i in range(24)]
+        lines.append({"id": f"r{r}", "audio": f"r{r}.wav", "segments": segs})
+    manifest_path = tmp_path / "manifest.jsonl"
+    manifest_path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    entrypoint = [
+        "python", "-m", "jobs.extract", "--manifest", str(manifest_path), "--model", tiny_model,
+        "--output", str(out), "--num-gpus", "0", "--batch-size", "4", "--decode-batch-size", "8",
+        "--rows-per-file", "3", "--quiet",
+    ]  # fmt: skip
+    submit = ["submit", "--working-dir", ".", "--runtime-env-json", json.dumps(RUNTIME_ENV)]
+    first = _job(
+        address, env, *submit, "--submission-id", "stop-me", "--no-wait", "--", *entrypoint
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    deadline = time.time() + 240
+    parts = out / "features"
+    while not (parts.is_dir() and any(p.suffix == ".parquet" for p in parts.iterdir())):
+        status = _job(address, env, "status", "stop-me", timeout=60).stdout
+        assert "RUNNING" in status or "PENDING" in status, status[-3000:]
+        assert time.time() < deadline, "no part file appeared"
+        time.sleep(0.5)
+    stop = _job(address, env, "stop", "stop-me", timeout=120)  # waits until it has stopped
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = _job(address, env, "status", "stop-me", timeout=60)
+    assert "was stopped" in status.stdout + status.stderr, status.stdout + status.stderr
+    assert not (out / "_SUCCESS").exists() and not (out / "_summary.json").exists()
+
+    again = _job(address, env, *submit, "--", *entrypoint)
+    logs = again.stdout + again.stderr
+    assert again.returncode == 0 and "succeeded" in logs, logs[-6000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert 0 < summary["segments_resumed"] < 960  # the stopped run's parts, kept and skipped
+    assert summary["segments_total"] == summary["segments_ok"] == 960
+    assert summary["segments_missing"] == summary["segments_duplicated"] == 0
