@@ -22,13 +22,9 @@ class ManifestError(ValueError):
 
 
 class WorkerDeathError(RuntimeError):
-    """A decode task or model-actor call whose worker process kept dying (crash, OOM killer,
-    lost node) past the job's retry bound; the parts already written are kept (a rerun
-    resumes). ``stage`` is ``decode`` or ``model``."""
-
-    def __init__(self, message: str, stage: str):
-        super().__init__(message)
-        self.stage = stage
+    """A decode/write task or model-actor call whose worker process kept dying (crash, OOM
+    killer, lost node) past the job's retry bound; the message names which. The parts already
+    written are kept (a rerun resumes)."""
 
 
 # Stages that can produce error rows.

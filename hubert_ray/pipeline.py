@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from hubert_ray import manifest, metrics, output, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
-from hubert_ray.errors import STAGE_DECODE, STAGE_MODEL, ConfigError, WorkerDeathError
+from hubert_ray.errors import ConfigError, WorkerDeathError
 
 log = logging.getLogger("hubert_ray")
 
@@ -582,8 +582,7 @@ def _write(ds, sink) -> None:
             f"{what} failed {MAX_PROCESS_DEATHS + 1} times because its worker process died or "
             "became unreachable (a crash on one batch, host or GPU memory, a lost node); the "
             "parts written so far are kept and a rerun resumes. Ray: "
-            f"{type(exc).__name__}: {(cause or [''])[0][:300]}",
-            STAGE_MODEL if actor else STAGE_DECODE,
+            f"{type(exc).__name__}: {(cause or [''])[0][:300]}"
         ) from exc
 
 

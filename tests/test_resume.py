@@ -88,8 +88,9 @@ def _args(manifest: str, model: str, out: str, *extra: str) -> list[str]:
     ]
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+def _run(args: list[str], extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**_env(), **(extra_env or {})}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _parts(out: str) -> int:
@@ -279,19 +280,11 @@ def test_failed_model_batch_is_retried(reference, resume_corpus, tiny_model, tmp
     fail_dir = tmp_path / "fail"
     fail_dir.mkdir()
     env = {
-        **_env(),
         "HUBERT_RAY_FAIL_BATCH": "3",
         "HUBERT_RAY_FAIL_MODE": mode,
         "HUBERT_RAY_FAIL_DIR": str(fail_dir),
     }
-    res = subprocess.run(
-        _args(resume_corpus, tiny_model, out),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    res = _run(_args(resume_corpus, tiny_model, out), env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert (fail_dir / "failed-once").exists()  # the failure did happen
     summary = json.load(open(os.path.join(out, output.SUMMARY_FILE)))
@@ -310,15 +303,8 @@ def test_batch_that_always_kills_its_actor_fails_the_job(resume_corpus, tiny_mod
     from hubert_ray.pipeline import MAX_PROCESS_DEATHS
 
     out = str(tmp_path / "out")
-    env = {**_env(), "HUBERT_RAY_FAIL_BATCH": "1", "HUBERT_RAY_FAIL_MODE": "exit-every"}
-    res = subprocess.run(
-        _args(resume_corpus, tiny_model, out),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    env = {"HUBERT_RAY_FAIL_BATCH": "1", "HUBERT_RAY_FAIL_MODE": "exit-every"}
+    res = _run(_args(resume_corpus, tiny_model, out), env)
     assert res.returncode == 4, res.stderr[-4000:]
     message = next(line for line in res.stderr.splitlines() if line.startswith("error: "))
     assert f"a model-stage call failed {MAX_PROCESS_DEATHS + 1} times" in message
