@@ -25,20 +25,7 @@ import time
 import numpy as np
 
 from hubert_ray.chunking import pad_batch
-
-
-def build_model(arch: str, root: str) -> str:
-    from hubert_ray.synth import make_tiny_model
-
-    if arch == "tiny":
-        return make_tiny_model(os.path.join(root, "tiny"))
-    import torch
-    from transformers import HubertConfig, HubertModel
-
-    torch.manual_seed(0)
-    path = os.path.join(root, "base-random")
-    HubertModel(HubertConfig()).eval().save_pretrained(path, safe_serialization=True)
-    return path
+from jobs.benchmark import make_model, numbers
 
 
 def inputs(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
@@ -53,13 +40,19 @@ def inputs(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def run(net, xs, layers, device, dtype):
+def padded(xs, device, dtype):
+    """The utterances as one zero-padded batch on ``device`` in ``dtype``, and their lengths."""
     import torch
 
     pad, lengths = pad_batch(xs)
     t = torch.from_numpy(pad).to(device)
     if dtype in ("float16", "bfloat16"):
         t = t.to(getattr(torch, dtype))
+    return t, lengths
+
+
+def run(net, xs, layers, device, dtype):
+    t, lengths = padded(xs, device, dtype)
     out, fl = net(t, lengths, layers)
     return {k: [out[k][i, : fl[i]].float().cpu().numpy() for i in range(len(xs))] for k in out}
 
@@ -68,10 +61,7 @@ def timed(net, xs, device, dtype, iters: int) -> float:
     """Seconds per forward of the padded batch, last layer only, no copy to the host."""
     import torch
 
-    pad, lengths = pad_batch(xs)
-    t = torch.from_numpy(pad).to(device)
-    if dtype in ("float16", "bfloat16"):
-        t = t.to(getattr(torch, dtype))
+    t, lengths = padded(xs, device, dtype)
     top = (net.num_hidden_layers,)
     net(t, lengths, top)  # warm-up
     if device.type == "cuda":
@@ -118,10 +108,7 @@ def phase_split(net, xs, device, dtype, iters: int) -> dict:
         layers[0].register_forward_pre_hook(mark),
         layers[-1].register_forward_hook(mark),
     ]
-    pad, lengths = pad_batch(xs)
-    t = torch.from_numpy(pad).to(device)
-    if dtype in ("float16", "bfloat16"):
-        t = t.to(getattr(torch, dtype))
+    t, lengths = padded(xs, device, dtype)
     top = (net.num_hidden_layers,)
     try:
         net(t, lengths, top)  # warm-up
@@ -169,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     root = tempfile.mkdtemp(prefix="hubert-prec-")
-    model_dir = args.model or build_model(args.arch, root)
+    model_dir = args.model or make_model(args.arch, os.path.join(root, args.arch))
     ref_net = load_hubert(model_dir, device, "float32")
     layers = tuple(range(ref_net.num_hidden_layers + 1))
     xs = inputs(args.batch, args.seconds)
@@ -186,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     del ref_net
     dtypes = ["float16", "bfloat16"] + ([] if use_cuda else ["int8"])
     if args.dtypes is not None:
-        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        dtypes = numbers(args.dtypes, str.strip)
     variants = [(d, norms) for d in dtypes for norms in (False, True) if d != "int8" or not norms]
     for dtype, fp32_norms in variants:
         try:
