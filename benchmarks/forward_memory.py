@@ -3,7 +3,7 @@ random weights, float32 on CPU), for source trees side by side (issue #8):
 
     python benchmarks/forward_memory.py --trees OLD_TREE NEW_TREE [--rows 16]
 
-Each tree runs in its own subprocess (that tree first on ``PYTHONPATH``): ``HubertStage`` on CPU,
+Each tree runs in its own subprocess (that tree first on ``PYTHONPATH``): ``ModelStage`` on CPU,
 one call, peak resident set size above the RSS before the call (sampled every 5 ms, as the
 benchmark's CPU rows do). The GPU goal bounds an actor's GPU memory at the chosen batch
 (default: 64 x 10 s per forward); on CPU the same activations are float32, twice their FP16
@@ -27,10 +27,10 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 from hubert_ray.audio import normalise
 from hubert_ray.config import ModelConfig
-from hubert_ray.extractor import HubertStage
+from hubert_ray.extractor import ModelStage
 model, rows = sys.argv[1], int(sys.argv[2])
 table = bench.decoded_table([normalise(x) for x in bench.make_raw([160000] * rows, 0)], "m")
-stage = HubertStage(ModelConfig(model_uri=model, dtype="float32", device="cpu"))
+stage = ModelStage(ModelConfig(model_uri=model, dtype="float32", device="cpu"))
 with bench.PeakMemory(False) as mem:
     stage(table)
 print(f"RESULT {mem.peak_mib:.0f}")

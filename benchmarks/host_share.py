@@ -33,17 +33,18 @@ NullHubert, decoded_table, make_lengths, make_model, make_raw = (
 )
 from hubert_ray.audio import normalise
 from hubert_ray.config import ModelConfig
-from hubert_ray.extractor import HubertStage
+from hubert_ray.extractor import ModelStage
 
 arch, device, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 work = tempfile.mkdtemp()
 model = make_model(arch, os.path.join(work, "m"))
 lengths = make_lengths(2.5, True, 256 * 2.3, 0)[:256]
 batch = decoded_table([normalise(x) for x in make_raw(lengths, 0)], "x")
-stage = HubertStage(ModelConfig(model_uri=model, layers="last", dtype="float16" if device ==
+stage = ModelStage(ModelConfig(model_uri=model, layers="last", dtype="float16" if device ==
     "cuda" else "float32", device=device))
-stage.net, stage.checking = NullHubert(stage.net, 768), False
-stage.hidden = 768  # chinese-hubert-base's output size, whatever --arch computes
+stage.engine.net = NullHubert(stage.engine.net, 768)
+stage.engine.audit = False
+stage.engine.hidden = 768  # chinese-hubert-base's output size, whatever --arch computes
 stage(batch)
 t0 = time.perf_counter()
 for _ in range(calls):

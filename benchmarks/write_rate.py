@@ -29,7 +29,6 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hubert_ray import output  # noqa: E402
 from hubert_ray.chunking import num_frames  # noqa: E402
-from hubert_ray.extractor import HubertStage, features_array  # noqa: E402
+from hubert_ray.engine import Result  # noqa: E402
+from hubert_ray.extractor import assemble, features_array  # noqa: E402
 from jobs.benchmark import SR, make_lengths, numbers  # noqa: E402
 
 HIDDEN = 768
@@ -71,15 +71,17 @@ def model_block(rows: int, layers: list[int], seed: int = 0) -> tuple[pa.Table, 
             "error_message": pa.nulls(rows, pa.string()),
         }
     )
-    stage = SimpleNamespace(  # what HubertStage._assemble reads of the stage
-        layers=layers,
-        model_name="chinese-hubert-base",
-        revision="0123456789abcdef",
-        config=SimpleNamespace(storage_dtype="float16"),
+    res = Result(
+        features={},
+        frames=frames,
+        valid=[True] * rows,
+        compute_dtype=["float16"] * rows,
+        fallback=[None] * rows,
+        precision=[None] * rows,
+        errors={},
     )
-    block = HubertStage._assemble(
-        stage, batch, columns, frames, {i: "float16" for i in range(rows)}, set(), {}, [None] * rows
-    )
+    identity = {"model": "chinese-hubert-base", "model_revision": "0123456789abcdef"}
+    block = assemble(batch, columns, frames, res, {**identity, "actor_id": "a"})
     return block, sum(lengths) / SR
 
 

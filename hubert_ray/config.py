@@ -158,6 +158,8 @@ class ModelConfig:
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
     allow_pickle_weights: bool = False
+    # Where the actor writes its precision record (<output>/actors); empty: nowhere.
+    report_uri: str = ""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -271,6 +273,9 @@ class ExtractConfig:
     precision_warn: float = 0.005
     precision_limit: float = 0.02
     on_precision_breach: str = "fallback"
+    # Recompute the segments an escalated actor wrote in its reduced dtype before switching to
+    # FP32 (the summary's precision.suspect_segments): they are removed, then redone.
+    recompute_suspect: bool = False
     allow_pickle_weights: bool = False  # load pickle (.bin) weights; they can run code
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -354,7 +359,13 @@ class ExtractConfig:
             end_tolerance_s=self.end_tolerance_s, storage_options=dict(self.storage_options)
         )
 
-    def model_config(self, device: str = "auto", num_threads: int = 0) -> ModelConfig:
+    def model_config(
+        self,
+        device: str = "auto",
+        num_threads: int = 0,
+        sample_rate: float | None = None,
+        report_uri: str = "",
+    ) -> ModelConfig:
         return ModelConfig(
             model_uri=self.model,
             layers=self.layers,
@@ -368,13 +379,17 @@ class ExtractConfig:
             device=device,
             num_threads=num_threads,
             allow_pickle_weights=self.allow_pickle_weights,
-            precision=self.precision_config(),
+            report_uri=report_uri,
+            precision=self.precision_config(sample_rate),
             storage_options=dict(self.storage_options),
         )
 
-    def precision_config(self) -> PrecisionConfig:
+    def precision_config(self, sample_rate: float | None = None) -> PrecisionConfig:
+        """``sample_rate``: the run's effective rate (precision.effective_rate), if known."""
         return PrecisionConfig(
-            precision_sample_rate=self.precision_sample_rate,
+            precision_sample_rate=(
+                self.precision_sample_rate if sample_rate is None else sample_rate
+            ),
             precision_warn=self.precision_warn,
             precision_limit=self.precision_limit,
             on_precision_breach=self.on_precision_breach,

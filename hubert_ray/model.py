@@ -180,20 +180,21 @@ def model_name(model_dir: str) -> str:
     return name if name and not os.path.isabs(name) else os.path.basename(model_dir.rstrip("/"))
 
 
-class Fp32LayerNorm(nn.Module):
-    """Runs a LayerNorm in float32 whatever the model's dtype (as fairseq does for FP16)."""
+class Fp32(nn.Module):
+    """Runs ``module`` in float32 whatever the model's dtype; input and output keep theirs."""
 
-    def __init__(self, norm: nn.LayerNorm):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.norm = norm.float()
+        self.module = module.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.float()).to(x.dtype)
+        return self.module(x.float()).to(x.dtype)
 
 
 def keep_layer_norms_fp32(model: nn.Module) -> int:
-    """Wrap every ``nn.LayerNorm`` of ``model`` in :class:`Fp32LayerNorm`; returns how many.
-    (The first conv layer's GroupNorm accumulates in float32 already: see masked_group_norm.)"""
+    """Wrap every ``nn.LayerNorm`` of ``model`` in :class:`Fp32` (as fairseq does for FP16);
+    returns how many. (The first conv layer's GroupNorm accumulates in float32 already: see
+    masked_group_norm.)"""
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -201,8 +202,19 @@ def keep_layer_norms_fp32(model: nn.Module) -> int:
         if isinstance(child, nn.LayerNorm)
     ]
     for parent, name, child in targets:
-        setattr(parent, name, Fp32LayerNorm(child))
+        setattr(parent, name, Fp32(child))
     return len(targets)
+
+
+def positional_conv_fp32(device: torch.device, dtype: str) -> bool:
+    """Whether the positional convolution runs in float32 by default.
+
+    On CPU, yes for float16/bfloat16: torch 2.13's oneDNN bfloat16 path on CPUs with AMX
+    computes this grouped convolution (kernel 128, 16 groups) ~100 % wrong while every other
+    layer stays within 0.4 %; in float32 it is exact, at a cost measured by
+    ``benchmarks/precision_study.py`` (docs/precision.md). On CUDA no: nothing is known to be
+    wrong there, and it is one of the larger matmuls of the forward; the self-test checks it."""
+    return device.type == "cpu" and dtype in ("float16", "bfloat16")
 
 
 def load_hubert(
@@ -211,8 +223,11 @@ def load_hubert(
     dtype: str = "float32",
     allow_pickle: bool = False,
     fp32_norms: bool = False,
+    fp32_pos_conv: bool | None = None,
 ) -> ExactHubert:
-    """``from_pretrained`` on a local directory (safetensors), eval mode, on ``device``."""
+    """``from_pretrained`` on a local directory (safetensors), eval mode, on ``device``.
+    ``fp32_pos_conv``: run the positional convolution in float32 (None: see
+    :func:`positional_conv_fp32`)."""
     from transformers import HubertModel
 
     model = HubertModel.from_pretrained(
@@ -230,4 +245,8 @@ def load_hubert(
         model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
         if fp32_norms and dtype != "float32":
             keep_layer_norms_fp32(model)
+        if fp32_pos_conv is None:
+            fp32_pos_conv = positional_conv_fp32(torch.device(device), dtype)
+        if fp32_pos_conv and dtype != "float32":
+            model.encoder.pos_conv_embed = Fp32(model.encoder.pos_conv_embed)
     return ExactHubert(model)

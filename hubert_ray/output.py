@@ -35,6 +35,7 @@ PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
 JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts
+ACTORS_DIR = "actors"  # <actor_id>.json: each model actor's precision record (self-test, ...)
 META_KEY = b"hubert_ray.run"
 ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
 _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
@@ -235,6 +236,67 @@ def read_features(
     return out
 
 
+def actor_reports(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """The model actors' precision records under ``<uri>/actors`` (every run's), by start."""
+    fs, path = storage.filesystem(storage.join(uri, ACTORS_DIR), storage_options)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    reports = []
+    for name in sorted(fs.find(path)):
+        if name.endswith(".json"):
+            with fs.open(name, "r") as f:
+                reports.append(json.load(f))
+    return reports
+
+
+def suspect_segment_ids(
+    uri: str, reports: list[dict], storage_options: dict | None = None
+) -> pa.Array:
+    """Feature rows written in a reduced dtype by model actors that later escalated to FP32
+    (their sampled checks breached systematically): computed before the actor stopped trusting
+    its dtype. ``--recompute-suspect`` recomputes them."""
+    escalated = {r["actor_id"]: r["requested_dtype"] for r in reports if r.get("escalated")}
+    if not escalated:
+        return pa.array([], pa.string())
+    feats = read_table(
+        storage.join(uri, FEATURES_DIR),
+        ["segment_id", "actor_id", "compute_dtype"],
+        storage_options,
+        filters=[("actor_id", "in", sorted(escalated))],
+    )
+    if feats is None or feats.num_rows == 0:
+        return pa.array([], pa.string())
+    requested = pa.array([escalated[a] for a in feats.column("actor_id").to_pylist()])
+    keep = pc.equal(feats.column("compute_dtype"), requested)
+    return feats.column("segment_id").filter(keep).combine_chunks()
+
+
+def drop_segments(directory: str, segment_ids, storage_options: dict | None = None) -> int:
+    """Rewrite the part files of ``directory`` without the rows of ``segment_ids``; returns
+    how many rows were dropped. Each affected part is replaced by a part of its remaining rows
+    (written first, named by their ids) and then deleted: a crash in between leaves both, and
+    running the same drop again converges (the same new part, then the delete)."""
+    drop = pa.array(list(segment_ids), pa.string())
+    fs, files = _part_files(directory, storage_options)
+    dropped = 0
+    for name in files:
+        ids = pq.read_table(name, columns=["segment_id"], filesystem=fs).column("segment_id")
+        hit = pc.is_in(ids, drop)
+        n = pc.sum(hit).as_py() or 0
+        if not n:
+            continue
+        table = pq.read_table(name, filesystem=fs)
+        kept = table.filter(pc.invert(hit))
+        if kept.num_rows:
+            meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"null"))
+            key = part_key(kept.column("segment_id").to_pylist())
+            write_part(kept.replace_schema_metadata(None), directory, meta, storage_options, key)
+        storage.with_retries(fs.rm, name)
+        dropped += n
+    return dropped
+
+
 def _counts(values) -> dict:
     """``{value: occurrences}`` of an Arrow array or chunked array (column-wise)."""
     vc = pc.value_counts(values)
@@ -306,6 +368,8 @@ def precision_summary(uri: str, feats, errs, storage_options: dict | None = None
             )
             if st == "model" and rs == "non_finite"
         )
+    reports = actor_reports(uri, storage_options)
+    suspect = suspect_segment_ids(uri, reports, storage_options)
     return {
         "sampled": len(worst),
         "warned": sum(1 for a in worst.values() if a != "none"),
@@ -313,7 +377,40 @@ def precision_summary(uri: str, feats, errs, storage_options: dict | None = None
         "fallbacks": sum(1 for r in reasons if r is not None),
         "fallbacks_precision": sum(1 for r in reasons if r == "precision"),
         "fallbacks_non_finite": sum(1 for r in reasons if r == "non_finite"),
+        "fallbacks_self_test": sum(1 for r in reasons if r == "self_test"),
+        "fallbacks_escalated": sum(1 for r in reasons if r == "escalated"),
         "non_finite": sum(1 for r in reasons if r == "non_finite") + model_non_finite,
         "non_finite_errors": model_non_finite,
         "layers": summarize_layers(rows) if rows else {},
+        "self_test": [_self_test_row(r) for r in reports if r.get("self_test")],
+        "self_test_breaches": sum(1 for r in reports if (r.get("self_test") or {}).get("breach")),
+        "escalations": [
+            {k: r.get(k) for k in ("actor_id", "device", "requested_dtype", "checks", "breaches")}
+            | {"segments_written_before": r.get("reduced_rows_before_escalation", 0)}
+            for r in reports
+            if r.get("escalated")
+        ],
+        # Rows an escalated actor wrote in its reduced dtype before the switch (still in the
+        # output): ``--recompute-suspect`` recomputes exactly these.
+        "suspect_segments": len(suspect),
+        "suspect_segment_ids": suspect.slice(0, SUSPECT_IDS_SHOWN).to_pylist(),
+    }
+
+
+SUSPECT_IDS_SHOWN = 1000  # the summary lists at most this many suspect segment ids
+
+
+def _self_test_row(report: dict) -> dict:
+    st = report["self_test"]
+    return {
+        "actor_id": report["actor_id"],
+        "device": st["device"],
+        "dtype": st["dtype"],
+        "worst_layer": st["worst_layer"],
+        "worst_rel_l2": st["worst_rel_l2"],
+        "limit": st["limit"],
+        "breach": st["breach"],
+        "action": st["action"],
+        "seconds": st["seconds"],
+        "layers": st["layers"],
     }

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from hubert_ray import manifest, metrics, output, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
+from hubert_ray.precision import effective_rate
 
 log = logging.getLogger("hubert_ray")
 
@@ -209,6 +210,7 @@ def prepare_output(
             output.SUMMARY_FILE,
             output.SUCCESS_FILE,
             output.JOB_FILE,
+            output.ACTORS_DIR,
             "report.html",
         ):
             if fs.exists(f"{base}/{p}"):
@@ -356,7 +358,7 @@ class HubertStage:
 
         _trace("model")
         before = storage.retry_count()
-        self.stage = extractor.HubertStage(config)
+        self.stage = extractor.ModelStage(config)
         self._pending = storage.retry_count() - before
         self._calls = 0
 
@@ -490,8 +492,11 @@ GPU_CALLS_PER_ACTOR = 2
 CPU_CALLS_PER_ACTOR = 1
 
 
-def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -> Placement:
-    """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU."""
+def plan_placement(
+    cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1, **model_kwargs
+) -> Placement:
+    """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU.
+    ``model_kwargs`` go to :meth:`ExtractConfig.model_config` (sample rate, report place)."""
     if cfg.num_gpus and cfg.num_gpus > cluster_gpus:
         raise ConfigError(
             f"num_gpus={cfg.num_gpus} but the cluster has {cluster_gpus} GPU(s)", field="num_gpus"
@@ -500,9 +505,9 @@ def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -
     rows = cfg.rows_per_call(num_layers)
     if n_gpu:
         calls = cfg.calls_per_actor or GPU_CALLS_PER_ACTOR
-        return Placement(n_gpu, True, cfg.model_config(device="auto"), rows, calls)
+        return Placement(n_gpu, True, cfg.model_config("auto", **model_kwargs), rows, calls)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    model = cfg.model_config("cpu", num_threads=threads)
+    model = cfg.model_config("cpu", num_threads=threads, **model_kwargs)
     return Placement(
         cfg.num_cpu_actors, False, model, rows, cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
     )
@@ -596,6 +601,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
     identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
     done, previous = prepare_output(cfg, overwrite, identity)
+    if cfg.recompute_suspect and len(done):
+        done = _drop_suspect(cfg, done)
     todo = segments
     if len(done):  # resume: skip the segments an earlier run of this job already wrote
         ids = segments.column("segment_id")
@@ -616,7 +623,14 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     import ray
 
     init_ray()
-    placement = plan_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), len(layers))
+    sample_rate = effective_rate(cfg.precision_sample_rate, segments.num_rows)
+    placement = plan_placement(
+        cfg,
+        int(ray.cluster_resources().get("GPU", 0)),
+        len(layers),
+        sample_rate=sample_rate,
+        report_uri=storage.join(cfg.output, output.ACTORS_DIR),
+    )
     log.info(
         "model actors: %d on %s, %d rows per call",
         placement.pool,
@@ -669,6 +683,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
             "compute_dtype": compute,
             "reference_dtype": "float32",
             "sample_rate": cfg.precision_sample_rate if checking else 0.0,
+            # raised for small runs: at least MIN_CHECKED_SEGMENTS (or all) are checked
+            "effective_sample_rate": sample_rate if checking else 0.0,
             "warn": cfg.precision_warn,
             "limit": cfg.precision_limit,
             "on_breach": cfg.on_precision_breach,
@@ -690,6 +706,21 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{output.SUCCESS_FILE}", b"")
     _write_report(cfg, summary)
     return summary
+
+
+def _drop_suspect(cfg: ExtractConfig, done: pa.Array) -> pa.Array:
+    """``--recompute-suspect``: remove from the output the rows an escalated actor wrote in its
+    reduced dtype before it switched to FP32, so that this run recomputes them."""
+    reports = output.actor_reports(cfg.output, cfg.storage_options)
+    suspect = output.suspect_segment_ids(cfg.output, reports, cfg.storage_options)
+    if not len(suspect):
+        log.info("recompute-suspect: no suspect segments in %s", cfg.output)
+        return done
+    dropped = output.drop_segments(
+        storage.join(cfg.output, output.FEATURES_DIR), suspect, cfg.storage_options
+    )
+    log.info("recompute-suspect: %d suspect segments removed, recomputing them", dropped)
+    return done.filter(pc.invert(pc.is_in(done, suspect)))
 
 
 def finished_summary(cfg: ExtractConfig) -> dict | None:

@@ -12,10 +12,10 @@ Measured side by side in one run, for each utterance-length distribution:
 * ``stock_<dtype>_b<N>``: stock transformers batched as a user would (``.half()`` on GPU, N
   utterances in data order zero-padded to the longest, no attention mask): exact on equal
   lengths only, its error column shows what padding does otherwise;
-* ``actor_<dtype>_b<B>``: :class:`hubert_ray.extractor.HubertStage` called on pre-decoded
+* ``actor_<dtype>_b<B>``: :class:`hubert_ray.extractor.ModelStage` called on pre-decoded
   batches in ``DECODED_SCHEMA`` (model only: exact padded batching, chunking, NaN guard);
 * ``loop_<dtype>_b<B>`` / ``pipeline_<dtype>_b<B>``: the same generated corpus written as FLAC,
-  once through a plain single-process loop (``DecodeStage`` then ``HubertStage``, no Ray, no
+  once through a plain single-process loop (``DecodeStage`` then ``ModelStage``, no Ray, no
   Parquet writing) and once through ``hubert_ray.pipeline.run`` on local Ray (both timed end to
   end, model load included; Ray is started and warmed up before).
 
@@ -185,7 +185,7 @@ def rel_l2(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
 
 
 def feature_rows(table, layer: int) -> list[np.ndarray]:
-    """Per-row [frames, hidden] arrays of a HubertStage output column ``layer_<layer>``."""
+    """Per-row [frames, hidden] arrays of a ModelStage output column ``layer_<layer>``."""
     col = table.column(f"layer_{layer}").combine_chunks()
     hidden = col.type.value_type.list_size
     offsets = col.offsets.to_numpy()
@@ -481,7 +481,7 @@ def run_actor(
     the row measures the actor's own work around the model (its ceiling for any GPU);
     ``compile_mode``: torch.compile the forward (one untimed pass over the rows first pays the
     compiles; its wall time is in the note)."""
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import ModelStage
 
     name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
     name += "" if pad_s is None else f"_pad{pad_s:g}"
@@ -500,14 +500,15 @@ def run_actor(
     )
     compile_note = ""
     try:
-        stage = HubertStage(
+        stage = ModelStage(
             model_config(
                 bench, model_dir, dtype, batch_size, "float32", cost_s, pad_s, compile_mode
             )
         )
-        stage.overlap = overlap
+        stage.engine.overlap = overlap
         if null_model:  # no model: no FP32 rechecks either
-            stage.net, stage.checking = NullHubert(stage.net, stage.hidden), False
+            stage.engine.net = NullHubert(stage.engine.net, stage.engine.hidden)
+            stage.engine.audit = False
         layer = stage.layers[-1]
         batches = [
             items[i : i + batch_size] for i in range(0, len(items), batch_size)
@@ -587,12 +588,12 @@ ERROR_SAMPLE = 256  # loop/pipeline rows: segments whose error vs the FP32 refer
 
 
 def run_loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
-    """Plain single process: manifest → DecodeStage → HubertStage, batch by batch (no Ray, no
+    """Plain single process: manifest → DecodeStage → ModelStage, batch by batch (no Ray, no
     Parquet). Timed end to end, model load included (as the pipeline's wall time is). Keeps the
     decoded audio and features of an evenly spread sample of at most ERROR_SAMPLE segments."""
     from hubert_ray import manifest
     from hubert_ray.audio import DecodeStage, clear_cache
-    from hubert_ray.extractor import HubertStage, audio_views
+    from hubert_ray.extractor import ModelStage, audio_views
 
     clear_cache()
     feats, inputs = {}, {}
@@ -601,7 +602,7 @@ def run_loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
         segments = manifest.read_segments(manifest_path)
         every = math.ceil(segments.num_rows / ERROR_SAMPLE)
         decode = DecodeStage()
-        stage = HubertStage(model_config(bench, model_dir, dtype, batch_size, "float16"))
+        stage = ModelStage(model_config(bench, model_dir, dtype, batch_size, "float16"))
         for s in range(0, segments.num_rows, batch_size):
             d = decode(segments.slice(s, batch_size))
             out = stage(d)

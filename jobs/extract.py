@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     p.add_argument(
+        "--recompute-suspect",
+        action="store_true",
+        default=None,
+        help="recompute the segments the summary lists as suspect (written in a reduced dtype "
+        "by a model actor before its precision checks escalated it to float32)",
+    )
+    p.add_argument(
         "--allow-pickle-weights",
         action="store_true",
         default=None,
@@ -122,7 +129,8 @@ def load_config_file(path: str) -> dict:
             f"config file {path!r} must hold a mapping of option: value", field="config"
         )
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(OPTIONS) - {"overwrite", "allow_pickle_weights"})
+    flags = {"overwrite", "allow_pickle_weights", "recompute_suspect"}
+    unknown = sorted(set(data) - set(OPTIONS) - flags)
     if unknown:
         raise ConfigError(
             f"config file {path!r}: unknown option(s) {unknown}; allowed: {sorted(OPTIONS)}",
@@ -137,6 +145,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
     values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
     if args.allow_pickle_weights:
         values["allow_pickle_weights"] = True
+    if args.recompute_suspect:
+        values["recompute_suspect"] = True
     missing = [k for k in ("manifest", "model", "output") if not values.get(k)]
     if missing:
         raise ConfigError(

@@ -99,6 +99,8 @@ def test_benchmark_cli_smoke(tmp_path):
         assert "untimed" in rows[(dist, "actor_float32_b4_compile-default")]["note"]
         pad_bucketed = rows[(dist, "actor_float32_b4_pad0.25")]["real_per_padded"]
         assert pad_bucketed <= rows[(dist, "actor_float32_b4")]["real_per_padded"]
+        # Whatever this CPU's reduced-precision kernels do, the stage's self-test keeps the
+        # stored features near FP32 (within its limit on the calibration input, else FP32).
         assert rows[(dist, "actor_float16_b4")]["rel_l2_err"] < 0.05
         assert rows[(dist, "actor_bfloat16_b4")]["rel_l2_err"] < 0.05
         # loop and pipeline store float16 features: storage rounding only

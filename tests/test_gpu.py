@@ -55,7 +55,7 @@ def test_exact_padded_batch_on_cuda(base_model, dtype, tol):
 
 def test_stage_float16_on_cuda_with_precision_checks(base_model):
     from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import ModelStage
     from tests.test_model import _audio, _decoded_batch
 
     cfg = ModelConfig(
@@ -65,8 +65,8 @@ def test_stage_float16_on_cuda_with_precision_checks(base_model):
         device="auto",
         precision=PrecisionConfig(precision_sample_rate=1.0),
     )
-    stage = HubertStage(cfg)
-    assert stage.device.type == "cuda" and stage.dtype == "float16"
+    stage = ModelStage(cfg)
+    assert stage.engine.device.type == "cuda" and stage.engine.dtype == "float16"
     rows = [(f"s{i}", _audio(n, i), None) for i, n in enumerate([16_000, 250_000, 3_000])]
     out = stage(_decoded_batch(rows))
     assert out.column("compute_dtype").to_pylist() in (["float16"] * 3, ["float32"] * 3)
@@ -82,15 +82,15 @@ def test_compiled_stage_on_cuda_matches_eager(tiny_model, mode):
     compiling the base one takes longer than this check is worth; the benchmark's
     ``_compile-*`` rows time and check it)."""
     from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import ModelStage
     from tests.test_model import _audio, _decoded_batch
 
     torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactHubert
     common = dict(
         model_uri=tiny_model, layers="2", precision=PrecisionConfig(precision_sample_rate=0)
     )
-    eager = HubertStage(ModelConfig(**common))
-    compiled = HubertStage(ModelConfig(compile=mode, **common))
+    eager = ModelStage(ModelConfig(**common))
+    compiled = ModelStage(ModelConfig(compile=mode, **common))
     for lengths in ([16_000, 160_000, 3_000], [40_000, 40_000], [9_000, 70_000, 400, 120_000]):
         batch = _decoded_batch([(f"s{i}", _audio(n, i), None) for i, n in enumerate(lengths)])
         a, b = eager(batch), compiled(batch)

@@ -123,11 +123,10 @@ def test_feature_columns_written_without_dictionary_or_statistics(tmp_path):
 
 def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
     """A model-stage output block of ``n`` rows (4 frames of 2 values each)."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from hubert_ray.extractor import HubertStage, features_array
+    from hubert_ray.engine import Result
+    from hubert_ray.extractor import assemble, features_array
 
     values = np.arange(n * 8, dtype=np.float16).reshape(-1, 2)
     valid = [i not in failed for i in range(n)]
@@ -145,19 +144,17 @@ def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
     )
     check = {"layer": 1, "checked_dtype": "float16", "cos_mean": 1.0, "cos_min": 1.0}
     check.update({"rel_l2": 1e-3, "max_abs": 0.1, "action": "none"})
-    stage = SimpleNamespace(
-        layers=[1], model_name="m", revision="r", config=SimpleNamespace(storage_dtype="float16")
+    res = Result(
+        features={},
+        frames=[0 if i in failed else 4 for i in range(n)],
+        valid=valid,
+        compute_dtype=[None if i in failed else "float16" for i in range(n)],
+        fallback=[None] * n,
+        precision=[[check] if i in checked else None for i in range(n)],
+        errors={},
     )
-    return HubertStage._assemble(
-        stage,
-        batch,
-        {1: layer},
-        [0 if i in failed else 4 for i in range(n)],
-        {i: "float16" for i in range(n) if i not in failed},
-        set(),
-        {},
-        [[check] if i in checked else None for i in range(n)],
-    )
+    identity = {"model": "m", "model_revision": "r", "actor_id": "a"}
+    return assemble(batch, {1: layer}, res.frames, res, identity)
 
 
 def test_split_block_rows_and_no_copy_without_failures():
