@@ -1,7 +1,7 @@
 """What the job's driver does before and after the Ray stages, at corpus scale, for source
 trees side by side in one run:
 
-    python benchmarks/driver_scale.py --recordings 50000 --segments-per-recording 292 \\
+    python -m benchmarks.driver_scale --recordings 50000 --segments-per-recording 292 \\
         --trees OLD_TREE NEW_TREE
 
 Generates a canonical Parquet manifest (what ``jobs.prepare`` writes from WenetSpeech.json;
@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 
-from trees import run_in_tree
+from benchmarks.trees import run_in_tree
 
 CHILD = r"""
 import resource, sys, time

@@ -35,9 +35,9 @@ model)
   # layers (`_compile-*`; compiles are paid in an untimed pass, its time is in the note).
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
-  timeout 45 python3 -m jobs.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
+  timeout 45 python3 -m benchmarks.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
     --iters 5 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
-  timeout 240 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
+  timeout 240 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
     --seconds "$SECS" --batch-sizes 16,64 --micro-batch-costs 4,64 --pad-multiples 0 \
     --compile-modes default,reduce-overhead --skip-pipeline --max-row-seconds 6 \
     --out "$OUT/bench" > "$OUT/bench.log" 2>&1
@@ -45,7 +45,7 @@ model)
 pipeline)
   # End to end on 2 h of FLAC per distribution vs the plain loop and the actor, with the
   # default 2 calls in flight per model actor and with 1 (short actor rows: the reference).
-  timeout 240 python3 -m jobs.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
+  timeout 240 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
     --seconds 120 --batch-sizes "" --pipeline-seconds "$PIPE_SECS" --pipeline-calls 1 \
     --max-row-seconds 4 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
   ;;

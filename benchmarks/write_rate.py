@@ -1,6 +1,6 @@
 """How fast one core writes and reads chinese-hubert-base-sized feature parts (issue #8).
 
-    python benchmarks/write_rate.py [--rows 2000] [--layers 1] [--repeats 3] [--call-rows 256]
+    python -m benchmarks.write_rate [--rows 2000] [--layers 1] [--repeats 3] [--call-rows 256]
         [--batch-rows 2000,256,16] [--dir DIR]
 
 At the GPU goal (20,000x realtime per GPU) a model actor emits ~1.5 GB/s of float16 features
@@ -14,7 +14,7 @@ Parquet encoder on a CPU core. This times, in one process (one core) and side by
 * ``read_*``: ``pq.read_table`` of either file.
 
 The table is what a write task gets: model-call outputs of 256 rows concatenated. Rows follow
-the WenetSpeech-like mixed lengths of ``jobs.benchmark`` (mean 2.5 s); features are random
+the WenetSpeech-like mixed lengths of ``benchmarks.benchmark`` (mean 2.5 s); features are random
 normal values (float16 mantissas do not compress, like real features). Prints
 x-realtime per core (audio seconds per wall second) of each of ``--repeats`` alternating
 rounds, and the ratios of the best.
@@ -36,11 +36,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.workloads import SR, make_lengths, numbers  # noqa: E402
 from hubert_ray import output  # noqa: E402
 from hubert_ray.chunking import num_frames  # noqa: E402
 from hubert_ray.engine import Result  # noqa: E402
 from hubert_ray.extractor import assemble, features_array  # noqa: E402
-from jobs.benchmark import SR, make_lengths, numbers  # noqa: E402
 
 HIDDEN = 768
 

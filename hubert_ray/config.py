@@ -261,6 +261,9 @@ class ExtractConfig:
     # The model still runs one call at a time; another call's input fetch and output
     # serialisation overlap it. None = 2 on GPU, 1 on CPU (benchmarks/RESULTS.md).
     calls_per_actor: int | None = None
+    # Calls a model actor has launched on its device and not yet finished: the device computes
+    # call k+1 while the host finishes call k. Bounds the memory of calls in flight.
+    queue_depth: int = 2
     # Segments per decode batch; a decode task gets a block of whole recordings of this size
     # (larger for very large corpora, see pipeline.input_blocks). Small tasks starve the model
     # actor: at 16, Ray's per-task overhead left a CPU actor idle 20 % of the time
@@ -325,6 +328,12 @@ class ExtractConfig:
             "calls_per_actor",
             self.calls_per_actor,
             "an integer >= 1 (unset: 2 on GPU, 1 on CPU)",
+        )
+        _require(
+            isinstance(self.queue_depth, int) and 1 <= self.queue_depth <= 8,
+            "queue_depth",
+            self.queue_depth,
+            "an integer from 1 to 8",
         )
         _require(
             isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,

@@ -19,6 +19,7 @@ calls and :class:`Result` back into Arrow.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -141,6 +142,30 @@ class _Features:
         return bool(all(self.finite[self.pos[j]] for j in js))
 
 
+@dataclass
+class _Launched:
+    """A forward queued on the device (:meth:`Engine._launch`), its results not yet read."""
+
+    js: list[int]
+    starts: np.ndarray
+    frames: list[int]
+    out: dict  # layer -> [N, H] tensor (host memory once ``done``)
+    ok: object  # per frame: finite once stored (bool tensor)
+    groups: list[list[int]]
+    done: object  # the clock's event: results on the host
+
+
+@dataclass
+class Pending:
+    """One call between :meth:`Engine.launch` and :meth:`Engine.finish`."""
+
+    work: _Work
+    audio: list
+    launched: _Launched
+    dtype: str  # the dtype it was launched in
+    t0: float
+
+
 def resolve_device(config: ModelConfig):
     import torch
 
@@ -163,15 +188,18 @@ class Engine:
     # Let the host run ahead of the device (see _forward); False waits after each micro-batch.
     overlap = True
 
-    def __init__(self, config: ModelConfig, model_dir: str, self_test: bool = True):
-        """``self_test=False`` skips the self-test (tests of the per-batch guards only)."""
+    def __init__(self, config: ModelConfig, model_dir: str, self_test: bool = True, simulated=None):
+        """``self_test=False`` skips the self-test (tests of the per-batch guards only);
+        ``simulated``: a :class:`hubert_ray.device.SimulatedDevice` instead of the model
+        (benchmarks and tests of the engine's overlap; no checks, zeros out)."""
         import torch
 
+        from hubert_ray import device as dev
         from hubert_ray import model as hm
 
         self.config = config
-        self.device = resolve_device(config)
-        use_cuda = self.device.type == "cuda"
+        self.device = torch.device("cpu") if simulated else resolve_device(config)
+        use_cuda = self.device.type == "cuda" or simulated is not None
         cost_s = config.micro_batch_cost_seconds
         if cost_s is None:
             cost_s = GPU_BATCH_COST_S if use_cuda else CPU_BATCH_COST_S
@@ -180,31 +208,40 @@ class Engine:
         if pad_s is None:
             pad_s = GPU_PAD_MULTIPLE_S if use_cuda else CPU_PAD_MULTIPLE_S
         self.pad_multiple = max(1, int(round(pad_s * SAMPLE_RATE_HZ)))
-        if not use_cuda:
+        if self.device.type == "cpu" and not simulated:
             if config.num_threads:
                 torch.set_num_threads(config.num_threads)
             log.info("model actor on CPU with %d torch threads", torch.get_num_threads())
-        self.dtype = self.requested_dtype = resolve_dtype(config, self.device)
         self.model_dir = model_dir
-        self.net = hm.load_hubert(
-            model_dir, self.device, self.dtype, allow_pickle=config.allow_pickle_weights
-        )
+        self.calls_log: list | None = [] if simulated is not None else None
+        if simulated is not None:
+            self.clock = simulated
+            self.dtype = self.requested_dtype = "float32"
+            self.net = simulated.model(hm.num_hidden_layers(model_dir))
+            self.hidden = simulated.hidden
+            self_test = False
+        else:
+            self.clock = dev.CudaClock() if self.device.type == "cuda" else dev.HostClock()
+            self.dtype = self.requested_dtype = resolve_dtype(config, self.device)
+            self.net = hm.load_hubert(
+                model_dir, self.device, self.dtype, allow_pickle=config.allow_pickle_weights
+            )
+            self.hidden = self.net.config.hidden_size
         if config.compile != "none":
             self.net.compile_layers(config.compile)
             log.info("model forward compiled with torch.compile mode %s", config.compile)
-        self.hidden = self.net.config.hidden_size
         self.layers = parse_layers(config.layers, self.net.num_hidden_layers)
         self.precision = config.precision
         self.store = torch.float16 if config.storage_dtype == "float16" else torch.float32
         self.stats = {"batches": 0, "forward_s": 0.0, "samples": 0, "padded_samples": 0}
-        self._inputs = [None, None]  # see _staging
-        self._copied = [None, None]  # CUDA events: each input buffer's last copy to the device
+        self._local = threading.local()  # per-thread input buffers (see _staging)
         self._fp32 = self.net if self.dtype == "float32" else None
         # Why this engine computes in FP32 although a reduced dtype was asked for (None: it
         # does not): FALLBACK_SELF_TEST or FALLBACK_ESCALATED.
         self.demoted: str | None = None
         self.escalation = Escalation()
         self.audit = True
+        self._lock = threading.Lock()
         # Segments this engine wrote in the reduced dtype (for the escalation report).
         self.reduced_rows = 0
         self.self_test_report: dict | None = None
@@ -301,7 +338,12 @@ class Engine:
     # per layer at the end.
     def _forward(self, net, w: _Work, js: list[int], store) -> _Features:
         """Features of chunks ``js`` (in this order) in the torch dtype ``store``, computed
-        in packed micro-batches."""
+        in packed micro-batches (waits for the device)."""
+        return self._collect(self._launch(net, w, js, store))
+
+    def _launch(self, net, w: _Work, js: list[int], store) -> _Launched:
+        """Queue the forward of chunks ``js`` and the copy of its results to the host; returns
+        without waiting for the device (:meth:`_collect` waits)."""
         import torch
 
         frames = [num_frames(len(w.chunks[j])) for j in js]
@@ -315,26 +357,31 @@ class Engine:
         )
         groups = [[js[p] for p in group] for group in packed]
         total = int(starts[-1])
+        device = self.device
         out = {
-            k: torch.empty((total, self.hidden), dtype=store, device=self.device)
-            for k in self.layers
+            k: torch.empty((total, self.hidden), dtype=store, device=device) for k in self.layers
         }
-        peak = torch.empty(total, dtype=torch.float32, device=self.device)
+        peak = torch.empty(total, dtype=torch.float32, device=device)
         for n, (group, ps) in enumerate(zip(groups, packed, strict=True)):
             self._micro_batch(net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
-            if not self.overlap and self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
+            if not self.overlap:
+                self.clock.wait(self.clock.record())
         # A frame is finite once stored if no layer has NaN or a magnitude that overflows the
         # storage dtype (float16 rounds |x| >= 65520 to inf).
         ok = peak < 65520.0 if store == torch.float16 else torch.isfinite(peak)
-        if self.device.type == "cuda":
+        if device.type == "cuda":
             out, ok = self._to_host(out), self._to_host({0: ok})[0]
-            torch.cuda.current_stream().synchronize()
-        finite = np.ones(len(js), dtype=bool)  # per chunk: all its frames finite
+        return _Launched(js, starts, frames, out, ok, groups, self.clock.record())
+
+    def _collect(self, launched: _Launched) -> _Features:
+        """Wait for a launched forward's results on the host."""
+        self.clock.wait(launched.done)
+        frames, starts = launched.frames, launched.starts
+        finite = np.ones(len(launched.js), dtype=bool)  # per chunk: all its frames finite
         some = np.asarray(frames, dtype=np.int64) > 0  # (a chunk under 400 samples has none)
         if some.any():
-            finite[some] = np.logical_and.reduceat(ok.numpy(), starts[:-1][some])
-        return _Features(js, starts, out, finite, groups)
+            finite[some] = np.logical_and.reduceat(launched.ok.numpy(), starts[:-1][some])
+        return _Features(launched.js, starts, launched.out, finite, launched.groups)
 
     def _micro_batch(self, net, w: _Work, group: list[int], starts: list[int], out, peak, slot):
         """One padded forward of chunks ``group``; chunk ``group[i]``'s frames go to rows
@@ -351,9 +398,7 @@ class Engine:
         param = next(net.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied[slot] = torch.cuda.Event()
-            self._copied[slot].record()
+        self._local.copied[slot] = self.clock.record()
         feats, frame_lengths = net(xt.to(dtype), lengths, self.layers)
         fl = frame_lengths.tolist()
         if fl != [num_frames(n) for n in lengths]:
@@ -380,17 +425,20 @@ class Engine:
         return host
 
     def _staging(self, slot: int, size: int):
-        """Host input buffer ``slot`` (float32, pinned on CUDA) of at least ``size`` values,
-        once its previous copy to the device has finished."""
+        """Host input buffer ``slot`` of this thread (float32, pinned on CUDA) of at least
+        ``size`` values, once its previous copy to the device has finished."""
         import torch
 
-        if self._copied[slot] is not None:
-            self._copied[slot].synchronize()
-        buf = self._inputs[slot]
+        local = self._local
+        if not hasattr(local, "inputs"):
+            local.inputs, local.copied = [None, None], [None, None]
+        if local.copied[slot] is not None:
+            self.clock.wait(local.copied[slot])
+        buf = local.inputs[slot]
         if buf is None or buf.numel() < size:
             size = max(size, self.config.max_batch_samples)
             buf = torch.empty(size, dtype=torch.float32, pin_memory=self.device.type == "cuda")
-            self._inputs[slot] = buf
+            local.inputs[slot] = buf
         return buf
 
     # -- a call ---------------------------------------------------------------------------------
@@ -409,37 +457,43 @@ class Engine:
     def run(self, ids: list[str], audio: list[np.ndarray | None]) -> Result:
         """Features of each row's 16 kHz waveform (``None``: a row that failed upstream; it
         stays without features and without an error of its own)."""
-        n = len(ids)
+        return self.finish(self.launch(ids, audio))
+
+    def launch(self, ids: list[str], audio: list[np.ndarray | None]) -> Pending:
+        """Chunk, pack and queue a call's forward on the device; returns at once on CUDA (the
+        host prepares the next call while the device computes this one). One thread launches,
+        in call order; :meth:`finish` may run on another."""
         w = self._work(ids, audio)
+        dtype = self.dtype
         for i in w.row_dtype:
-            w.row_dtype[i] = self.dtype
+            w.row_dtype[i] = dtype
             if self.demoted:
                 w.fallback[i] = self.demoted
         t0 = time.perf_counter()
-        feats = self._forward(self.net, w, list(range(len(w.chunks))), self.store)
-        w.groups = feats.groups
-        bad = [j for j in range(len(w.chunks)) if not feats.finite[j]]
-        bad_rows = {w.owner[j] for j in bad}
-        if bad and self.dtype != "float32" and self.precision.on_precision_breach == "fail":
-            j = bad[0]
-            a, b = feats.span([j])
-            layer = next(k for k, v in feats.host.items() if not bool(v[a:b].isfinite().all()))
-            raise PrecisionBreach(
-                f"precision breach: segment {w.ids[w.owner[j]]!r} layer {layer}: non-finite "
-                f"output in {self.dtype}; rerun with --dtype float32 or "
-                "--on-precision-breach fallback"
-            )
-        if bad and self.dtype != "float32":
-            # Non-finite in reduced precision: recompute the affected micro-batches' rows in FP32.
-            rows = {w.owner[j] for g in w.groups if set(g) & set(bad) for j in g}
-            bad_rows = (bad_rows - rows) | self._recompute_rows(w, feats, rows, FALLBACK_NON_FINITE)
+        launched = self._launch(self.net, w, list(range(len(w.chunks))), self.store)
+        return Pending(w, audio, launched, dtype, t0)
 
-        precision: list[list[dict] | None] = [None] * n
-        if self.checking:
-            bad_rows |= self._check_precision(w, feats, bad_rows, precision)
-        self.stats["forward_s"] += time.perf_counter() - t0
-        self.stats["batches"] += 1
-        self.reduced_rows += sum(1 for d in w.row_dtype.values() if d not in (None, "float32"))
+    def finish(self, pending: Pending) -> Result:
+        """Wait for a launched call's features; guard, check and fall back as needed."""
+        w, audio = pending.work, pending.audio
+        n = len(w.ids)
+        feats = self._collect(pending.launched)
+        w.groups = feats.groups
+        with self._lock:  # the checks below may switch the engine to FP32
+            bad_rows = self._guard(w, feats, pending.dtype)
+            precision: list[list[dict] | None] = [None] * n
+            if self.checking and pending.dtype == self.dtype:
+                bad_rows |= self._check_precision(w, feats, bad_rows, precision)
+            if self.demoted and pending.dtype != "float32":
+                # launched before this engine switched to FP32: recompute what is left
+                reduced = {i for i, d in w.row_dtype.items() if d == pending.dtype}
+                bad_rows |= self._recompute_rows(w, feats, reduced, self.demoted)
+            self.stats["forward_s"] += time.perf_counter() - pending.t0
+            self.stats["batches"] += 1
+            if self.calls_log is not None:  # simulated device: when each call finished
+                samples = sum(len(c) for c in w.chunks)
+                self.calls_log.append((round(time.monotonic(), 4), samples))
+            self.reduced_rows += sum(1 for d in w.row_dtype.values() if d not in (None, "float32"))
 
         frames = [0] * n
         for i, js in w.chunks_of.items():
@@ -467,6 +521,25 @@ class Engine:
             precision=precision,
             errors=errors,
         )
+
+    def _guard(self, w: _Work, feats: _Features, dtype: str) -> set[int]:
+        """The non-finite guard: rows with NaN/inf (or storage overflow) are recomputed in FP32
+        (all rows of their micro-batches); returns the rows non-finite even then."""
+        bad = [j for j in range(len(w.chunks)) if not feats.finite[j]]
+        bad_rows = {w.owner[j] for j in bad}
+        if not bad or dtype == "float32":
+            return bad_rows
+        if self.precision.on_precision_breach == "fail":
+            j = bad[0]
+            a, b = feats.span([j])
+            layer = next(k for k, v in feats.host.items() if not bool(v[a:b].isfinite().all()))
+            raise PrecisionBreach(
+                f"precision breach: segment {w.ids[w.owner[j]]!r} layer {layer}: non-finite "
+                f"output in {dtype}; rerun with --dtype float32 or "
+                "--on-precision-breach fallback"
+            )
+        rows = {w.owner[j] for g in w.groups if set(g) & set(bad) for j in g}
+        return (bad_rows - rows) | self._recompute_rows(w, feats, rows, FALLBACK_NON_FINITE)
 
     def _recompute_rows(self, w: _Work, feats: _Features, rows: set[int], why: str) -> set[int]:
         """Recompute every chunk of ``rows`` in FP32 into ``feats`` (storage dtype) and mark
@@ -567,8 +640,12 @@ class Engine:
         return set()
 
     def report(self) -> dict:
-        """This engine's precision record (the stage adapter writes it for the summary)."""
-        return {
+        """This engine's precision record (the stage adapter writes it for the summary); on a
+        simulated device, also its device time."""
+        extra = {}
+        if self.calls_log is not None:
+            extra["simulated"] = self.clock.report() | {"calls": list(self.calls_log)}
+        return extra | {
             "device": selftest.device_name(self.device),
             "requested_dtype": self.requested_dtype,
             "compute_dtype": self.dtype,

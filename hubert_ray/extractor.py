@@ -86,7 +86,7 @@ class ModelStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
 
-    def __init__(self, config: ModelConfig, self_test: bool = True):
+    def __init__(self, config: ModelConfig, self_test: bool = True, simulated=None):
         from hubert_ray import model as hm
         from hubert_ray.engine import Engine
         from hubert_ray.storage import local_model_dir
@@ -94,7 +94,7 @@ class ModelStage:
         self.config = config
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10**12:012d}"
         model_dir = local_model_dir(config.model_uri, config.storage_options)
-        self.engine = Engine(config, model_dir, self_test=self_test)
+        self.engine = Engine(config, model_dir, self_test=self_test, simulated=simulated)
 
         self.layers = self.engine.layers
         self.identity = {
@@ -125,11 +125,23 @@ class ModelStage:
         self._reported = {k: v for k, v in report.items() if k != "actor_id"}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.finish(self.launch(batch))
+
+    def launch(self, batch: pa.Table):
+        """Queue ``batch``'s forward on the device (returns at once on an accelerator)."""
         n = batch.num_rows
         reasons = batch.column("error_reason").to_pylist()
-        audio = audio_views(batch.column("audio"))
+        audio = audio_views(batch.column("audio"))  # views: ``batch`` stays referenced
         ids = batch.column("segment_id").to_pylist()
-        res = self.engine.run(ids, [audio[i] if reasons[i] is None else None for i in range(n)])
+        pending = self.engine.launch(
+            ids, [audio[i] if reasons[i] is None else None for i in range(n)]
+        )
+        return batch, pending
+
+    def finish(self, launched) -> pa.Table:
+        """The feature table of a launched batch: one row per input row, in order."""
+        batch, pending = launched
+        res = self.engine.finish(pending)
         self._write_report()
         columns = {
             k: features_array(
@@ -139,7 +151,7 @@ class ModelStage:
         }
         frames = [f if ok else 0 for f, ok in zip(res.frames, res.valid, strict=True)]
         out = assemble(batch, columns, frames, res, self.identity)
-        if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
+        if out.num_rows != batch.num_rows or out.column("segment_id") != batch.column("segment_id"):
             raise AssertionError("model stage must return one row per input row, in order")
         return out
 

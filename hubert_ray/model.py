@@ -173,6 +173,11 @@ def model_revision(model_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def num_hidden_layers(model_dir: str) -> int:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return int(json.load(f).get("num_hidden_layers", 12))
+
+
 def model_name(model_dir: str) -> str:
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)

@@ -1,15 +1,17 @@
 """The one module that talks to Ray: wires the stages into a Ray Data pipeline and runs it.
 
-read (segment rows, recording-ordered blocks) → DecodeStage (CPU tasks) → HubertStage (actor
+read (segment rows, recording-ordered blocks) → DecodeStage (CPU tasks) → ModelActor (actor
 pool: one model per GPU, or CPU actors) → FeatureSink (features/ and errors/ Parquet parts) →
 summary pass over the written files → ``_summary.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -300,10 +302,6 @@ tasks, ``max_task_retries=-1`` for actor pools), so a batch that kills its proce
 this bound the job fails with an error naming the stage, keeps the parts already written, and a
 rerun resumes. Actors themselves are still restarted without end (``max_restarts=-1``)."""
 
-FAIL_BATCH_ENV = "HUBERT_RAY_FAIL_BATCH"
-FAIL_MODE_ENV = "HUBERT_RAY_FAIL_MODE"
-FAIL_DIR_ENV = "HUBERT_RAY_FAIL_DIR"
-
 
 class RetryableStageError(RuntimeError):
     """A model-stage batch failed for a reason other than a precision breach or a broken
@@ -323,68 +321,227 @@ def configure_retries() -> None:
     ctx.max_map_retries = max(ctx.max_map_retries, MAX_MODEL_RETRIES)
 
 
-def _inject_failure(call: int) -> None:
-    """Test hook: with ``$HUBERT_RAY_FAIL_BATCH=k``, the k-th model-stage call in a process
-    fails once per job (a marker file in ``$HUBERT_RAY_FAIL_DIR`` records that it did):
-    ``$HUBERT_RAY_FAIL_MODE=raise`` (default) raises, ``exit`` kills the actor process;
-    ``exit-every`` kills every process at its k-th call (a batch that always kills its actor)."""
-    k = os.environ.get(FAIL_BATCH_ENV)
-    if not k or call != int(k):
-        return
-    mode = os.environ.get(FAIL_MODE_ENV, "raise")
-    if mode != "exit-every":
-        fail_dir = os.environ.get(FAIL_DIR_ENV)
-        if not fail_dir:
-            return
-        try:
-            marker = os.path.join(fail_dir, "failed-once")
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.write(fd, f"{os.getpid()} call {call}\n".encode())
-        os.close(fd)
-    if mode.startswith("exit"):
-        os._exit(17)
-    raise RuntimeError(f"injected failure in model-stage call {call} ({FAIL_BATCH_ENV})")
+class ModelActor:
+    """The model stage as Ray runs it (and names it: ``MapBatches(ModelActor)``), around
+    :class:`hubert_ray.extractor.ModelStage`: an async UDF, so that Ray hands it the next
+    batch while the device still computes the last one.
 
+    Each call is launched on one thread, in call order (the device's queue), and finished on
+    another (waiting for the device, checks, Arrow): the launch of call k+1 does not wait for
+    call k's results. At most ``queue_depth`` calls are launched and unfinished at once, which
+    bounds the memory they hold.
 
-class HubertStage:
-    """The model stage as Ray runs it (and names it: ``MapBatches(HubertStage)``):
-    :class:`hubert_ray.extractor.HubertStage`, passing the decode stage's ``storage_retries``
-    column through and adding this actor's own retries (copying the model from S3)."""
+    A call that fails is retried once; if it fails again, the failure is isolated by bisection
+    (:meth:`_isolate`) down to the segments that cause it, which become ``model_error`` rows
+    while the rest of the call is written. A segment that kills its worker process is found the
+    same way across the process's restarts (:class:`Journal`).
 
-    def __init__(self, config: ModelConfig):
-        from hubert_ray import extractor
+    The decode stage's ``storage_retries`` column passes through, plus this actor's own retries
+    (copying the model from S3)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        queue_depth: int = 2,
+        simulate_x_realtime: float | None = None,
+    ):
+        import asyncio
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from hubert_ray import extractor, faults
 
         _trace("model")
-        before = storage.retry_count()
-        self.stage = extractor.ModelStage(config)
-        self._pending = storage.retry_count() - before
-        self._calls = 0
+        simulated = None
+        if simulate_x_realtime:  # benchmarks and tests only (pipeline.run's argument)
+            from hubert_ray.device import SimulatedDevice
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        before = storage.retry_count()
+            simulated = SimulatedDevice(simulate_x_realtime)
+        self.stage = extractor.ModelStage(config, simulated=simulated)
+        self.faults = faults.from_env()  # None unless a test set a hook
+        self.journal = Journal(config.report_uri)  # one journal per output
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="launch")
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        self._slots = asyncio.Semaphore(queue_depth)
+        self._retries_lock = threading.Lock()
+        self._retries_seen = 0  # storage retries of this process already reported
+
+    def _new_retries(self) -> int:
+        """Storage retries this process made since the last call reported them."""
+        with self._retries_lock:
+            now = storage.retry_count()
+            new, self._retries_seen = now - self._retries_seen, now
+            return new
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+
         upstream = 0
         if RETRIES_COLUMN in batch.column_names:
             upstream = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
             batch = batch.drop_columns([RETRIES_COLUMN])
+        loop = asyncio.get_running_loop()
         forward_before = self.stage.stats["forward_s"]
-        self._calls += 1
-        out = self._call_stage(batch)
+        key = output.part_key(batch.column("segment_id").to_pylist())
+        async with self._slots:
+            if self.journal.deaths(key):  # a process died on this call before: isolate
+                out = await self._run(loop, self._launcher, self._isolate, batch, key)
+            else:
+                self.journal.start(key)
+                try:
+                    launched = await self._run(loop, self._launcher, self._launch, batch)
+                    out = await self._run(loop, self._finisher, self.stage.finish, launched)
+                except RetryableStageError:
+                    self.journal.done(key)  # it raised: the process lives
+                    out = await self._run(loop, self._launcher, self._isolate, batch, key)
+                self.journal.done(key)
         metrics.record_model_batch(out, self.stage.stats["forward_s"] - forward_before)
-        own, self._pending = self._pending + storage.retry_count() - before, 0
-        return _with_retries_column(out, upstream + own)
+        return _with_retries_column(out, upstream + self._new_retries())
 
-    def _call_stage(self, batch: pa.Table) -> pa.Table:
+    def _launch(self, batch: pa.Table):
+        if self.faults:
+            self.faults.check_call()
+            self.faults.check_segments(_ok_ids(batch))
+        return self.stage.launch(batch)
+
+    def _compute(self, batch: pa.Table) -> pa.Table:
+        """One call, start to end, on the calling thread."""
+        if self.faults:
+            self.faults.check_call()
+            self.faults.check_segments(_ok_ids(batch))
+        return self.stage(batch)
+
+    def _isolate(self, batch: pa.Table, key: str) -> pa.Table:
+        """The call once more; if it fails again, bisect it to the segments that fail alone
+        (raising, or killing the process: a sub-batch the journal saw die is split without
+        being run again). Those become ``model_error`` rows and the rest is computed. When
+        more than a tenth of the rows fail alone, the fault is not the segments' (a broken
+        device, say): the call fails and Ray retries it."""
+        from hubert_ray.precision import PrecisionBreach
+
+        deterministic = (PrecisionBreach, AssertionError)
+        n = batch.num_rows
+        if not self.journal.deaths(key):
+            self.journal.start(key)
+            try:
+                out = self._compute(batch)
+                self.journal.done(key)
+                return out
+            except deterministic:
+                raise
+            except Exception:  # noqa: BLE001 - isolated below
+                pass
+        bad: dict[int, str] = {}
+
+        def probe(rows: list[int], known: str | None = None) -> None:
+            if not rows:
+                return
+            sub_key = output.part_key(batch.column("segment_id").take(rows).to_pylist())
+            if known is not None:  # the whole call: it failed already, split it
+                error = known
+            elif self.journal.deaths(sub_key):
+                error = "its worker process died while computing it"
+            else:
+                self.journal.start(sub_key)
+                try:
+                    self._compute(batch.take(rows))
+                    error = None
+                except deterministic:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - recorded as the row's error
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                self.journal.done(sub_key)
+            if error is None:
+                return
+            if len(rows) == 1:
+                bad[rows[0]] = error
+                return
+            half = len(rows) // 2
+            probe(rows[:half])
+            probe(rows[half:])
+
+        ok_rows = [i for i in range(n) if batch.column("error_reason")[i].as_py() is None]
+        probe(ok_rows, known="the call failed")
+        if len(bad) > max(1, n // 10):
+            raise RetryableStageError(
+                f"{RETRY_MARKER}: {len(bad)} of {n} segments fail alone: {next(iter(bad.values()))}"
+            )
+        for i, error in bad.items():
+            log.warning("model stage: %s failed: %s", batch.column("segment_id")[i], error)
+        out = self._compute(_mark_model_errors(batch, bad))
+        self.journal.done(key)
+        return out
+
+    @staticmethod
+    async def _run(loop, executor, fn, *args):
         from hubert_ray.precision import PrecisionBreach
 
         try:
-            _inject_failure(self._calls)
-            return self.stage(batch)
-        except (PrecisionBreach, AssertionError):
-            raise  # deterministic: retrying cannot help (exit code 3 / a bug)
+            return await loop.run_in_executor(executor, fn, *args)
+        except (PrecisionBreach, AssertionError, RetryableStageError):
+            raise  # deterministic: retrying cannot help (exit code 3 / a bug); or retried
         except Exception as exc:
             raise RetryableStageError(f"{RETRY_MARKER}: {type(exc).__name__}: {exc}") from exc
+
+
+def _ok_ids(batch: pa.Table) -> list[str]:
+    """Segment ids of the rows the model stage computes (no upstream error)."""
+    ok = batch.column("error_reason").is_null()
+    return batch.column("segment_id").filter(ok).to_pylist()
+
+
+def _mark_model_errors(batch: pa.Table, bad: dict[int, str]) -> pa.Table:
+    """``batch`` with rows ``bad`` turned into ``model_error`` rows (their messages)."""
+    from hubert_ray import errors
+    from hubert_ray.extractor import ERROR_FIELDS
+
+    cols = {name: batch.column(name).to_pylist() for name in ERROR_FIELDS}
+    for i, message in bad.items():
+        cols["error_stage"][i] = errors.STAGE_MODEL
+        cols["error_reason"][i] = errors.MODEL_ERROR
+        cols["error_message"][i] = message
+    for name, values in cols.items():
+        batch = batch.set_column(
+            batch.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
+    return batch
+
+
+class Journal:
+    """Which model calls were running when their process died, on this node: a file per
+    call in flight (its key: the hash of its segment ids), removed when the call ends. A file
+    left behind means a process died during that call; the retry then isolates it. Files
+    older than a day are ignored (an earlier job on the same output)."""
+
+    MAX_AGE_S = 86_400
+
+    def __init__(self, scope: str):
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
+        self.dir = os.path.join(tempfile.gettempdir(), "hubert-ray-inflight", digest)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def deaths(self, key: str) -> int:
+        path = os.path.join(self.dir, key)
+        try:
+            if time.time() - os.path.getmtime(path) > self.MAX_AGE_S:
+                return 0
+            with open(path) as f:
+                return sum(1 for _ in f)
+        except OSError:
+            return 0
+
+    def start(self, key: str) -> None:
+        with open(os.path.join(self.dir, key), "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def done(self, key: str) -> None:
+        try:
+            os.remove(os.path.join(self.dir, key))
+        except OSError:
+            pass
 
 
 def _make_sink(cfg: ExtractConfig, metadata: dict):
@@ -447,9 +604,11 @@ def _spilled_mib() -> float | None:
     import re
 
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        # this job's cluster: other Ray instances may run on the same machine
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # a private API: never fail the job over a statistic
         return None
     found = re.search(r"Spilled (\d+) MiB", text)
@@ -469,6 +628,8 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Token authentication, chosen explicitly (Ray turns it on anyway, with a warning)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
 
 
@@ -493,9 +654,19 @@ CPU_CALLS_PER_ACTOR = 1
 
 
 def plan_placement(
-    cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1, **model_kwargs
+    cfg: ExtractConfig,
+    cluster_gpus: int,
+    num_layers: int = 1,
+    node_cpus: int = 0,
+    **model_kwargs,
 ) -> Placement:
     """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU.
+
+    CPU actors run ``torch_threads`` threads, by default every core of a node shared among the
+    node's actors (``node_cpus``: the largest node's CPUs; 0 = unknown: the reserved CPUs).
+    Ray reserves only ``cpus_per_actor`` for each, so decode tasks still get scheduled next to
+    it: while decoding runs the two share the cores, and once the decoding is done (the model
+    is the slower stage on a real model) the model has them all.
     ``model_kwargs`` go to :meth:`ExtractConfig.model_config` (sample rate, report place)."""
     if cfg.num_gpus and cfg.num_gpus > cluster_gpus:
         raise ConfigError(
@@ -506,14 +677,17 @@ def plan_placement(
     if n_gpu:
         calls = cfg.calls_per_actor or GPU_CALLS_PER_ACTOR
         return Placement(n_gpu, True, cfg.model_config("auto", **model_kwargs), rows, calls)
-    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
+    shared = node_cpus // max(1, min(cfg.num_cpu_actors, node_cpus or 1))
+    threads = cfg.torch_threads or max(1, shared, int(cfg.cpus_per_actor))
     model = cfg.model_config("cpu", num_threads=threads, **model_kwargs)
     return Placement(
         cfg.num_cpu_actors, False, model, rows, cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
     )
 
 
-def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
+def stage_args(
+    stage: str, cfg: ExtractConfig, placement: Placement, simulate_x_realtime: float | None = None
+) -> dict:
     """The keyword arguments of every ``map_batches`` call, in one place."""
     import ray
 
@@ -535,13 +709,18 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
     if stage == "model":
         resources = {"num_gpus": 1} if placement.gpu else {"num_cpus": cfg.cpus_per_actor}
         return dict(
-            fn_constructor_kwargs={"config": placement.model_config},
+            fn_constructor_kwargs={
+                "config": placement.model_config,
+                "queue_depth": cfg.queue_depth,
+                "simulate_x_realtime": simulate_x_realtime,
+            },
             compute=ray.data.ActorPoolStrategy(
                 size=placement.pool, max_concurrent_calls_per_actor=placement.calls_per_actor
             ),
             batch_size=placement.rows_per_call,
             batch_format="pyarrow",
-            max_task_retries=MAX_PROCESS_DEATHS,
+            # a process-killing segment is isolated across restarts: one death per halving
+            max_task_retries=MAX_PROCESS_DEATHS + math.ceil(math.log2(placement.rows_per_call)),
             **resources,
         )
     raise ValueError(f"unknown stage {stage!r}")
@@ -562,13 +741,38 @@ def input_blocks(cfg: ExtractConfig, segments: pa.Table) -> list[pa.Table]:
     return segment_blocks(segments, rows)
 
 
-def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
+def build_dataset(
+    cfg: ExtractConfig,
+    segments: pa.Table,
+    placement: Placement,
+    simulate_x_realtime: float | None = None,
+):
     """segment rows → decode tasks → model actors (not yet executed)."""
     import ray
 
     ds = ray.data.from_arrow(input_blocks(cfg, segments))
-    ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
-    return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
+    with _retry_bounds_without_deprecation_warning():
+        ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
+        args = stage_args("model", cfg, placement, simulate_x_realtime)
+        return ds.map_batches(ModelActor, **args)
+
+
+@contextlib.contextmanager
+def _retry_bounds_without_deprecation_warning():
+    """Ray 2.60 deprecates ``map_batches``' and ``write_datasink``'s extra remote args
+    (removal planned in 2.64) but names no replacement for ``max_retries`` /
+    ``max_task_retries``, which bound the retries of a process that dies
+    (:data:`MAX_PROCESS_DEATHS`). This job pins Ray below 2.61, so the warning says nothing a
+    user could act on."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*ray_remote_args", category=RayDeprecationWarning
+        )
+        yield
 
 
 def _write(ds, sink) -> None:
@@ -578,21 +782,29 @@ def _write(ds, sink) -> None:
     from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
     try:
-        ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
+        with _retry_bounds_without_deprecation_warning():
+            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
     except (RayActorError, WorkerCrashedError, OutOfMemoryError) as exc:
         actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
         what = "a model-stage call" if actor else "a decode or write task"
         cause = (exc.args[0] if exc.args else str(exc)).strip().splitlines()
+        tries = "its retries" if actor else f"{MAX_PROCESS_DEATHS + 1} tries"
         raise WorkerDeathError(
-            f"{what} failed {MAX_PROCESS_DEATHS + 1} times because its worker process died or "
-            "became unreachable (a crash on one batch, host or GPU memory, a lost node); the "
+            f"{what} failed {tries} because its worker process died or became unreachable "
+            "each time, on every part of it (host or GPU memory, a lost node); the "
             "parts written so far are kept and a rerun resumes. Ray: "
             f"{type(exc).__name__}: {(cause or [''])[0][:300]}"
         ) from exc
 
 
-def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
-    """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
+def run(
+    cfg: ExtractConfig, overwrite: bool = False, simulate_x_realtime: float | None = None
+) -> dict:
+    """Run the whole job; returns the summary (also written to ``<output>/_summary.json``).
+
+    ``simulate_x_realtime``: model actors on a simulated accelerator of that speed instead of
+    the model (:class:`hubert_ray.device.SimulatedDevice`; benchmarks and tests only, no CLI or
+    config option selects it)."""
     t_start = time.time()
     driver_retries = storage.retry_count()
     segments = manifest.read_segments(cfg.manifest, cfg.storage_options)
@@ -628,6 +840,9 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         cfg,
         int(ray.cluster_resources().get("GPU", 0)),
         len(layers),
+        node_cpus=max(
+            (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0
+        ),
         sample_rate=sample_rate,
         report_uri=storage.join(cfg.output, output.ACTORS_DIR),
     )
@@ -647,7 +862,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     sink_retries = 0
     if todo.num_rows:
         configure_retries()
-        ds = build_dataset(cfg, todo, placement)
+        ds = build_dataset(cfg, todo, placement, simulate_x_realtime)
         sink = _make_sink(cfg, metadata)
         _write(ds, sink)
         sink_retries = sink.storage_retries

@@ -47,7 +47,7 @@ DECODE_RATES: dict[str, dict[str, Rate]] = {
         "opus": Rate(3_500.0 / 16, "core", f"{DESIGN}: ~3,500x per 16-core node"),
         "flac": Rate(26_000.0 / 16, "core", f"{DESIGN}: ~26,000x per 16-core node"),
     },
-    # python -m jobs.measure_decode (3 x 60 s, 16 kHz mono, median of 5 rounds; Opus at
+    # python -m benchmarks.measure_decode (3 x 60 s, 16 kHz mono, median of 5 rounds; Opus at
     # libsndfile's default ~28 kbit/s, like WenetSpeech's files): a decode task's whole work
     # (DecodeStage: decode, cut WenetSpeech-like segments, check, normalise, Arrow), which the
     # decode alone outruns by 5 % (Opus, 751x) and 31 % (FLAC, 5,480x).
@@ -56,13 +56,13 @@ DECODE_RATES: dict[str, dict[str, Rate]] = {
             713.2,
             "core",
             "measured 2026-11-28 on this CI-class 2-core machine (x86_64), "
-            "python -m jobs.measure_decode: decode tasks, 16 kHz mono Opus ~28 kbit/s",
+            "python -m benchmarks.measure_decode: decode tasks, 16 kHz mono Opus ~28 kbit/s",
         ),
         "flac": Rate(
             4_167.7,
             "core",
             "measured 2026-11-28 on this CI-class 2-core machine (x86_64), "
-            "python -m jobs.measure_decode: decode tasks, 16 kHz mono FLAC 16-bit",
+            "python -m benchmarks.measure_decode: decode tasks, 16 kHz mono FLAC 16-bit",
         ),
     },
 }

@@ -71,6 +71,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "Ray tasks per model actor at once; the model runs one at a time, the others' "
         "input/output transfers overlap it (default: 2 on GPU, 1 on CPU)",
     ),
+    "queue_depth": (
+        int,
+        "calls a model actor keeps launched on its device while it finishes earlier ones "
+        "(default 2)",
+    ),
     "decode_batch_size": (
         int,
         "segments per decode batch (default 128); decode tasks take whole recordings",

@@ -210,8 +210,8 @@ def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_
     placement = pipeline.plan_placement(cfg, cluster_gpus=0)
     ds = pipeline.build_dataset(cfg, manifest.segment_table(recs), placement).materialize()
     stats = ds.stats()
-    assert "MapBatches(_decode)->MapBatches(HubertStage)" not in stats
-    assert "MapBatches(_decode)" in stats and "MapBatches(HubertStage)" in stats
+    assert "MapBatches(_decode)->MapBatches(ModelActor)" not in stats
+    assert "MapBatches(_decode)" in stats and "MapBatches(ModelActor)" in stats
     assert ds.count() == sum(len(r.segments) for r in recs)
 
 
@@ -239,8 +239,12 @@ def test_placement_plan():
     ]
     fixed = ExtractConfig(manifest="m.jsonl", model="m", output="o", batch_size=7)
     assert pipeline.plan_placement(fixed, 1, 13).rows_per_call == 7
-    # CPU actors: torch threads = reserved CPUs unless torch_threads says
+    # CPU actors: torch threads = the node's cores shared among its actors (unknown: the
+    # reserved CPUs) unless torch_threads says
     assert cpu.model_config.num_threads == 1
+    assert pipeline.plan_placement(cfg, 0, node_cpus=16).model_config.num_threads == 16
+    four = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_cpu_actors=4)
+    assert pipeline.plan_placement(four, 0, node_cpus=16).model_config.num_threads == 4
     more = ExtractConfig(manifest="m.jsonl", model="m", output="o", cpus_per_actor=3.0)
     assert pipeline.plan_placement(more, 0).model_config.num_threads == 3
     lent = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)

@@ -91,9 +91,9 @@ def test_bad_options_exit_2(args):
 
 
 def test_measure_decode_times_decode_and_decode_tasks(capsys):
-    """``python -m jobs.measure_decode`` on short recordings: both formats, the decode alone and
-    a decode task's whole work (cut into segments, normalised), as positive rates."""
-    from jobs import measure_decode
+    """``python -m benchmarks.measure_decode`` on short recordings: both formats, the decode
+    alone and a decode task's whole work (cut into segments, normalised), as positive rates."""
+    from benchmarks import measure_decode
 
     table = measure_decode.segment_table(["a.flac", "b.flac"], 10.0)
     for rec in ("r0", "r1"):  # back to back, covering each recording

@@ -1,5 +1,6 @@
-"""``python -m jobs.precision_study`` on the tiny model (CPU): per-layer errors and the split of
-the forward's time into phases (no timing assertions: only that every phase was marked)."""
+"""``python -m benchmarks.precision_study`` on the tiny model (CPU): per-layer errors and the
+split of the forward's time into phases (no timing assertions: only that every phase was
+marked)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from jobs import precision_study  # noqa: E402
+from benchmarks import precision_study  # noqa: E402
 
 
 def test_precision_study_reports_errors_and_phases(tmp_path, tiny_model):

@@ -1,6 +1,6 @@
 """Measure the decode stage's per-core speed (x realtime) for Opus and FLAC on this machine.
 
-    python -m jobs.measure_decode [--seconds 60] [--recordings 3] [--repeats 5]
+    python -m benchmarks.measure_decode [--seconds 60] [--recordings 3] [--repeats 5]
 
 Generates long 16 kHz mono recordings (the synthetic WenetSpeech signal), writes each as Ogg
 Opus and as FLAC, then times in this single process (= one core), alternating: the decode of
@@ -94,7 +94,7 @@ def measure(seconds: float, recordings: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.measure_decode", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.measure_decode", description=__doc__)
     p.add_argument("--seconds", type=float, default=60.0, help="length of each recording")
     p.add_argument("--recordings", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)

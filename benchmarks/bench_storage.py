@@ -1,6 +1,6 @@
 """Decode throughput from S3 vs local disk (a benchmark, not a test).
 
-    python -m jobs.bench_storage [--copies 4] [--rounds 3] [--workdir DIR]
+    python -m benchmarks.bench_storage [--copies 4] [--rounds 3] [--workdir DIR]
 
 Generates the demo corpus (hubert_ray.synth.make_corpus; ``--copies`` times, under distinct
 names, for more audio), starts moto's S3 server on loopback as a separate process (so it does
@@ -104,7 +104,7 @@ def decode_all(manifest_uri: str, storage_options: dict | None) -> tuple[float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_storage", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_storage", description=__doc__)
     p.add_argument("--copies", type=int, default=4, help="corpus copies (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--workdir", help="where the corpus goes (default: a temporary directory)")

@@ -1,6 +1,7 @@
 """Measure reduced-precision error per layer and what keeping LayerNorms in FP32 buys.
 
-    python -m jobs.precision_study [--device cuda] [--arch base|tiny] [--model DIR] [--out DIR]
+    python -m benchmarks.precision_study [--device cuda] [--arch base|tiny] [--model DIR]
+        [--out DIR]
 
 For each compute dtype (float16, bfloat16; int8 on CPU) with and without FP32 LayerNorms, runs
 the same inputs through :class:`hubert_ray.model.ExactHubert` and compares every layer with the
@@ -24,8 +25,8 @@ import time
 
 import numpy as np
 
+from benchmarks.workloads import ARCHS, make_model, numbers
 from hubert_ray.chunking import pad_batch
-from jobs.benchmark import make_model, numbers
 
 
 def inputs(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     from hubert_ray.model import load_hubert
     from hubert_ray.precision import compare
 
-    p = argparse.ArgumentParser(prog="python -m jobs.precision_study")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.precision_study")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--arch", default="tiny", choices=["tiny", "base"])
+    p.add_argument("--arch", default="tiny", choices=ARCHS)
     p.add_argument("--model", help="a real checkpoint directory instead of random weights")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10.0)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "seconds": args.seconds,
         "audio_seconds": audio_s,
-        "command": "python -m jobs.precision_study " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.precision_study " + " ".join(argv or sys.argv[1:]),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "precision.json"), "w") as f:
