@@ -37,6 +37,12 @@ model)
   tail -4 "$OUT/gpu_tests.log"
   timeout 45 python3 -m benchmarks.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \
     --iters 5 --out "$OUT/prec" 2>&1 | grep -v "Loading weights"
+  # The precision self-test's cost per actor (seconds) and the positional convolution in FP32
+  # vs in the compute dtype (forward time ratio), base and large architectures.
+  for arch in "$ARCH" large; do
+    timeout 60 python3 -m benchmarks.self_test_cost --device "$DEVICE" --arch "$arch" \
+      --dtypes float16,bfloat16 --batch 16 --json "$OUT/self_test_$arch.json" 2>&1 | grep "^{"
+  done
   timeout 240 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$ARCH" --utt-seconds 10,mixed \
     --seconds "$SECS" --batch-sizes 16,64 --micro-batch-costs 4,64 --pad-multiples 0 \
     --compile-modes default,reduce-overhead --skip-pipeline --max-row-seconds 6 \

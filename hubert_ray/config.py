@@ -271,6 +271,7 @@ class ExtractConfig:
     decode_batch_size: int = 128
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
+    progress_seconds: float = 10.0  # a progress line (segments, audio hours, ETA) this often
     end_tolerance_s: float = 0.1
     precision_sample_rate: float = 0.01
     precision_warn: float = 0.005
@@ -346,6 +347,12 @@ class ExtractConfig:
             "decode_memory_mb",
             self.decode_memory_mb,
             "an integer number of MiB >= 64",
+        )
+        _require(
+            isinstance(self.progress_seconds, (int, float)) and self.progress_seconds > 0,
+            "progress_seconds",
+            self.progress_seconds,
+            "a number of seconds > 0",
         )
         _require(
             isinstance(self.rows_per_file, int) and self.rows_per_file >= 1,

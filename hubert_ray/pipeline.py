@@ -544,7 +544,8 @@ class Journal:
             pass
 
 
-def _make_sink(cfg: ExtractConfig, metadata: dict):
+def _make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
+    """The Parquet sink; ``tally``: a :class:`hubert_ray.progress.Tally` actor it reports to."""
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
@@ -582,6 +583,9 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
             if bad.num_rows:
                 put(bad, output.ERRORS_DIR)
             retries = upstream + storage.retry_count() - before
+            if tally is not None:
+                dur = pc.subtract(ok.column("end_s"), ok.column("start_s"))
+                tally.add.remote(ok.num_rows, bad.num_rows, float(pc.sum(dur).as_py() or 0.0))
             return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
 
         def on_write_complete(self, write_result):
@@ -615,6 +619,17 @@ def _spilled_mib() -> float | None:
     return float(found.group(1)) if found else 0.0
 
 
+def _progress_in_segments() -> None:
+    """Ray Data's progress bars count blocks and rows of every operator; this job prints its
+    own progress in segments and audio hours (hubert_ray.progress) instead. Ray logs a hint
+    on how to turn its bars back on, once per process (``log_once``): marked as given here."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
+
+
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start local Ray.
 
@@ -628,8 +643,6 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Token authentication, chosen explicitly (Ray turns it on anyway, with a warning)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
 
 
@@ -835,6 +848,7 @@ def run(
     import ray
 
     init_ray()
+    _progress_in_segments()
     sample_rate = effective_rate(cfg.precision_sample_rate, segments.num_rows)
     placement = plan_placement(
         cfg,
@@ -863,8 +877,12 @@ def run(
     if todo.num_rows:
         configure_retries()
         ds = build_dataset(cfg, todo, placement, simulate_x_realtime)
-        sink = _make_sink(cfg, metadata)
-        _write(ds, sink)
+        from hubert_ray.progress import Reporter, Tally
+
+        tally = ray.remote(num_cpus=0)(Tally).remote()
+        sink = _make_sink(cfg, metadata, tally)
+        with Reporter(tally, todo.num_rows, cfg.progress_seconds):
+            _write(ds, sink)
         sink_retries = sink.storage_retries
 
     summary = output.summarize(cfg.output, segments.column("segment_id"), cfg.storage_options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from hubert_ray.config import ExtractConfig
@@ -82,6 +83,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
     "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
+    "progress_seconds": (float, "print a progress line this often, seconds (default 10)"),
     "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
     "precision_sample_rate": (float, "fraction of segments rechecked in FP32 (default 0.01)"),
     "precision_warn": (float, "relative error that logs a warning (default 0.005)"),
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="load pickle (.bin) model weights; they can run arbitrary code when loaded",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
@@ -178,6 +180,10 @@ def _precision_breach(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "RAY_ADDRESS" not in os.environ and "ray" not in sys.modules:
+        # A local cluster with token authentication, as Ray 2.60 starts one anyway; chosen
+        # explicitly, before Ray reads its settings, so Ray does not warn that it chose it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -186,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         from hubert_ray import pipeline
 
         if args.quiet:
-            import ray.data
-
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("hubert_ray.progress").setLevel(logging.WARNING)
         summary = pipeline.run(cfg, overwrite=overwrite)
     except ConfigError as e:
         option = f"--{e.field.replace('_', '-')}: " if e.field else ""
