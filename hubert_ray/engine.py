@@ -389,6 +389,8 @@ class Engine:
         all layers (NaN if any is NaN) to ``peak``. ``slot``: the input buffer."""
         import torch
 
+        from hubert_ray.model import to_device
+
         chunks = [w.chunks[j] for j in group]
         width = padded_length(max(len(c) for c in chunks), self.pad_multiple)
         staging = self._staging(slot, len(chunks) * width)
@@ -403,15 +405,20 @@ class Engine:
         fl = frame_lengths.tolist()
         if fl != [num_frames(n) for n in lengths]:
             raise AssertionError(f"model frame counts {fl} != planned for {lengths} samples")
+        # One gather per layer: the valid frames of every item (row-major in the padded batch)
+        # to their rows of the call's output (index lists built on the host, no device sync).
+        width = feats[self.layers[0]].shape[1]
+        src_idx = np.concatenate([i * width + np.arange(n) for i, n in enumerate(fl)])
+        dst_idx = np.concatenate([s + np.arange(n) for s, n in zip(starts, fl, strict=True)])
+        src_idx = to_device(torch.from_numpy(src_idx), self.device)
+        dst_idx = to_device(torch.from_numpy(dst_idx), self.device)
         top = None
         for k in self.layers:
-            dest, src = out[k], feats[k]
+            src = feats[k].reshape(-1, feats[k].shape[-1])
             m = src.abs().amax(dim=-1)
             top = m if top is None else torch.maximum(top, m)  # NaN propagates
-            for i, n in enumerate(fl):
-                dest[starts[i] : starts[i] + n].copy_(src[i, :n])
-        for i, n in enumerate(fl):
-            peak[starts[i] : starts[i] + n].copy_(top[i, :n])
+            out[k].index_copy_(0, dst_idx, src.index_select(0, src_idx).to(out[k].dtype))
+        peak.index_copy_(0, dst_idx, top.index_select(0, src_idx).float())
 
     @staticmethod
     def _to_host(tensors: dict) -> dict:
