@@ -293,24 +293,23 @@ def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, calls=N
     """``hubert_ray.pipeline.run`` on the running local Ray, as the job runs by default (its
     batch size and micro-batch budget are the job's defaults; ``calls``: calls per model actor,
     None = the job's default); returns summary, wall, config."""
-    import torch
 
     from hubert_ray import pipeline
     from hubert_ray.config import ExtractConfig
 
-    ncpu = os.cpu_count() or 1
+    # The job's defaults, as a user gets them; only what the benchmark varies is set.
+    extra = {}
+    if bench.args.pipeline_cpus_per_actor:
+        extra["cpus_per_actor"] = float(bench.args.pipeline_cpus_per_actor)
     cfg = ExtractConfig(
         manifest=manifest_path,
         model=model_dir,
         output=out_dir,
         dtype=dtype,
         chunk_seconds=bench.args.chunk_seconds,
-        batch_size=bench.args.batch_size,
         num_gpus=None if bench.cuda else 0,
-        cpus_per_actor=float(bench.args.pipeline_cpus_per_actor or max(1, ncpu - 1)),
-        # as many torch threads as the loop's process has: decode is cheap next to the model
-        torch_threads=0 if bench.cuda else torch.get_num_threads(),
         calls_per_actor=calls,
+        **extra,
     )
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, overwrite=True)
@@ -363,7 +362,7 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
             "1 GPU actor"
             if bench.cuda
             else f"1 CPU actor reserving {cfg.cpus_per_actor:g} CPUs, "
-            f"{cfg.torch_threads} torch threads"
+            f"torch threads {cfg.torch_threads or 'by default'}"
         )
         bench.add(
             name=f"pipeline_{dtype}_b{args.batch_size}"
