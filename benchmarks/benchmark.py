@@ -131,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-cpus-per-actor",
         type=float,
         default=None,
-        help="CPU pipeline: Ray CPUs reserved by the model actor (default ncpu-1; its torch "
-        "threads are the in-process loop's, ncpu by default)",
+        help="CPU pipeline: Ray CPUs reserved by the model actor (default: the job's)",
     )
     p.add_argument(
         "--max-row-seconds",
