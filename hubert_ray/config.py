@@ -271,6 +271,9 @@ class ExtractConfig:
     decode_batch_size: int = 128
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
+    # Upper bound on a feature part's feature values, MiB (a file of --layers all would be
+    # ~5 GB at 2,000 rows): parts are cut at whichever bound comes first.
+    part_size_mb: int = 256
     progress_seconds: float = 10.0  # a progress line (segments, audio hours, ETA) this often
     end_tolerance_s: float = 0.1
     precision_sample_rate: float = 0.01
@@ -347,6 +350,12 @@ class ExtractConfig:
             "decode_memory_mb",
             self.decode_memory_mb,
             "an integer number of MiB >= 64",
+        )
+        _require(
+            isinstance(self.part_size_mb, int) and self.part_size_mb >= 1,
+            "part_size_mb",
+            self.part_size_mb,
+            "an integer number of MiB >= 1",
         )
         _require(
             isinstance(self.progress_seconds, (int, float)) and self.progress_seconds > 0,

@@ -73,6 +73,29 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     return ok, errs, pa.table(cols)
 
 
+def part_slices(table: pa.Table, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``(start, length)`` slices of ``table`` with at most ``max_rows`` rows and, past its
+    first row, at most ``max_bytes`` of feature values each (frames x hidden x layers x dtype
+    size: a row of ``--layers all`` holds 25 times what a row of one layer does)."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for name in table.column_names:
+        if name.startswith("layer_"):
+            col = table.column(name)
+            item = col.type.value_type.list_size * col.type.value_type.value_type.bit_width // 8
+            sizes += pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64) * (
+                item
+            )
+    slices, start, total = [], 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and (i - start >= max_rows or total + size > max_bytes):
+            slices.append((start, i - start))
+            start, total = i, 0
+        total += size
+    if table.num_rows > start:
+        slices.append((start, table.num_rows - start))
+    return slices
+
+
 def part_key(segment_ids) -> str:
     """A part file's name key from the segment ids it holds: writing the same rows again (a
     retried write task) replaces the same file instead of adding a duplicate."""

@@ -578,8 +578,10 @@ def _make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
 
             if checks.num_rows:
                 put(checks, output.PRECISION_DIR)
-            for start in range(0, ok.num_rows, cfg.rows_per_file):
-                put(ok.slice(start, cfg.rows_per_file), output.FEATURES_DIR)
+            for start, length in output.part_slices(
+                ok, cfg.rows_per_file, cfg.part_size_mb * 2**20
+            ):
+                put(ok.slice(start, length), output.FEATURES_DIR)
             if bad.num_rows:
                 put(bad, output.ERRORS_DIR)
             retries = upstream + storage.retry_count() - before

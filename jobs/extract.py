@@ -83,6 +83,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
     "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
+    "part_size_mb": (int, "most MiB of feature values per output Parquet file (default 256)"),
     "progress_seconds": (float, "print a progress line this often, seconds (default 10)"),
     "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
     "precision_sample_rate": (float, "fraction of segments rechecked in FP32 (default 0.01)"),

@@ -177,3 +177,21 @@ def test_split_block_rows_and_no_copy_without_failures():
         leaf.buffers()[1].address
         == clean.column("layer_1").chunk(0).values.values.buffers()[1].address
     )
+
+
+def test_part_slices_bound_rows_and_feature_bytes():
+    import numpy as np
+
+    from hubert_ray.extractor import features_array
+
+    frames = [10, 10, 40, 5, 5, 5]
+    values = np.zeros((sum(frames), 4), dtype=np.float16)  # 8 bytes per frame and layer
+    layer = features_array(values, frames, [True] * 6, "float16")
+    table = pa.table(
+        {"segment_id": [f"s{i}" for i in range(6)], "layer_1": layer, "layer_2": layer}
+    )
+    # 16 bytes per frame over both layers: rows of 160, 160, 640, 80, 80, 80 bytes
+    assert output.part_slices(table, max_rows=100, max_bytes=400) == [(0, 2), (2, 1), (3, 3)]
+    assert output.part_slices(table, max_rows=2, max_bytes=10**9) == [(0, 2), (2, 2), (4, 2)]
+    # a single row larger than the bound still gets its own part
+    assert output.part_slices(table, max_rows=100, max_bytes=100) == [(i, 1) for i in range(6)]
