@@ -55,7 +55,7 @@ from benchmarks.paths import (
 )
 from benchmarks.tables import _loadavg, device_name, markdown, ratios, versions
 from benchmarks.workloads import ARCHS, make_lengths, make_model, make_raw, numbers, parse_dists
-from hubert_ray.config import COMPILE_MODES
+from hubert_ray.config import COMPILE_MODES, compute_dtype
 
 SR = 16_000
 MIXED_MIN_S, MIXED_MAX_S = 0.3, 20.0
@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(compiles) - set(COMPILE_MODES[1:]):
         print(f"error: --compile-modes: one of {', '.join(COMPILE_MODES[1:])}", file=sys.stderr)
         return 2
-    pdtype = (
-        args.pipeline_dtype if args.pipeline_dtype != "auto" else ("float16" if cuda else "float32")
-    )
+    pdtype = compute_dtype(args.pipeline_dtype, cuda)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="hubert-bench-")
     bench = Bench(args, device)
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_stock(
                     bench, model_dir, items, refs, dist, "seed_fp32_b1", "seed", "float32", bench_b
                 )
-            sweep_dt = "float16" if cuda else "float32"  # the device's default dtype
+            sweep_dt = compute_dtype("auto", cuda)
             if args.stock_batch > 1:  # stock transformers batched, as a user would
                 name = f"stock_{sweep_dt}_b{args.stock_batch}"
                 run_stock(

@@ -34,7 +34,7 @@ from hubert_ray.chunking import (
     padded_length,
     plan_chunks,
 )
-from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig, parse_layers
+from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig, compute_dtype, parse_layers
 from hubert_ray.precision import PrecisionBreach, compare, is_sampled
 
 log = logging.getLogger("hubert_ray")
@@ -174,9 +174,7 @@ def resolve_device(config: ModelConfig):
 
 
 def resolve_dtype(config: ModelConfig, device) -> str:
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "float16" if device.type == "cuda" else "float32"
+    dtype = compute_dtype(config.dtype, device.type == "cuda")
     if dtype == "int8" and device.type == "cuda":
         raise ValueError("dtype=int8 (dynamic quantisation) runs on CPU only; use float16 on GPU")
     return dtype

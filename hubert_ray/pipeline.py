@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hubert_ray import manifest, metrics, output, storage
-from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
+from hubert_ray.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
 from hubert_ray.precision import effective_rate
 
@@ -868,7 +868,7 @@ def run(
         "GPU" if placement.gpu else "CPU",
         placement.rows_per_call,
     )
-    planned = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+    planned = compute_dtype(cfg.dtype, placement.gpu)
     identity["compute_dtype"] = planned
     check_identity(cfg, previous, identity)
     write_job_file(cfg, identity)  # before any part file
@@ -911,7 +911,7 @@ def run(
     elif counts.get("float32", 0) > summary["precision"]["fallbacks"]:
         compute = "float32"
     else:
-        compute = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+        compute = compute_dtype(cfg.dtype, placement.gpu)
     checking = compute != "float32" and cfg.precision_sample_rate > 0
     summary["precision"].update(
         {

@@ -143,3 +143,21 @@ def test_cli_subprocess_embedded_ray(corpus, tiny_model, tmp_path):
         summary = json.load(f)
     assert summary["layers"] == [0, 1, 2]
     assert summary["segments_ok"] + summary["segments_failed"] == summary["segments_total"]
+
+
+def test_readme_options_table_is_the_generated_one():
+    """One definition per option: the README's table is what the CLI generates from the
+    config's fields (regenerate it with ``python -m jobs.extract --options-table``)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert extract.options_table() in readme
+
+
+def test_every_config_field_is_a_cli_option():
+    import dataclasses
+
+    from hubert_ray.config import ExtractConfig
+
+    parser = extract.build_parser()
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(ExtractConfig)} <= flags
