@@ -17,6 +17,8 @@ SAMPLE_RATE_HZ = 16_000
 MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
 DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 STORAGE_DTYPES = ("float16", "float32")
+# Input normalisation: auto = the checkpoint's preprocessor_config.json (hubert_ray.models).
+NORMALIZE_OPTIONS = ("auto", "on", "off")
 # torch.compile of the model actor's forward: none, or a torch.compile mode.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _LAYERS_RE = re.compile(r"^(all|last|\d+(\s*,\s*\d+)*)$")
@@ -66,10 +68,14 @@ class DecodeConfig:
     # A segment ending past the end of its audio by at most this much is clipped to the end;
     # further out it is an error row (segment_out_of_range).
     end_tolerance_s: float = 0.1
+    # Zero mean / unit variance per segment (Wav2Vec2FeatureExtractor's do_normalize): the
+    # setting resolved on the driver from the normalize option and the checkpoint.
+    normalize: bool = True
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.normalize, bool), "normalize", self.normalize, "true, false")
         _require(
             self.sample_rate_hz == SAMPLE_RATE_HZ,
             "sample_rate_hz",
@@ -267,6 +273,9 @@ class ExtractConfig:
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
     end_tolerance_s: float = 0.1
+    # Input normalisation: auto = the checkpoint's preprocessor_config.json do_normalize
+    # (normalise when it has none, as Wav2Vec2FeatureExtractor does), on, off.
+    normalize: str = "auto"
     precision_sample_rate: float = 0.01
     precision_warn: float = 0.005
     precision_limit: float = 0.02
@@ -339,6 +348,12 @@ class ExtractConfig:
             self.rows_per_file,
             "an integer >= 1",
         )
+        _require(
+            self.normalize in NORMALIZE_OPTIONS,
+            "normalize",
+            self.normalize,
+            ", ".join(NORMALIZE_OPTIONS),
+        )
         _require_storage_options(self.storage_options)
         # Validate the nested stage configs now, so errors surface at construction.
         self.decode_config()
@@ -350,8 +365,12 @@ class ExtractConfig:
         return self.batch_size or max(16, 256 // max(1, num_layers))
 
     def decode_config(self) -> DecodeConfig:
+        """The decode stage's config; ``normalize`` as resolved by the driver (``auto`` is
+        replaced with ``on`` or ``off`` before the stages are built: pipeline.run)."""
         return DecodeConfig(
-            end_tolerance_s=self.end_tolerance_s, storage_options=dict(self.storage_options)
+            end_tolerance_s=self.end_tolerance_s,
+            normalize=self.normalize != "off",
+            storage_options=dict(self.storage_options),
         )
 
     def model_config(self, device: str = "auto", num_threads: int = 0) -> ModelConfig:
