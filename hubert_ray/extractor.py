@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from hubert_ray import errors
 from hubert_ray.chunking import (
-    num_frames,
     pack_micro_batches,
     pad_batch,
     padded_length,
@@ -185,6 +184,9 @@ class HubertStage:
         self.net = hm.load_hubert(
             self.model_dir, self.device, dtype, allow_pickle=config.allow_pickle_weights
         )
+        # Frame grid of the model's conv frontend (receptive field, hop): chunking and frame
+        # counts follow it.
+        self.geometry = self.net.geometry
         if config.compile != "none":
             self.net.compile_layers(config.compile)
             log.info("model forward compiled with torch.compile mode %s", config.compile)
@@ -229,7 +231,7 @@ class HubertStage:
         in packed micro-batches."""
         import torch
 
-        frames = [num_frames(len(w.chunks[j])) for j in js]
+        frames = [self.geometry.num_frames(len(w.chunks[j])) for j in js]
         starts = np.zeros(len(js) + 1, dtype=np.int64)
         np.cumsum(frames, out=starts[1:])
         packed = pack_micro_batches(  # positions in js
@@ -281,7 +283,7 @@ class HubertStage:
             self._copied[slot].record()
         feats, frame_lengths = net(xt.to(dtype), lengths, self.layers)
         fl = frame_lengths.tolist()
-        if fl != [num_frames(n) for n in lengths]:
+        if fl != [self.geometry.num_frames(n) for n in lengths]:
             raise AssertionError(f"model frame counts {fl} != planned for {lengths} samples")
         top = None
         for k in self.layers:
@@ -328,7 +330,7 @@ class HubertStage:
         # Chunk every OK row; remember which chunks belong to which row.
         chunks, owner = [], []
         for i in ok_rows:
-            for s, e in plan_chunks(len(audio[i]), self.config.chunk_samples):
+            for s, e in plan_chunks(len(audio[i]), self.config.chunk_samples, self.geometry):
                 chunks.append(audio[i][s:e])
                 owner.append(i)
         w = _Work(
@@ -366,10 +368,9 @@ class HubertStage:
         for i, js in w.chunks_of.items():
             a, b = feats.span(js)
             frames[i] = b - a
-            if frames[i] != num_frames(len(audio[i])):
-                raise AssertionError(
-                    f"{w.seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
-                )
+            expected = self.geometry.num_frames(len(audio[i]))
+            if frames[i] != expected:
+                raise AssertionError(f"{w.seg_ids[i]}: {frames[i]} frames, expected {expected}")
         valid = [i in w.chunks_of and i not in bad_rows for i in range(n)]
         columns = {
             k: features_array(feats.host[k].numpy(), frames, valid, self.config.storage_dtype)

@@ -272,3 +272,44 @@ def read_preprocessor(fs, model_path: str) -> tuple[dict | None, str]:
             return json.load(f), path
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc.msg})", field="model") from None
+
+
+# -- the driver's checks ----------------------------------------------------------------------
+def check_model_files(fs, path: str, cfg: dict, model_uri: str) -> ModelSpec:
+    """``config.json`` names a supported family and variant, and the safetensors weights fit
+    it (pickle-only weights are not inspected: reading them means unpickling)."""
+    base = model_uri.rstrip("/")
+    spec = model_spec(cfg, f"{base}/config.json")
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".safetensors"))
+    if files:
+        names = ", ".join(f"{base}/{p.rsplit('/', 1)[-1]}" for p in files)
+        check_weights(cfg, spec, safetensors_shapes(fs, files), names)
+    return spec
+
+
+def check_run(
+    model_uri: str,
+    storage_options: dict | None,
+    cfg: dict,
+    normalize: str,
+    chunk_samples: int,
+    dtype: str,
+) -> Preprocessing:
+    """The per-run checks on the driver, before any Ray work: the model's geometry against
+    the chunking, the dtype against the family, and the checkpoint's preprocessing (returned,
+    with the ``normalize`` option resolved)."""
+    from hubert_ray import storage
+
+    spec = model_spec(cfg, f"{model_uri.rstrip('/')}/config.json")
+    check_chunking(spec, chunk_samples)
+    if dtype == "int8" and spec.model_type == "wavlm":
+        raise ConfigError(
+            "dtype='int8' is not supported for WavLM (its attention reads the projection "
+            "weights directly, which dynamic quantisation replaces); use float32 on CPU",
+            field="dtype",
+        )
+    fs, path = storage.filesystem(model_uri, storage_options)
+    preprocessor, where = read_preprocessor(fs, path)
+    if preprocessor is not None:
+        where = f"{model_uri.rstrip('/')}/{PREPROCESSOR_FILE}"
+    return resolve_preprocessing(normalize, preprocessor, where)
