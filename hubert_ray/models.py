@@ -154,8 +154,9 @@ def check_weights(
     cfg: dict, spec: ModelSpec, found: dict[str, list[int]], where: str = "model.safetensors"
 ) -> None:
     """Refuse weights (``found``: tensor name -> shape, from the safetensors headers in
-    ``where``) that do not fit the model ``config.json`` describes: transformers would load
-    them with missing tensors left random (a warning, not an error)."""
+    ``where``) that do not fit the model ``config.json`` describes: missing tensors, tensors of
+    another shape, or base-model tensors the config's model does not have (transformers would
+    load such weights with a warning, leaving missing tensors random and dropping extra ones)."""
     expected, prefix = expected_shapes(cfg, spec)
     got: dict[str, list[int]] = {}
     for name, shape in found.items():
@@ -166,7 +167,13 @@ def check_weights(
         got[name] = list(shape)
     missing = sorted(k for k in expected if k not in got and not _OPTIONAL.search(k))
     wrong = sorted(k for k in expected if k in got and got[k] != expected[k])
-    if not missing and not wrong:
+    # Tensors of the base model that this config's model does not have (e.g. layer norms of a
+    # layer-norm frontend under feat_extract_norm="group", conv biases under conv_bias=false):
+    # transformers would drop them. Those of a task head (lm_head, projector, quantizer, ...)
+    # lie outside the base model and are not loaded anyway.
+    modules = {k.split(".", 1)[0] for k in expected}
+    extra = sorted(k for k in got if k not in expected and k.split(".", 1)[0] in modules)
+    if not missing and not wrong and not extra:
         return
     sizes = ", ".join(
         f"{k}={cfg.get(k)!r}"
@@ -186,6 +193,11 @@ def check_weights(
         if layers and all(k.startswith("encoder.layers.") for k in missing):
             hint = f" (transformer layers {layers[0]}..{layers[-1]}: check num_hidden_layers)"
         parts.append(f"{len(missing)} tensor(s) are missing, e.g. {missing[0]!r}{hint}")
+    if extra:
+        parts.append(
+            f"{len(extra)} tensor(s) are not part of the model config.json describes, "
+            f"e.g. {extra[0]!r}"
+        )
     raise ConfigError(
         f"{where}: the weights do not match config.json ({sizes}): {'; '.join(parts)}",
         field="model",
