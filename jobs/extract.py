@@ -78,6 +78,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
     "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
     "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
+    "normalize": (
+        str,
+        "input normalisation per segment (zero mean, unit variance): auto (default: the "
+        "model's preprocessor_config.json do_normalize; normalise when it has none), on, off",
+    ),
     "precision_sample_rate": (float, "fraction of segments rechecked in FP32 (default 0.01)"),
     "precision_warn": (float, "relative error that logs a warning (default 0.005)"),
     "precision_limit": (float, "relative error that triggers --on-precision-breach (0.02)"),
