@@ -187,3 +187,31 @@ def test_stage_chunks_on_the_models_frame_grid(family_dirs, family_nets):
             assert got.shape == expected.shape
             assert _rel(got, expected) < 1e-5, (row, k)
     assert len(plan_chunks(21000, cfg.chunk_samples, geometry)) > 1
+
+
+@pytest.mark.parametrize("name", ["hubert-large", "wavlm-base", "data2vec-audio"])
+def test_stage_reduced_precision_checks_each_family(family_dirs, name):
+    """bfloat16 with every segment rechecked against the FP32 reference of the same family:
+    the checks run and are recorded, whatever this CPU's bfloat16 error (not asserted)."""
+    from hubert_ray.config import ModelConfig, PrecisionConfig
+    from hubert_ray.extractor import HubertStage
+    from tests.test_model import _decoded_batch, _features
+
+    audios = {"a": _audio(9000, 1), "b": _audio(3000, 2)}
+    batch = _decoded_batch([(k, a, None) for k, a in audios.items()])
+    cfg = ModelConfig(
+        model_uri=family_dirs[name],
+        layers="last",
+        dtype="bfloat16",
+        device="cpu",
+        precision=PrecisionConfig(precision_sample_rate=1.0, on_precision_breach="warn"),
+    )
+    stage = HubertStage(cfg)
+    assert type(stage._reference().model) is type(stage.net.model)
+    out = stage(batch)
+    assert out.column("precision_checked").to_pylist() == [True, True]
+    assert out.column("compute_dtype").to_pylist() == ["bfloat16", "bfloat16"]
+    for row, checks in enumerate(out.column("precision").to_pylist()):
+        assert [c["layer"] for c in checks] == [NUM_LAYERS]
+        assert np.isfinite(checks[0]["rel_l2"])
+        assert np.isfinite(_features(out, NUM_LAYERS, row)).all()
