@@ -54,6 +54,17 @@ class ModelSpec:
         encoder = "stable-layer-norm (pre-LN)" if self.stable_layer_norm else "post-LN"
         return f"{self.feat_extract_norm}-norm frontend, {encoder} encoder"
 
+    def to_dict(self) -> dict:
+        """As recorded in the summary and the part metadata: what ``num_frames`` counts."""
+        hop = self.geometry.hop
+        return {
+            "model_type": self.model_type,
+            "variant": self.variant,
+            "frame_hop_samples": hop,
+            "receptive_field_samples": self.geometry.receptive_field,
+            "frame_rate_hz": SAMPLE_RATE_HZ / hop,
+        }
+
 
 def _int_list(cfg: dict, key: str, default, where: str) -> tuple[int, ...]:
     value = cfg.get(key, default)
@@ -306,10 +317,10 @@ def check_run(
     normalize: str,
     chunk_samples: int,
     dtype: str,
-) -> Preprocessing:
+) -> tuple[ModelSpec, Preprocessing]:
     """The per-run checks on the driver, before any Ray work: the model's geometry against
-    the chunking, the dtype against the family, and the checkpoint's preprocessing (returned,
-    with the ``normalize`` option resolved)."""
+    the chunking, the dtype against the family, and the checkpoint's preprocessing. Returns
+    the model's spec and the preprocessing (the ``normalize`` option resolved)."""
     from hubert_ray import storage
 
     spec = model_spec(cfg, f"{model_uri.rstrip('/')}/config.json")
@@ -324,4 +335,4 @@ def check_run(
     preprocessor, where = read_preprocessor(fs, path)
     if preprocessor is not None:
         where = f"{model_uri.rstrip('/')}/{PREPROCESSOR_FILE}"
-    return resolve_preprocessing(normalize, preprocessor, where)
+    return spec, resolve_preprocessing(normalize, preprocessor, where)

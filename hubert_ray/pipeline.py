@@ -604,7 +604,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
-    prep = models.check_run(
+    spec, prep = models.check_run(
         cfg.model,
         cfg.storage_options,
         model_json,
@@ -653,6 +653,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         "layers": list(layers),
         "format_version": 1,
         "preprocessing": prep.to_dict(),
+        "model_family": spec.to_dict(),
     }
     sink_retries = 0
     if todo.num_rows:
@@ -678,6 +679,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
             # Segments an earlier, interrupted run of this job had written (not redone).
             "segments_resumed": segments.num_rows - todo.num_rows,
             "preprocessing": prep.to_dict(),
+            "model_family": spec.to_dict(),
         }
     )
     # What the actors really computed in: an "auto" GPU placement whose actor found no CUDA runs

@@ -105,6 +105,11 @@ def test_cli_features_equal_stock_transformers(ray_session, small_corpus, tmp_pa
     assert summary["preprocessing"] == expected_prep
     assert summary["segments_ok"] == len(segments)
     assert output.run_metadata(out)["preprocessing"] == expected_prep
+    family = summary["model_family"]
+    assert output.run_metadata(out)["model_family"] == family
+    assert family["model_type"] == model_type
+    assert family["frame_hop_samples"] == (160 if extra else 320)
+    assert family["frame_rate_hz"] == 16000 / family["frame_hop_samples"]
     with open(os.path.join(out, "_job.json")) as f:
         assert json.load(f)["normalize"] is normalize
 
