@@ -26,6 +26,18 @@ FAMILIES: dict[str, str] = {
     "wavlm": "WavLMModel",
     "data2vec-audio": "Data2VecAudioModel",
 }
+# Why some neighbouring model types are refused (the message names the reason).
+REFUSED_WHY: dict[str, str] = {
+    "wav2vec2-conformer": "its conformer blocks' depthwise convolutions (and batch norm) run "
+    "over time inside every layer, so padded frames would need masking there: not implemented",
+    "wav2vec2-bert": "its input is log-mel features (SeamlessM4TFeatureExtractor), not raw "
+    "16 kHz samples",
+    "whisper": "an encoder-decoder on log-mel features, not a wav2vec2-style encoder",
+    "sew": "it squeezes the frame sequence (pooling over time), which padding would change",
+    "sew-d": "it squeezes the frame sequence (pooling over time), which padding would change",
+    "unispeech": "not implemented or tested here",
+    "unispeech-sat": "not implemented or tested here",
+}
 # Families whose transformers encoder has a stable-layer-norm (pre-LN) variant.
 STABLE_LAYER_NORM = ("hubert", "wav2vec2", "wavlm")
 # transformers' defaults (the same for every family above).
@@ -86,8 +98,9 @@ def model_spec(cfg: dict, where: str = "config.json") -> ModelSpec:
 
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
+        why = f" ({REFUSED_WHY[model_type]})" if model_type in REFUSED_WHY else ""
         refuse(
-            f"model_type={model_type!r} is not supported; supported: "
+            f"model_type={model_type!r} is not supported{why}; supported: "
             f"{', '.join(FAMILIES)} (transformers {', '.join(FAMILIES.values())})"
         )
     if model_type == "data2vec-audio":

@@ -48,6 +48,7 @@ def test_model_spec_of_each_family(model_type, cfg, norm, stable):
     "cfg, words",
     [
         ({"model_type": "whisper"}, ["model_type='whisper'", "not supported", "wavlm"]),
+        ({"model_type": "wav2vec2-conformer"}, ["not supported (its conformer blocks"]),
         ({}, ["model_type=None", "not supported"]),
         ({"model_type": "hubert", "feat_extract_norm": "batch"}, ["feat_extract_norm='batch'"]),
         ({"model_type": "hubert", "conv_kernel": [10, 3]}, ["conv_kernel has 2", "conv_stride"]),
