@@ -142,7 +142,7 @@ def model_config(
 
 
 class NullHubert:
-    """Stands in for :class:`hubert_ray.model.ExactHubert` with no arithmetic: zero features
+    """Stands in for :class:`hubert_ray.model.ExactEncoder` with no arithmetic: zero features
     of the right shape, dtype and device (the actor's own work is all that is left)."""
 
     def __init__(self, net, hidden: int):

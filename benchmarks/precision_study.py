@@ -4,7 +4,7 @@
         [--out DIR]
 
 For each compute dtype (float16, bfloat16; int8 on CPU) with and without FP32 LayerNorms, runs
-the same inputs through :class:`hubert_ray.model.ExactHubert` and compares every layer with the
+the same inputs through :class:`hubert_ray.model.ExactEncoder` and compares every layer with the
 FP32 run (relative L2 over each utterance, then mean and max; minimum per-frame cosine), times
 the forward at one batch size (x realtime) and splits its time into the conv frontend, the
 projection with the positional convolution, and the transformer layers. Writes
@@ -135,7 +135,7 @@ def phase_split(net, xs, device, dtype, iters: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from hubert_ray.model import load_hubert
+    from hubert_ray.model import load_model
     from hubert_ray.precision import compare
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.precision_study")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     root = tempfile.mkdtemp(prefix="hubert-prec-")
     model_dir = args.model or make_model(args.arch, os.path.join(root, args.arch))
-    ref_net = load_hubert(model_dir, device, "float32")
+    ref_net = load_model(model_dir, device, "float32")
     layers = tuple(range(ref_net.num_hidden_layers + 1))
     xs = inputs(args.batch, args.seconds)
     audio_s = sum(len(x) for x in xs) / 16000
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(d, norms) for d in dtypes for norms in (False, True) if d != "int8" or not norms]
     for dtype, fp32_norms in variants:
         try:
-            net = load_hubert(model_dir, device, dtype, fp32_norms=fp32_norms)
+            net = load_model(model_dir, device, dtype, fp32_norms=fp32_norms)
             got = run(net, xs, layers, device, dtype)
             sec = timed(net, xs, device, dtype, args.iters)
             phases = None if fp32_norms else phase_split(net, xs, device, dtype, args.iters)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.workloads import ARCHS, make_model
     from hubert_ray.config import ModelConfig
     from hubert_ray.engine import Engine
-    from hubert_ray.model import load_hubert
+    from hubert_ray.model import load_model
     from hubert_ray.selftest import calibration_signals
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ModelConfig(model_uri=model, dtype=dtype, device=args.device)
         engine = Engine(cfg, model)
         st = engine.self_test_report
-        nets = {pos: load_hubert(model, device, dtype, fp32_pos_conv=pos) for pos in (False, True)}
+        nets = {pos: load_model(model, device, dtype, fp32_pos_conv=pos) for pos in (False, True)}
         times = forward_seconds(nets, xs, device, dtype, args.iters)
         row = {
             "dtype": dtype,

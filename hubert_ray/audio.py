@@ -1,4 +1,5 @@
-"""CPU decode stage: fsspec read → soundfile decode → mono → soxr 16 kHz → cut → normalise.
+"""CPU decode stage: fsspec read → soundfile decode → mono → soxr 16 kHz → cut → normalise
+(when the checkpoint's preprocessing says so: DecodeConfig.normalize).
 
 Each recording is read with ONE whole-object read (``fs.cat_file``) and decoded once; all its
 segments are cut from the decoded 16 kHz mono array in memory (seeking deep into compressed
@@ -276,7 +277,8 @@ class DecodeStage:
                     raise DecodeError(
                         NON_FINITE, f"{uri}: segment has {bad} NaN/inf samples after decoding"
                     )
-                seg = normalise(seg)
+                if cfg.normalize:
+                    seg = normalise(seg)
             except DecodeError as exc:
                 stage[i], reason[i], message[i] = STAGE_DECODE, exc.reason, exc.message
                 offsets[i + 1] = total

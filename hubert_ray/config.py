@@ -17,6 +17,8 @@ SAMPLE_RATE_HZ = 16_000
 MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
 DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 STORAGE_DTYPES = ("float16", "float32")
+# Input normalisation: auto = the checkpoint's preprocessor_config.json (hubert_ray.models).
+NORMALIZE_OPTIONS = ("auto", "on", "off")
 # torch.compile of the model actor's forward: none, or a torch.compile mode.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _LAYERS_RE = re.compile(r"^(all|last|\d+(\s*,\s*\d+)*)$")
@@ -74,10 +76,14 @@ class DecodeConfig:
     # A segment ending past the end of its audio by at most this much is clipped to the end;
     # further out it is an error row (segment_out_of_range).
     end_tolerance_s: float = 0.1
+    # Zero mean / unit variance per segment (Wav2Vec2FeatureExtractor's do_normalize): the
+    # setting resolved on the driver from the normalize option and the checkpoint.
+    normalize: bool = True
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.normalize, bool), "normalize", self.normalize, "true, false")
         _require(
             self.sample_rate_hz == SAMPLE_RATE_HZ,
             "sample_rate_hz",
@@ -157,7 +163,7 @@ class ModelConfig:
     # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,
     # 0.25 s on GPU (not yet measured there; benchmarks/gpu_run.sh sweeps it).
     pad_multiple_seconds: float | None = None
-    # torch.compile the transformer layers (model.ExactHubert.compile_layers): none or a
+    # torch.compile the transformer layers (model.ExactEncoder.compile_layers): none or a
     # torch.compile mode. Off by default: each actor pays the compiles and needs a C++ compiler
     # (CPU) or Triton (GPU); no faster on CPU (benchmarks/RESULTS.md), not yet measured on a
     # GPU, where fusing the layers' elementwise work is what it is for.
@@ -401,6 +407,18 @@ class ExtractConfig:
         help="a segment ending past its audio by at most this is clipped, else an error row",
         shown="`0.1`",
     )
+    # Input normalisation: auto = the checkpoint's preprocessor_config.json do_normalize
+    # (normalise when it has none, as Wav2Vec2FeatureExtractor does), on, off.
+    normalize: str = option(
+        "auto",
+        help=(
+            "input normalisation per segment (zero mean, unit variance, as "
+            "`Wav2Vec2FeatureExtractor`'s `do_normalize`): `auto` follows the model's "
+            "`preprocessor_config.json` (normalise when there is none, transformers' default), "
+            "`on`, `off`; part of the run's identity (see Supported models)"
+        ),
+        shown="`auto`",
+    )
     precision_sample_rate: float = option(
         0.01,
         help="fraction of segments rechecked in FP32 (see Precision assurance)",
@@ -527,6 +545,12 @@ class ExtractConfig:
             self.rows_per_file,
             "an integer >= 1",
         )
+        _require(
+            self.normalize in NORMALIZE_OPTIONS,
+            "normalize",
+            self.normalize,
+            ", ".join(NORMALIZE_OPTIONS),
+        )
         _require_storage_options(self.storage_options)
         # Validate the nested stage configs now, so errors surface at construction.
         self.decode_config()
@@ -538,8 +562,12 @@ class ExtractConfig:
         return self.batch_size or max(16, 256 // max(1, num_layers))
 
     def decode_config(self) -> DecodeConfig:
+        """The decode stage's config; ``normalize`` as resolved by the driver (``auto`` is
+        replaced with ``on`` or ``off`` before the stages are built: pipeline.run)."""
         return DecodeConfig(
-            end_tolerance_s=self.end_tolerance_s, storage_options=dict(self.storage_options)
+            end_tolerance_s=self.end_tolerance_s,
+            normalize=self.normalize != "off",
+            storage_options=dict(self.storage_options),
         )
 
     def model_config(

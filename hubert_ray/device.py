@@ -93,7 +93,7 @@ class SimulatedDevice:
         import torch
         from torch import nn
 
-        from hubert_ray.chunking import num_frames
+        from hubert_ray.chunking import HUBERT, num_frames
 
         device = self
 
@@ -103,6 +103,7 @@ class SimulatedDevice:
                 self.weight = nn.Parameter(torch.zeros(1))
                 self.num_hidden_layers = num_hidden_layers
                 self.compiled = None
+                self.geometry = HUBERT
 
             def forward(self, x, lengths, layers):
                 device.enqueue(x.numel())

@@ -28,7 +28,6 @@ import numpy as np
 
 from hubert_ray import selftest
 from hubert_ray.chunking import (
-    num_frames,
     pack_micro_batches,
     pad_batch,
     padded_length,
@@ -221,10 +220,13 @@ class Engine:
         else:
             self.clock = dev.CudaClock() if self.device.type == "cuda" else dev.HostClock()
             self.dtype = self.requested_dtype = resolve_dtype(config, self.device)
-            self.net = hm.load_hubert(
+            self.net = hm.load_model(
                 model_dir, self.device, self.dtype, allow_pickle=config.allow_pickle_weights
             )
             self.hidden = self.net.config.hidden_size
+        # Frame grid of the model's conv frontend (receptive field, hop): chunking and frame
+        # counts follow it.
+        self.geometry = self.net.geometry
         if config.compile != "none":
             self.net.compile_layers(config.compile)
             log.info("model forward compiled with torch.compile mode %s", config.compile)
@@ -259,7 +261,7 @@ class Engine:
         if self._fp32 is None:
             from hubert_ray import model as hm
 
-            self._fp32 = hm.load_hubert(
+            self._fp32 = hm.load_model(
                 self.model_dir,
                 self.device,
                 "float32",
@@ -344,7 +346,7 @@ class Engine:
         without waiting for the device (:meth:`_collect` waits)."""
         import torch
 
-        frames = [num_frames(len(w.chunks[j])) for j in js]
+        frames = [self.geometry.num_frames(len(w.chunks[j])) for j in js]
         starts = np.zeros(len(js) + 1, dtype=np.int64)
         np.cumsum(frames, out=starts[1:])
         packed = pack_micro_batches(  # positions in js
@@ -401,7 +403,7 @@ class Engine:
         self._local.copied[slot] = self.clock.record()
         feats, frame_lengths = net(xt.to(dtype), lengths, self.layers)
         fl = frame_lengths.tolist()
-        if fl != [num_frames(n) for n in lengths]:
+        if fl != [self.geometry.num_frames(n) for n in lengths]:
             raise AssertionError(f"model frame counts {fl} != planned for {lengths} samples")
         # One gather per layer: the valid frames of every item (row-major in the padded batch)
         # to their rows of the call's output (index lists built on the host, no device sync).
@@ -453,7 +455,7 @@ class Engine:
         for i, x in enumerate(audio):
             if x is None:
                 continue
-            for s, e in plan_chunks(len(x), self.config.chunk_samples):
+            for s, e in plan_chunks(len(x), self.config.chunk_samples, self.geometry):
                 chunks.append(x[s:e])
                 owner.append(i)
         rows = {i for i, x in enumerate(audio) if x is not None}
@@ -504,10 +506,9 @@ class Engine:
         for i, js in w.chunks_of.items():
             a, b = feats.span(js)
             frames[i] = b - a
-            if frames[i] != num_frames(len(audio[i])):
-                raise AssertionError(
-                    f"{w.ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
-                )
+            expected = self.geometry.num_frames(len(audio[i]))
+            if frames[i] != expected:
+                raise AssertionError(f"{w.ids[i]}: {frames[i]} frames, expected {expected}")
         valid = [i in w.chunks_of and i not in bad_rows for i in range(n)]
         errors = {
             i: (

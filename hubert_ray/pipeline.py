@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, output, storage
+from hubert_ray import manifest, metrics, models, output, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
 from hubert_ray.precision import effective_rate
@@ -32,7 +32,8 @@ def read_model_config(
     model_uri: str, storage_options: dict | None = None, allow_pickle: bool = False
 ) -> dict:
     """The model directory's ``config.json``, checking the weights are safetensors (or, with
-    ``allow_pickle``, pickle ``.bin`` weights: loading those can run arbitrary code)."""
+    ``allow_pickle``, pickle ``.bin`` weights: loading those can run arbitrary code), that it
+    names a supported model family and that the weights fit it."""
     fs, path = storage.filesystem(model_uri, storage_options)
     cfg_path = f"{path.rstrip('/')}/config.json"
     if not fs.exists(cfg_path):
@@ -51,7 +52,10 @@ def read_model_config(
             field="model",
         )
     with fs.open(cfg_path, "r") as f:
-        return json.load(f)
+        cfg = json.load(f)
+    # A supported model family whose weights fit its config (hubert_ray.models).
+    models.check_model_files(fs, path, cfg, model_uri)
+    return cfg
 
 
 def fp32_weight_bytes(model_uri: str, storage_options: dict | None = None) -> int:
@@ -121,6 +125,7 @@ _IDENTITY_OPTIONS = {
     "compute_dtype": "dtype",
     "storage_dtype": "storage_dtype",
     "chunk_seconds": "chunk_seconds",
+    "normalize": "normalize",
 }
 
 
@@ -164,7 +169,10 @@ def _previous_identity(cfg: ExtractConfig, fs, base: str) -> dict | None:
     job_path = f"{base}/{output.JOB_FILE}"
     if fs.exists(job_path):
         with fs.open(job_path, "r") as f:
-            return json.load(f)
+            ident = json.load(f)
+        # Outputs written before the normalize option were always normalised.
+        ident.setdefault("normalize", True)
+        return ident
     meta = output.run_metadata(cfg.output, cfg.storage_options)  # a dataset without _job.json
     if not meta:
         return None
@@ -174,6 +182,7 @@ def _previous_identity(cfg: ExtractConfig, fs, base: str) -> dict | None:
         ident["chunk_seconds"] = float(old["chunk_seconds"])
     if "layers" in meta:
         ident["layers"] = list(meta["layers"])
+    ident["normalize"] = meta.get("preprocessing", {}).get("normalize", True)
     return ident
 
 
@@ -190,7 +199,8 @@ def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) ->
         what = "; ".join(f"{k}: existing {previous[k]!r}, this run {identity[k]!r}" for k in diffs)
         raise ConfigError(
             f"output={cfg.output!r} holds features of a different run ({what}); resume needs "
-            "the same model, layers, dtype, storage dtype and chunking: use another --output, "
+            "the same model, layers, dtype, storage dtype, chunking and input normalisation: use "
+            "another --output, "
             "or --overwrite to start over",
             field=_IDENTITY_OPTIONS[diffs[0]],
         )
@@ -826,7 +836,16 @@ def run(
     num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
+    spec, prep = models.check_run(
+        cfg.model,
+        cfg.storage_options,
+        model_json,
+        cfg.normalize,
+        cfg.model_config().chunk_samples,
+        cfg.dtype,
+    )
     identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
+    identity["normalize"] = prep.normalize
     done, previous = prepare_output(cfg, overwrite, identity)
     if cfg.recompute_suspect and len(done):
         done = _drop_suspect(cfg, done)
@@ -874,11 +893,19 @@ def run(
     write_job_file(cfg, identity)  # before any part file
     _clear_completion(cfg)
 
-    metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
+    metadata = {
+        "config": redacted(cfg),
+        "layers": list(layers),
+        "format_version": 1,
+        "preprocessing": prep.to_dict(),
+        "model_family": spec.to_dict(),
+    }
     sink_retries = 0
     if todo.num_rows:
         configure_retries()
-        ds = build_dataset(cfg, todo, placement, simulate_x_realtime)
+        # The decode tasks get the resolved normalisation (auto -> on / off).
+        resolved = dataclasses.replace(cfg, normalize="on" if prep.normalize else "off")
+        ds = build_dataset(resolved, todo, placement, simulate_x_realtime)
         from hubert_ray.progress import Reporter, Tally
 
         tally = ray.remote(num_cpus=0)(Tally).remote()
@@ -900,6 +927,8 @@ def run(
             "config": redacted(cfg),
             # Segments an earlier, interrupted run of this job had written (not redone).
             "segments_resumed": segments.num_rows - todo.num_rows,
+            "preprocessing": prep.to_dict(),
+            "model_family": spec.to_dict(),
         }
     )
     # What the actors really computed in: an "auto" GPU placement whose actor found no CUDA runs

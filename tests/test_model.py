@@ -1,4 +1,4 @@
-"""ExactHubert and ModelStage on tiny random models (CPU, no Ray)."""
+"""ExactEncoder and ModelStage on tiny random models (CPU, no Ray)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hubert_ray.chunking import num_frames, plan_chunks  # noqa: E402
 from hubert_ray.config import ModelConfig, parse_layers  # noqa: E402
 from hubert_ray.errors import ConfigError  # noqa: E402
 from hubert_ray.extractor import ModelStage  # noqa: E402
-from hubert_ray.model import load_hubert  # noqa: E402
+from hubert_ray.model import load_model  # noqa: E402
 from hubert_ray.synth import make_tiny_model  # noqa: E402
 
 HIDDEN = 32
@@ -112,7 +112,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nets(model_dirs):
-    return {name: load_hubert(path, "cpu", "float32") for name, path in model_dirs.items()}
+    return {name: load_model(path, "cpu", "float32") for name, path in model_dirs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def affine_dir(model_dirs):
     return model_dirs["affine"]
 
 
-# -- ExactHubert ------------------------------------------------------------------------------
+# -- ExactEncoder ------------------------------------------------------------------------------
 def test_affine_model_has_nontrivial_group_norm(nets):
     norm = nets["affine"].model.feature_extractor.conv_layers[0].layer_norm
     assert isinstance(norm, torch.nn.GroupNorm)
@@ -360,7 +360,7 @@ def test_compiled_stage_gives_same_result(affine_dir):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactHubert
+    torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactEncoder
 
     common = dict(
         model_uri=affine_dir, layers="all", dtype="float32", storage_dtype="float32", device="cpu"
@@ -453,7 +453,7 @@ def test_float16_overflow_falls_back_to_float32(overflow_dirs):
     # this model is finite in float32, so the fallback rescues every row
     assert reasons[:2] == [None, None]
     # and the rescued features equal a plain float32 run
-    ref = load_hubert(overflow_dirs["fp16_overflow"], "cpu", "float32")
+    ref = load_model(overflow_dirs["fp16_overflow"], "cpu", "float32")
     for i, n in enumerate(lengths):
         expected = _alone(ref, _audio(n, seed=i))
         for k in ALL_LAYERS:

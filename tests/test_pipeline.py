@@ -68,16 +68,16 @@ def test_error_rows_carry_expected_reasons(job, corpus):
 
 
 def test_features_equal_direct_model_call(job, corpus, tiny_model):
-    """Pipeline features == decoding the same audio and running ExactHubert on each alone."""
+    """Pipeline features == decoding the same audio and running ExactEncoder on each alone."""
     import torch
 
     from hubert_ray import manifest
     from hubert_ray.audio import cut_segment, normalise, read_audio, to_mono_16k
     from hubert_ray.chunking import plan_chunks
-    from hubert_ray.model import load_hubert
+    from hubert_ray.model import load_model
 
     cfg, _ = job
-    net = load_hubert(tiny_model, "cpu", "float32")
+    net = load_model(tiny_model, "cpu", "float32")
     got = read_features(cfg.output, layer=2)
     got0 = read_features(cfg.output, layer=0)
     checked = 0

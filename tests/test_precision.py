@@ -14,7 +14,7 @@ from hubert_ray.chunking import plan_chunks
 from hubert_ray.config import ModelConfig, PrecisionConfig
 from hubert_ray.errors import ConfigError
 from hubert_ray.extractor import ModelStage
-from hubert_ray.model import load_hubert
+from hubert_ray.model import load_model
 from hubert_ray.precision import PrecisionBreach, compare, is_sampled, summarize_layers
 from tests.test_model import _audio, _decoded_batch, _derive_model, _features
 
@@ -108,7 +108,7 @@ def _stage(model_dir, dtype="bfloat16", self_test=False, **precision):
 
 def _fp32_alone(model_dir):
     """Independent FP32 reference: each item alone, chunked like the stage, no batching."""
-    net = load_hubert(model_dir, "cpu", "float32")
+    net = load_model(model_dir, "cpu", "float32")
     out = {}
     for seed, (sid, n) in enumerate(LENGTHS.items()):
         x = _audio(n, seed)

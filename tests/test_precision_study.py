@@ -33,9 +33,9 @@ def test_precision_study_reports_errors_and_phases(tmp_path, tiny_model):
 def test_phase_split_leaves_no_hooks_behind(tiny_model):
     import torch
 
-    from hubert_ray.model import load_hubert
+    from hubert_ray.model import load_model
 
-    net = load_hubert(tiny_model, "cpu")
+    net = load_model(tiny_model, "cpu")
     xs = precision_study.inputs(2, 1.0)
     phases = precision_study.phase_split(net, xs, torch.device("cpu"), "float32", 1)
     assert set(phases) == set(precision_study.PHASES)

@@ -12,7 +12,7 @@ from hubert_ray import errors, selftest  # noqa: E402
 from hubert_ray.config import ModelConfig, PrecisionConfig  # noqa: E402
 from hubert_ray.engine import Escalation  # noqa: E402
 from hubert_ray.extractor import ModelStage  # noqa: E402
-from hubert_ray.model import load_hubert  # noqa: E402
+from hubert_ray.model import load_model  # noqa: E402
 from hubert_ray.precision import PrecisionBreach  # noqa: E402
 from tests.test_model import _audio, _decoded_batch, _derive_model, _features, _rel  # noqa: E402
 
@@ -62,7 +62,7 @@ def _fp32_rel(model, out, row, n, seed):
     """Worst layer's relative error of a stored row against FP32, item alone, same chunks."""
     from hubert_ray.chunking import plan_chunks
 
-    net = load_hubert(model, "cpu", "float32")
+    net = load_model(model, "cpu", "float32")
     x = _audio(n, seed)
     worst = 0.0
     for k in (0, 1, 2):
@@ -198,7 +198,7 @@ def test_amx_bfloat16_positional_conv_is_wrong_in_stock_torch_and_ours_is_not(ti
         got = conv.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
     if (got - ref).norm() / ref.norm() < 0.5:
         pytest.skip(f"this torch ({torch.__version__}) computes it correctly on this AMX CPU")
-    ours = load_hubert(tiny, "cpu", "bfloat16").model.encoder.pos_conv_embed
+    ours = load_model(tiny, "cpu", "bfloat16").model.encoder.pos_conv_embed
     with torch.inference_mode():
         fixed = ours(x.to(torch.bfloat16)).float()
     assert (fixed - ref).norm() / ref.norm() < 0.02
