@@ -156,7 +156,7 @@ def test_stage_chunks_on_the_models_frame_grid(family_dirs, family_nets):
     """The model stage on a model with another frame grid (hop 160): frame counts and chunk
     boundaries follow the model, and chunked rows equal the per-chunk items run alone."""
     from hubert_ray.config import ModelConfig
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import ModelStage
     from tests.test_model import _decoded_batch, _features
 
     name = "wavlm-large"
@@ -173,7 +173,7 @@ def test_stage_chunks_on_the_models_frame_grid(family_dirs, family_nets):
         storage_dtype="float32",
         device="cpu",
     )
-    out = HubertStage(cfg)(batch)
+    out = ModelStage(cfg)(batch)
     expected_frames = [geometry.num_frames(len(a)) for a in audios.values()]
     assert out.column("num_frames").to_pylist() == expected_frames
     for row, audio in enumerate(audios.values()):
@@ -194,7 +194,7 @@ def test_stage_reduced_precision_checks_each_family(family_dirs, name):
     """bfloat16 with every segment rechecked against the FP32 reference of the same family:
     the checks run and are recorded, whatever this CPU's bfloat16 error (not asserted)."""
     from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import ModelStage
     from tests.test_model import _decoded_batch, _features
 
     audios = {"a": _audio(9000, 1), "b": _audio(3000, 2)}
@@ -206,8 +206,8 @@ def test_stage_reduced_precision_checks_each_family(family_dirs, name):
         device="cpu",
         precision=PrecisionConfig(precision_sample_rate=1.0, on_precision_breach="warn"),
     )
-    stage = HubertStage(cfg)
-    assert type(stage._reference().model) is type(stage.net.model)
+    stage = ModelStage(cfg)
+    assert type(stage.engine._reference().model) is type(stage.engine.net.model)
     out = stage(batch)
     assert out.column("precision_checked").to_pylist() == [True, True]
     assert out.column("compute_dtype").to_pylist() == ["bfloat16", "bfloat16"]
