@@ -1,11 +1,11 @@
 """Peak memory of one model call of ``--rows`` x 10 s rows (chinese-hubert-base's architecture,
-random weights, float32 on CPU), for source trees side by side (issue #8):
+random weights, float32 on CPU), for source trees side by side:
 
     python -m benchmarks.forward_memory --trees OLD_TREE NEW_TREE [--rows 16]
 
 Each tree runs in its own subprocess (that tree first on ``PYTHONPATH``): ``ModelStage`` on CPU,
 one call, peak resident set size above the RSS before the call (sampled every 5 ms, as the
-benchmark's CPU rows do). The GPU goal bounds an actor's GPU memory at the chosen batch
+benchmark's CPU rows do). A target bounds an actor's GPU memory at the chosen batch
 (default: 64 x 10 s per forward); on CPU the same activations are float32, twice their FP16
 size, so this shows what a change does to the forward's peak, not the GPU's number.
 """

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The GPU device check (results in benchmarks/RESULTS.md), in two parts, each one `run` call:
-# `model` (<= ~440 s) first; `pipeline` (<= ~250 s) if the session's 15 device minutes still
-# hold it after the machine's start (minutes) and the first part:
-#   bash ../shared/gpu/prepare-wheels.sh   # here, once: fills .whl/ (ray, soundfile, soxr)
-#   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh model      (carry .whl)
-#   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh pipeline   (carry .whl)
-# Each step has its own time limit so a slow one still leaves the others' results in $OUT; the
-# benchmark prints a `[bench]` line per row as it goes (bench.log), results.json at the end.
+# The GPU measurement (what it measures and earlier results: docs/performance.md), in two parts:
+#   bash benchmarks/gpu_run.sh model      (<= ~440 s)
+#   bash benchmarks/gpu_run.sh pipeline   (<= ~250 s)
+# Needs the package's dependencies and a CUDA torch. Each step has its own time limit so a slow
+# one still leaves the others' results in $OUT (default gpu_out/); the benchmark prints a
+# `[bench]` line per row as it goes (bench.log), results.json and results.md at the end.
 # A dry run of the same steps on a CPU (checks the options, not the numbers):
 #   DEVICE=cpu ARCH=tiny SECS=20 PIPE_SECS=60 bash benchmarks/gpu_run.sh model
 # (on a CPU the precision study overruns its 45 s limit in float16; with `--dtypes bfloat16`
@@ -28,11 +26,12 @@ model)
   # pipeline on the GPU), the FP16/BF16 precision study with the split of the forward's time
   # (conv frontend / projection + positional conv / transformer layers), then model-only rows
   # (no Ray): fixed 10 s and WenetSpeech-like mixed lengths; stock transformers FP16 batched
-  # (stock_float16_b64: the issue's 9,720x reference on an H100); batch sweep (<= 64 rows = that many chunks
-  # per micro-batch); micro-batch cost sweep around the unmeasured GPU default (16 s); padding
-  # to the longest item (0) vs the GPU default of whole 0.25 s; serial micro-batches vs
-  # overlapped; no model (`_nullmodel`: the host's ceiling); torch.compile of the transformer
-  # layers (`_compile-*`; compiles are paid in an untimed pass, its time is in the note).
+  # (stock_float16_b64: against 9,720x in a reference measurement on an H100); batch sweep
+  # (<= 64 rows = that many chunks per micro-batch); micro-batch cost sweep around the GPU
+  # default (16 s); padding to the longest item (0) vs the GPU default of whole 0.25 s; serial
+  # micro-batches vs overlapped; no model (`_nullmodel`: the host's ceiling); torch.compile of
+  # the transformer layers (`_compile-*`; compiles are paid in an untimed pass, its time is in
+  # the note).
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
   timeout 45 python3 -m benchmarks.precision_study --device "$DEVICE" --arch "$ARCH" --batch 64 --seconds 10 \

@@ -1,4 +1,4 @@
-"""Measure the decode stage's per-core speed (x realtime) for Opus and FLAC on this machine.
+"""Measure the decode stage's per-core speed (x realtime) for Opus and FLAC where it runs.
 
     python -m benchmarks.measure_decode [--seconds 60] [--recordings 3] [--repeats 5]
 

@@ -12,7 +12,7 @@ Prints and writes::
     pipeline_x_realtime  audio seconds / wall seconds of the whole run (start-up included)
     steady_ratio         x-realtime from the first to the last finished model call, / R
     whole_ratio          pipeline_x_realtime / R
-    host_cpu_util        busy share of all of this machine's cores during the run (/proc/stat)
+    host_cpu_util        busy share of all of the host's cores during the run (/proc/stat)
 
 The corpus: one hour of WenetSpeech-like mixed-length segments (``--utt-seconds``) in 60 s
 FLAC recordings, listed ``--hours`` times under distinct recording ids (each listing is decoded

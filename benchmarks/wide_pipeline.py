@@ -1,5 +1,5 @@
 """The whole pipeline around a model that is cheap but as wide as chinese-hubert-base, for
-source trees side by side (issue #8):
+source trees side by side:
 
     python -m benchmarks.wide_pipeline --trees OLD_TREE NEW_TREE [--seconds 7200] [--repeats 2]
 

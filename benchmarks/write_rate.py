@@ -1,4 +1,4 @@
-"""How fast one core writes and reads chinese-hubert-base-sized feature parts (issue #8).
+"""How fast one core writes and reads chinese-hubert-base-sized feature parts.
 
     python -m benchmarks.write_rate [--rows 2000] [--layers 1] [--repeats 3] [--call-rows 256]
         [--batch-rows 2000,256,16] [--dir DIR]

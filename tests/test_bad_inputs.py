@@ -1,4 +1,4 @@
-"""Bad-input matrix (issue #6): each generated input with its documented outcome. The decode
+"""Bad-input matrix: each generated input with its documented outcome. The decode
 stage turns every bad input into error rows (stage ``decode``) with one reason, never an
 exception; manifest problems stop the job before Ray with exit code 2."""
 

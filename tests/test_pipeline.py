@@ -247,8 +247,8 @@ def test_placement_plan():
     assert pipeline.plan_placement(four, 0, node_cpus=16).model_config.num_threads == 4
     more = ExtractConfig(manifest="m.jsonl", model="m", output="o", cpus_per_actor=3.0)
     assert pipeline.plan_placement(more, 0).model_config.num_threads == 3
-    lent = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
-    assert pipeline.plan_placement(lent, 0).model_config.num_threads == 2
+    given = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
+    assert pipeline.plan_placement(given, 0).model_config.num_threads == 2
     # calls in flight per model actor: by device unless calls_per_actor says
     assert pipeline.plan_placement(cfg, 1).calls_per_actor == pipeline.GPU_CALLS_PER_ACTOR
     assert cpu.calls_per_actor == pipeline.CPU_CALLS_PER_ACTOR

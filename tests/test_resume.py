@@ -1,4 +1,4 @@
-"""Resume, completion marker and crash recovery (issue #6): SIGKILL a real
+"""Resume, completion marker and crash recovery: SIGKILL a real
 ``python -m jobs.extract`` run, rerun it, and compare with an uninterrupted run.
 
 The killed run's whole process group (driver, local Ray, its workers) is SIGKILLed once the
