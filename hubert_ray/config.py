@@ -165,7 +165,7 @@ class ModelConfig:
     pad_multiple_seconds: float | None = None
     # torch.compile the transformer layers (model.ExactEncoder.compile_layers): none or a
     # torch.compile mode. Off by default: each actor pays the compiles and needs a C++ compiler
-    # (CPU) or Triton (GPU); no faster on CPU (benchmarks/RESULTS.md), not yet measured on a
+    # (CPU) or Triton (GPU); no faster on CPU (docs/performance.md), not yet measured on a
     # GPU, where fusing the layers' elementwise work is what it is for.
     compile: str = "none"
     device: str = "auto"  # auto | cuda | cpu
@@ -338,7 +338,7 @@ class ExtractConfig:
     cpus_per_actor: float = option(1.0, help="Ray CPUs each CPU model actor reserves", shown="`1`")
     # torch intra-op threads per CPU model actor; 0 = int(cpus_per_actor). More threads than
     # reserved CPUs lends the model the cores decode tasks leave idle (decoding 16 kHz FLAC
-    # took ~7 % of a core next to the tiny model, see benchmarks/RESULTS.md).
+    # took ~7 % of a core next to the tiny model, see docs/performance.md).
     torch_threads: int = option(
         0,
         help=(
@@ -349,7 +349,7 @@ class ExtractConfig:
     )
     # Ray tasks each model actor runs at once (ActorPoolStrategy.max_concurrent_calls_per_actor).
     # The model still runs one call at a time; another call's input fetch and output
-    # serialisation overlap it. None = 2 on GPU, 1 on CPU (benchmarks/RESULTS.md).
+    # serialisation overlap it. None = 2 on GPU, 1 on CPU (docs/performance.md).
     calls_per_actor: int | None = option(
         None,
         help=(
@@ -371,7 +371,7 @@ class ExtractConfig:
     # Segments per decode batch; a decode task gets a block of whole recordings of this size
     # (larger for very large corpora, see pipeline.input_blocks). Small tasks starve the model
     # actor: at 16, Ray's per-task overhead left a CPU actor idle 20 % of the time
-    # (benchmarks/RESULTS.md).
+    # (docs/performance.md).
     decode_batch_size: int = option(
         128,
         help=(

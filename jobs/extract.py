@@ -39,7 +39,7 @@ CLI_ONLY = {
     "overwrite": (
         "off",
         "delete an existing dataset in `--output` and start over (otherwise a compatible one "
-        "is resumed, see Reliability)",
+        "is resumed)",
     ),
     "config": (
         "—",
