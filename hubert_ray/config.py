@@ -336,9 +336,9 @@ class ExtractConfig:
     )
     # Ray CPUs reserved per CPU model actor
     cpus_per_actor: float = option(1.0, help="Ray CPUs each CPU model actor reserves", shown="`1`")
-    # torch intra-op threads per CPU model actor; 0 = int(cpus_per_actor). More threads than
-    # reserved CPUs lends the model the cores decode tasks leave idle (decoding 16 kHz FLAC
-    # took ~7 % of a core next to the tiny model, see docs/performance.md).
+    # torch intra-op threads per CPU model actor; 0 = the node's cores shared among its CPU
+    # actors (pipeline.plan_placement). More threads than reserved CPUs lends the model the
+    # cores decode tasks leave idle.
     torch_threads: int = option(
         0,
         help=(
