@@ -455,8 +455,10 @@ def test_s3_job_reads_each_audio_object_once(s3_job, data):
         name = rec["audio"].rsplit("/", 1)[-1]
         path = f"/{BUCKET}/corpus/audio/{name}"
         gets, heads = proxy.requests(path, "GET"), proxy.requests(path, "HEAD")
-        # One whole-object GET per recording (a missing object: its 404), nothing else.
-        assert len(gets) == 1 and heads == [], (path, gets, heads)
+        # The decode stream sizes the object (one HEAD; a missing object: its 404), then reads
+        # it front to back in ranged GETs of READ_BLOCK_BYTES: at most one for these small
+        # objects (none for a missing or empty one), nothing read twice.
+        assert len(heads) == 1 and len(gets) <= 1, (path, gets, heads)
 
 
 @pytest.mark.ray
