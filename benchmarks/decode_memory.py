@@ -71,8 +71,9 @@ def _probe(batch, config):
     offsets = col.offsets.to_numpy()
     values = col.values.to_numpy(zero_copy_only=False)
     digests = [
-        hashlib.sha1(np.ascontiguousarray(values[offsets[i] : offsets[i + 1]]).tobytes())
-        .hexdigest()
+        hashlib.sha1(
+            np.ascontiguousarray(values[offsets[i] : offsets[i + 1]]).tobytes()
+        ).hexdigest()
         for i in range(out.num_rows)
     ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -266,6 +266,9 @@ class ExtractConfig:
     decode_batch_size: int = 128
     decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
+    # A rerun decodes again the segments whose error rows are transient (read errors); False
+    # keeps them as errors (permanent errors are never retried).
+    retry_transient: bool = True
     end_tolerance_s: float = 0.1
     precision_sample_rate: float = 0.01
     precision_warn: float = 0.005
@@ -338,6 +341,12 @@ class ExtractConfig:
             "rows_per_file",
             self.rows_per_file,
             "an integer >= 1",
+        )
+        _require(
+            isinstance(self.retry_transient, bool),
+            "retry_transient",
+            self.retry_transient,
+            "true or false",
         )
         _require_storage_options(self.storage_options)
         # Validate the nested stage configs now, so errors surface at construction.

@@ -4,8 +4,10 @@ Layout under ``<output>/``::
 
     features/part-*.parquet   one row per segment (DESIGN.md schema), run config in metadata
     errors/part-*.parquet     one row per failed segment: segment_id, recording_id, stage,
-                              reason, message
+                              reason, message, transient
+    retried/part-*.parquet    error rows a later run took out of errors/ to retry (transient)
     _summary.json             counts, errors by reason, audio seconds, wall time, x-realtime
+    _runs.json                one entry per run into this output: audio seconds it wrote, wall
 
 Part files appear whole: local files are written under a temporary name and renamed; remote
 ones are written to a local temporary file and uploaded with one PUT (multipart when large),
@@ -26,17 +28,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hubert_ray import storage
-from hubert_ray.errors import ERROR_COLUMNS
+from hubert_ray.errors import ERROR_COLUMNS, TRANSIENT_COLUMN, TRANSIENT_REASONS
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 PRECISION_DIR = "precision"
 PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "max_abs", "action")
+RETRIED_DIR = "retried"
 SUMMARY_FILE = "_summary.json"
+RUNS_FILE = "_runs.json"
 SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
 JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts
 META_KEY = b"hubert_ray.run"
-ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
+ERROR_SCHEMA = pa.schema(
+    [*((c, pa.string()) for c in ERROR_COLUMNS), (TRANSIENT_COLUMN, pa.bool_())]
+)
 _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
 
 
@@ -54,6 +60,7 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
             "stage": bad.column("error_stage"),
             "reason": bad.column("error_reason"),
             "message": bad.column("error_message"),
+            TRANSIENT_COLUMN: transient(bad.column("error_reason")),
         },
         schema=ERROR_SCHEMA,
     )
@@ -70,6 +77,11 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     }
     cols.update({name: flat.field(name) for name in PRECISION_FIELDS})
     return ok, errs, pa.table(cols)
+
+
+def transient(reasons) -> pa.Array:
+    """The ``transient`` column for error rows of these reasons (:data:`TRANSIENT_REASONS`)."""
+    return pc.is_in(reasons, pa.array(sorted(TRANSIENT_REASONS), pa.string()))
 
 
 def part_key(segment_ids) -> str:
@@ -316,4 +328,150 @@ def precision_summary(uri: str, feats, errs, storage_options: dict | None = None
         "non_finite": sum(1 for r in reasons if r == "non_finite") + model_non_finite,
         "non_finite_errors": model_non_finite,
         "layers": summarize_layers(rows) if rows else {},
+    }
+
+
+# -- transient errors retried by a rerun ------------------------------------------------------
+def _transient_mask(table: pa.Table) -> pa.Array:
+    """Which error rows are transient: the ``transient`` column, or (parts written before it
+    existed) their reason."""
+    if TRANSIENT_COLUMN in table.column_names:
+        return pc.fill_null(table.column(TRANSIENT_COLUMN), False)
+    return transient(table.column("reason"))
+
+
+def retry_transient_errors(uri: str, storage_options: dict | None = None) -> int:
+    """Take the transient error rows out of ``<uri>/errors`` so this run decodes their segments
+    again; returns how many. Part by part: the rows go to ``<uri>/retried`` first (a part of
+    the same name), then the error part is rewritten without them (same name: replaced whole)
+    or removed. A kill in between leaves both; the next run moves the rows again (replacing
+    the same retried part), so no row is lost or counted twice."""
+    fs, files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
+    moved = 0
+    for path in files:
+        table = storage.with_retries(pq.read_table, path, filesystem=fs)
+        mask = _transient_mask(table)
+        n = int(pc.sum(mask).as_py() or 0)
+        if not n:
+            continue
+        key = os.path.basename(path)[len("part-") : -len(".parquet")]
+        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}")) or None
+        plain = table.replace_schema_metadata(None)
+        write_part(plain.filter(mask), storage.join(uri, RETRIED_DIR), meta, storage_options, key)
+        rest = plain.filter(pc.invert(mask))
+        if rest.num_rows:
+            write_part(rest, storage.join(uri, ERRORS_DIR), meta, storage_options, key)
+        else:
+            storage.with_retries(fs.rm, path)
+        moved += n
+    return moved
+
+
+# -- the summary, streamed part by part -------------------------------------------------------
+def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
+    """What the output holds, counted part file by part file (never the whole output at
+    once): rows, errors by reason, audio seconds, frames, compute dtypes, precision, and the
+    transient errors retried (ids in ``retried/``) and recovered (those now in ``features/``).
+    The manifest-wide checks (missing, duplicated) are :func:`hubert_ray.segments`' tasks."""
+    from collections import Counter
+
+    fs, feature_files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
+    _, error_files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
+    retried = read_table(storage.join(uri, RETRIED_DIR), ["segment_id"], storage_options)
+    retried_ids = (
+        pc.unique(retried.column("segment_id").combine_chunks())
+        if retried is not None
+        else pa.array([], pa.string())
+    )
+    reasons: Counter = Counter()
+    dtypes: Counter = Counter()
+    fallbacks: Counter = Counter()
+    ok = failed = frames = recovered = model_non_finite = 0
+    audio = 0.0
+    cols = ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"]
+    for path in feature_files:
+        t = storage.with_retries(pq.read_table, path, columns=cols, filesystem=fs)
+        ok += t.num_rows
+        audio += float(pc.sum(pc.subtract(t.column("end_s"), t.column("start_s"))).as_py() or 0)
+        frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
+        dtypes.update(_counts(t.column("compute_dtype")))
+        fallbacks.update(_counts(t.column("fallback_reason").drop_null()))
+        if len(retried_ids):
+            recovered += int(pc.sum(pc.is_in(t.column("segment_id"), retried_ids)).as_py() or 0)
+    for path in error_files:
+        t = storage.with_retries(pq.read_table, path, columns=["stage", "reason"], filesystem=fs)
+        failed += t.num_rows
+        reasons.update(_counts(t.column("reason")))
+        is_model_nf = pc.and_(
+            pc.equal(t.column("stage"), "model"), pc.equal(t.column("reason"), "non_finite")
+        )
+        model_non_finite += int(pc.sum(is_model_nf).as_py() or 0)
+    summary = {
+        "segments_ok": ok,
+        "segments_failed": failed,
+        "errors_by_reason": dict(sorted(reasons.items())),
+        "segments_retried": len(retried_ids),
+        "segments_recovered": recovered,
+        "audio_seconds": round(audio, 3),
+        "frames": frames,
+        "compute_dtype_counts": dict(dtypes),
+    }
+    summary["precision"] = _precision_from_counts(uri, fallbacks, model_non_finite, storage_options)
+    return summary
+
+
+def _precision_from_counts(
+    uri: str, fallbacks, model_non_finite: int, storage_options: dict | None
+) -> dict:
+    from hubert_ray.precision import summarize_layers
+
+    checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
+    rows = checks.to_pylist() if checks is not None else []
+    rows = list({(r["segment_id"], r["layer"]): r for r in rows}.values())
+    worst: dict[str, str] = {}
+    for r in rows:
+        worst[r["segment_id"]] = r["action"]
+    return {
+        "sampled": len(worst),
+        "warned": sum(1 for a in worst.values() if a != "none"),
+        "breaches": sum(1 for a in worst.values() if a in ("fallback", "breach_ignored")),
+        "fallbacks": sum(fallbacks.values()),
+        "fallbacks_precision": fallbacks.get("precision", 0),
+        "fallbacks_non_finite": fallbacks.get("non_finite", 0),
+        "non_finite": fallbacks.get("non_finite", 0) + model_non_finite,
+        "non_finite_errors": model_non_finite,
+        "layers": summarize_layers(rows) if rows else {},
+    }
+
+
+# -- runs into one output -----------------------------------------------------------------------
+def read_runs(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """The entries of ``<uri>/_runs.json`` (empty if none)."""
+    fs, path = storage.filesystem(uri, storage_options)
+    runs_path = f"{path.rstrip('/')}/{RUNS_FILE}"
+    fs.invalidate_cache(path)
+    if not fs.exists(runs_path):
+        return []
+    with fs.open(runs_path, "r") as f:
+        return json.load(f).get("runs", [])
+
+
+def write_runs(uri: str, runs: list[dict], storage_options: dict | None = None) -> None:
+    fs, path = storage.filesystem(uri, storage_options)
+    data = json.dumps({"runs": runs}, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{RUNS_FILE}", data)
+
+
+def runs_totals(runs: list[dict]) -> dict:
+    """Audio seconds, wall seconds and x-realtime of these runs together (runs that ended;
+    one that was killed has no wall time and is counted in ``runs_interrupted``)."""
+    ended = [r for r in runs if r.get("wall_seconds") is not None]
+    audio = round(sum(r.get("audio_seconds", 0.0) for r in ended), 3)
+    wall = round(sum(r["wall_seconds"] for r in ended), 3)
+    return {
+        "runs": len(runs),
+        "runs_interrupted": len(runs) - len(ended),
+        "audio_seconds": audio,
+        "wall_seconds": wall,
+        "x_realtime": round(audio / wall, 2) if wall > 0 else None,
     }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, output, storage
+from hubert_ray import manifest, metrics, output, segments, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
 
@@ -98,17 +98,21 @@ def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
 
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
-# driver lists the segment ids already present in ``features/`` and ``errors/`` and drops them
-# from the segment table. It is exact because (1) a part file appears whole or not at all
-# (temporary name + rename locally, one upload on object storage), (2) each segment is exactly
-# one row in exactly one part (the model stage is one row in, one row out), and (3) the skip is
-# by id, so a part written just before a kill is simply not redone. Ray's checkpointing (beta)
-# needs a Read datasource and a Write datasink, while this job reads ``from_arrow`` blocks and
-# writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU + 1 GiB
-# that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness with
-# SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
+# driver counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
+# small table, hubert_ray.segments.DoneIndex); the tasks that expand the manifest's recordings
+# into segments skip a recording whose rows are all there and drop, by id, the written segments
+# of one partly there (read from its own part files). It is exact because (1) a part file
+# appears whole or not at all (temporary name + rename locally, one upload on object storage),
+# (2) each segment is exactly one row in exactly one part (the model stage is one row in, one
+# row out), and (3) the skip is by id, so a part written just before a kill is simply not
+# redone. Ray's checkpointing (beta) needs a Read datasource and a Write datasink, while this
+# job writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU +
+# 1 GiB that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness
+# with SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
 # markers); ``_job.json`` (the run's identity) is written before any work so a rerun with a
 # different model, layers or dtype into the same output is refused instead of mixing features.
+# Transient error rows (read errors) are taken out of ``errors/`` by a rerun
+# (output.retry_transient_errors), so their segments count as not done and are decoded again.
 
 _IDENTITY_OPTIONS = {
     "model": "model",
@@ -195,29 +199,32 @@ def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) ->
 
 def prepare_output(
     cfg: ExtractConfig, overwrite: bool, identity: dict | None = None
-) -> tuple[pa.Array, dict | None]:
+) -> dict | None:
     """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
-    an existing one is compatible (:func:`check_identity`) and return the segment ids it
-    already holds (skipped by this run) and its identity."""
+    an existing one is compatible (:func:`check_identity`) and return its identity. What it
+    already holds is found per recording later (:func:`hubert_ray.segments.build_done_index`)."""
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     base = path.rstrip("/")
     if overwrite:
         for p in (
             output.FEATURES_DIR,
             output.ERRORS_DIR,
+            output.RETRIED_DIR,
             output.PRECISION_DIR,
             output.SUMMARY_FILE,
             output.SUCCESS_FILE,
             output.JOB_FILE,
+            output.RUNS_FILE,
+            MANIFEST_COPY,
             "report.html",
         ):
             if fs.exists(f"{base}/{p}"):
                 fs.rm(f"{base}/{p}", recursive=True)
-        return pa.array([], pa.string()), None
+        return None
     previous = _previous_identity(cfg, fs, base)
     if identity is not None:
         check_identity(cfg, previous, identity)
-    return output.done_segment_ids(cfg.output, cfg.storage_options), previous
+    return previous
 
 
 def write_job_file(cfg: ExtractConfig, identity: dict) -> None:
@@ -393,13 +400,14 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
         """Writes each block's feature rows and error rows as Parquet parts."""
 
         storage_retries = 0  # summed over every write's return, on the driver
+        audio_seconds = 0.0  # audio of the feature rows this run wrote (idem)
 
         def write(self, blocks, ctx):
             before = storage.retry_count()
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0}
+                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0, "audio_seconds": 0.0}
             block = pa.concat_tables(tables)
             upstream = int(pc.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
             ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
@@ -423,11 +431,18 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
             if bad.num_rows:
                 put(bad, output.ERRORS_DIR)
             retries = upstream + storage.retry_count() - before
-            return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
+            audio = pc.sum(pc.subtract(ok.column("end_s"), ok.column("start_s"))).as_py()
+            return {
+                "ok": ok.num_rows,
+                "failed": bad.num_rows,
+                RETRIES_COLUMN: retries,
+                "audio_seconds": float(audio or 0.0),
+            }
 
         def on_write_complete(self, write_result):
             returns = [r for r in write_result.write_returns if r]
             self.storage_retries = sum(r.get(RETRIES_COLUMN, 0) for r in returns)
+            self.audio_seconds = sum(r.get("audio_seconds", 0.0) for r in returns)
 
         @property
         def min_rows_per_write(self):
@@ -586,28 +601,145 @@ def _write(ds, sink) -> None:
         ) from exc
 
 
+MANIFEST_COPY = "_manifest.parquet"
+"""A manifest that is not a validated canonical Parquet file (JSONL, TSV, one written by hand)
+is checked on the driver and written here as one, which the job's tasks then read."""
+
+
+def job_manifest(cfg: ExtractConfig) -> tuple[str, dict | None, pa.Table | None]:
+    """``(uri the tasks read, its footer info, segment table still to write there)``: a
+    validated canonical manifest is used as it is (its footer only is read here); any other is
+    read and checked on the driver (exit 2 on a problem, before any Ray work) and returned for
+    :func:`hubert_ray.segments.write_validated` into the output."""
+    info = segments.manifest_info(cfg.manifest, cfg.storage_options)
+    if info is not None:
+        return cfg.manifest, info, None
+    table = manifest.read_segments(cfg.manifest, cfg.storage_options)
+    return storage.join(cfg.output, MANIFEST_COPY), None, table
+
+
+def read_manifest_dataset(uri: str, storage_options: dict | None = None):
+    """The canonical manifest as a Ray dataset of recording rows (read by Ray's tasks)."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(uri, storage_options)
+    filesystem = None if not storage.is_remote(uri) else PyFileSystem(FSSpecHandler(fs))
+    return ray.data.read_parquet(
+        path if filesystem is not None else os.path.abspath(path),
+        filesystem=filesystem,
+        columns=["recording_id", "audio_uri", "segments"],
+    )
+
+
+def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict):
+    """The manifest's recording rows in blocks of :func:`recordings_per_task` recordings (a
+    streaming repartition: a single manifest file is read by one task whose output would
+    otherwise be a few large blocks, i.e. a few decode tasks)."""
+    return read_manifest_dataset(manifest_uri, cfg.storage_options).repartition(
+        target_num_rows_per_block=recordings_per_task(cfg, info)
+    )
+
+
+def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Table:
+    """Task UDF: manifest recordings → their segments not yet in the output."""
+    return segments.todo_segments(batch, base_dir, index, storage_options)
+
+
+def _check(batch: pa.Table, index, storage_options: dict) -> pa.Table:
+    """Task UDF: the summary's manifest-wide counts for these recordings."""
+    return segments.check_segments(batch, index, storage_options)
+
+
+def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
+    """Manifest recordings per expanding task: about ``decode_batch_size`` segments, more for
+    very large corpora (at most :data:`MAX_INPUT_BLOCKS` tasks)."""
+    per_rec = max(1.0, info["segments"] / max(1, info["recordings"]))
+    rows = max(cfg.decode_batch_size, -(-info["segments"] // MAX_INPUT_BLOCKS))
+    return max(1, int(round(rows / per_rec)))
+
+
+def build_manifest_dataset(
+    cfg: ExtractConfig, manifest_uri: str, info: dict, index, placement: Placement
+):
+    """manifest recordings (read by Ray) → segments still to do → decode → model actors."""
+    ds = manifest_blocks(cfg, manifest_uri, info)
+    ds = ds.map_batches(
+        _todo,
+        fn_kwargs={
+            "base_dir": segments.manifest_dir(manifest_uri),
+            "index": index,
+            "storage_options": cfg.storage_options,
+        },
+        batch_size=recordings_per_task(cfg, info),
+        batch_format="pyarrow",
+        max_retries=MAX_PROCESS_DEATHS,
+    )
+    ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
+    return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
+
+
+def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
+    """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
+    tasks (each reads its recordings' ids from their part files); the driver holds one row per
+    recording."""
+    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    counts = (
+        manifest_blocks(cfg, manifest_uri, info)
+        .map_batches(
+            _check,
+            fn_kwargs={"index": index, "storage_options": cfg.storage_options},
+            batch_size=recordings_per_task(cfg, info),
+            batch_format="pyarrow",
+            max_retries=MAX_PROCESS_DEATHS,
+        )
+        .sum(["segments", "written", "duplicated", "unexpected"])
+    )
+    counts = counts or {}
+    total = int(counts.get("sum(segments)") or 0)
+    written = int(counts.get("sum(written)") or 0)
+    stray = segments.unexpected_recordings(index, manifest_uri, cfg.storage_options)
+    return {
+        "segments_total": total,
+        "segments_missing": total - written,
+        "segments_duplicated": int(counts.get("sum(duplicated)") or 0),
+        "segments_unexpected": int(counts.get("sum(unexpected)") or 0) + stray,
+    }
+
+
 def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
     t_start = time.time()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start))
     driver_retries = storage.retry_count()
-    segments = manifest.read_segments(cfg.manifest, cfg.storage_options)
-    num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
+    manifest_uri, info, to_convert = job_manifest(cfg)
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
     identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
-    done, previous = prepare_output(cfg, overwrite, identity)
-    todo = segments
-    if len(done):  # resume: skip the segments an earlier run of this job already wrote
-        ids = segments.column("segment_id")
-        todo = segments.filter(pc.invert(pc.is_in(ids, done)))
+    previous = prepare_output(cfg, overwrite, identity)
+    if to_convert is not None:
+        if not storage.is_remote(cfg.output):
+            os.makedirs(storage.filesystem(cfg.output)[1], exist_ok=True)
+        segments.write_validated(to_convert, manifest_uri, cfg.storage_options)
+        del to_convert
+        info = segments.manifest_info(manifest_uri, cfg.storage_options)
+    retried = (
+        output.retry_transient_errors(cfg.output, cfg.storage_options)
+        if (cfg.retry_transient and not overwrite)
+        else 0
+    )
+    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    done_rows = index.rows
     log.info(
-        "manifest: %d recordings, %d segments (%d already in the output); layers %s",
-        num_recordings,
-        segments.num_rows,
-        segments.num_rows - todo.num_rows,
+        "manifest: %d recordings, %d segments (%d rows already in the output, %d transient "
+        "errors retried); layers %s",
+        info["recordings"],
+        info["segments"],
+        done_rows,
+        retried,
         list(layers),
     )
-    if todo.num_rows == 0:
+    if done_rows >= info["segments"] and not retried:
         finished = finished_summary(cfg)
         if finished is not None:
             log.info("nothing to do: %s is complete", cfg.output)
@@ -628,29 +760,51 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     check_identity(cfg, previous, identity)
     write_job_file(cfg, identity)  # before any part file
     _clear_completion(cfg)
+    runs = output.read_runs(cfg.output, cfg.storage_options) if not overwrite else []
+    this_run = {"started_at": started_at, "wall_seconds": None, "audio_seconds": 0.0}
+    output.write_runs(cfg.output, [*runs, this_run], cfg.storage_options)
 
     metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
     sink_retries = 0
-    if todo.num_rows:
+    run_audio = 0.0
+    if done_rows < info["segments"] or retried:
         configure_retries()
-        ds = build_dataset(cfg, todo, placement)
+        ds = build_manifest_dataset(cfg, manifest_uri, info, index, placement)
         sink = _make_sink(cfg, metadata)
         _write(ds, sink)
         sink_retries = sink.storage_retries
+        run_audio = sink.audio_seconds
+    del index
 
-    summary = output.summarize(cfg.output, segments.column("segment_id"), cfg.storage_options)
+    summary = output.summarize_parts(cfg.output, cfg.storage_options)
+    summary.update(check_output(cfg, manifest_uri, info))
     wall = time.time() - t_start
-    summary.update(
+    this_run.update(
         {
             "wall_seconds": round(wall, 3),
-            "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
-            "recordings_total": num_recordings,
+            "audio_seconds": round(run_audio, 3),
+            "segments_retried": retried,
+            "x_realtime": round(run_audio / wall, 2) if wall > 0 else None,
+        }
+    )
+    runs = [*runs, this_run]
+    output.write_runs(cfg.output, runs, cfg.storage_options)
+    summary.update(
+        {
+            # This run: the audio it wrote (not what earlier runs into this output wrote).
+            "wall_seconds": round(wall, 3),
+            "run_audio_seconds": round(run_audio, 3),
+            "x_realtime": this_run["x_realtime"],
+            "runs": runs,
+            "cumulative": output.runs_totals(runs),
+            "recordings_total": info["recordings"],
             "layers": list(layers),
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
-            # Segments an earlier, interrupted run of this job had written (not redone).
-            "segments_resumed": segments.num_rows - todo.num_rows,
+            # Rows an earlier, interrupted run of this job had written (not redone).
+            "segments_resumed": done_rows,
+            "segments_retried_this_run": retried,
         }
     )
     # What the actors really computed in: an "auto" GPU placement whose actor found no CUDA runs

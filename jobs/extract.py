@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="load pickle (.bin) model weights; they can run arbitrary code when loaded",
     )
+    p.add_argument(
+        "--no-retry-transient",
+        dest="no_retry_transient",
+        action="store_true",
+        help="keep transient error rows (read errors) of an earlier run instead of retrying "
+        "their segments",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -122,7 +129,8 @@ def load_config_file(path: str) -> dict:
             f"config file {path!r} must hold a mapping of option: value", field="config"
         )
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(OPTIONS) - {"overwrite", "allow_pickle_weights"})
+    flags = {"overwrite", "allow_pickle_weights", "retry_transient"}
+    unknown = sorted(set(data) - set(OPTIONS) - flags)
     if unknown:
         raise ConfigError(
             f"config file {path!r}: unknown option(s) {unknown}; allowed: {sorted(OPTIONS)}",
@@ -137,6 +145,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
     values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
     if args.allow_pickle_weights:
         values["allow_pickle_weights"] = True
+    if getattr(args, "no_retry_transient", False):
+        values["retry_transient"] = False
     missing = [k for k in ("manifest", "model", "output") if not values.get(k)]
     if missing:
         raise ConfigError(
