@@ -632,12 +632,12 @@ def read_manifest_dataset(uri: str, storage_options: dict | None = None):
     )
 
 
-def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict):
-    """The manifest's recording rows in blocks of :func:`recordings_per_task` recordings (a
-    streaming repartition: a single manifest file is read by one task whose output would
-    otherwise be a few large blocks, i.e. a few decode tasks)."""
+def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict, per_block: int):
+    """The manifest's recording rows in blocks of ``per_block`` recordings (a streaming
+    repartition: a single manifest file is read by one task whose output would otherwise be a
+    few large blocks, i.e. a few decode tasks)."""
     return read_manifest_dataset(manifest_uri, cfg.storage_options).repartition(
-        target_num_rows_per_block=recordings_per_task(cfg, info)
+        target_num_rows_per_block=per_block
     )
 
 
@@ -663,7 +663,7 @@ def build_manifest_dataset(
     cfg: ExtractConfig, manifest_uri: str, info: dict, index, placement: Placement
 ):
     """manifest recordings (read by Ray) → segments still to do → decode → model actors."""
-    ds = manifest_blocks(cfg, manifest_uri, info)
+    ds = manifest_blocks(cfg, manifest_uri, info, recordings_per_task(cfg, info))
     ds = ds.map_batches(
         _todo,
         fn_kwargs={
@@ -679,17 +679,23 @@ def build_manifest_dataset(
     return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
 
 
+CHECK_TASKS = 256
+"""Most tasks of the summary's check: each reads the ids of its recordings from their part
+files, so fewer, larger tasks read a part shared by neighbouring recordings fewer times."""
+
+
 def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
     tasks (each reads its recordings' ids from their part files); the driver holds one row per
     recording."""
     index = segments.build_done_index(cfg.output, cfg.storage_options)
+    per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
     counts = (
-        manifest_blocks(cfg, manifest_uri, info)
+        manifest_blocks(cfg, manifest_uri, info, per_task)
         .map_batches(
             _check,
             fn_kwargs={"index": index, "storage_options": cfg.storage_options},
-            batch_size=recordings_per_task(cfg, info),
+            batch_size=per_task,
             batch_format="pyarrow",
             max_retries=MAX_PROCESS_DEATHS,
         )
