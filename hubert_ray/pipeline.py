@@ -284,11 +284,12 @@ def _decode(batch: pa.Table, config) -> pa.Table:
     if key not in _DECODERS:
         _DECODERS.clear()
         _DECODERS[key] = DecodeStage(config)
+    batch, upstream = _upstream_retries(batch)
     before = storage.retry_count()
     t0 = time.perf_counter()
     out = _DECODERS[key](batch)
     metrics.record_decode(time.perf_counter() - t0)
-    return _with_retries_column(out, storage.retry_count() - before)
+    return _with_retries_column(out, upstream + storage.retry_count() - before)
 
 
 RETRY_MARKER = "hubert_ray: retryable model-stage failure"
@@ -618,37 +619,58 @@ def job_manifest(cfg: ExtractConfig) -> tuple[str, dict | None, pa.Table | None]
     return storage.join(cfg.output, MANIFEST_COPY), None, table
 
 
-def read_manifest_dataset(uri: str, storage_options: dict | None = None):
-    """The canonical manifest as a Ray dataset of recording rows (read by Ray's tasks)."""
-    import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+def _upstream_retries(batch: pa.Table) -> tuple[pa.Table, int]:
+    """The batch without its ``storage_retries`` column, and that column's sum."""
+    if RETRIES_COLUMN not in batch.column_names:
+        return batch, 0
+    n = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
+    return batch.drop_columns([RETRIES_COLUMN]), n
 
-    fs, path = storage.filesystem(uri, storage_options)
-    filesystem = None if not storage.is_remote(uri) else PyFileSystem(FSSpecHandler(fs))
-    return ray.data.read_parquet(
-        path if filesystem is not None else os.path.abspath(path),
-        filesystem=filesystem,
-        columns=["recording_id", "audio_uri", "segments"],
+
+def _read_manifest(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
+    """Task UDF: these row groups of the canonical manifest (its recording rows), read through
+    the job's storage layer so its retries are counted (Ray's own Parquet reader's are not)."""
+    before = storage.retry_count()
+    rows = pa.concat_tables(
+        segments.read_row_group(uri, int(g), storage_options)
+        for g in batch.column("row_group").to_pylist()
     )
+    return _with_retries_column(rows, storage.retry_count() - before)
 
 
 def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict, per_block: int):
-    """The manifest's recording rows in blocks of ``per_block`` recordings (a streaming
-    repartition: a single manifest file is read by one task whose output would otherwise be a
-    few large blocks, i.e. a few decode tasks)."""
-    return read_manifest_dataset(manifest_uri, cfg.storage_options).repartition(
-        target_num_rows_per_block=per_block
-    )
+    """The manifest's recording rows (read by Ray's tasks, a row group each) in blocks of
+    ``per_block`` recordings: a streaming repartition, without which a row group's task would
+    give one large block (i.e. one decode task for ~50,000 segments)."""
+    import ray
+
+    groups = ray.data.from_items([{"row_group": g} for g in range(info["row_groups"])])
+    return groups.map_batches(
+        _read_manifest,
+        fn_kwargs={"uri": manifest_uri, "storage_options": cfg.storage_options},
+        batch_size=1,
+        batch_format="pyarrow",
+        max_retries=MAX_PROCESS_DEATHS,
+    ).repartition(target_num_rows_per_block=per_block)
 
 
 def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Table:
-    """Task UDF: manifest recordings → their segments not yet in the output."""
-    return segments.todo_segments(batch, base_dir, index, storage_options)
+    """Task UDF: manifest recordings → their segments not yet in the output (the retries of
+    reading the manifest and the part files ride on the first row)."""
+    batch, upstream = _upstream_retries(batch)
+    before = storage.retry_count()
+    out = segments.todo_segments(batch, base_dir, index, storage_options)
+    return _with_retries_column(out, upstream + storage.retry_count() - before)
 
 
 def _check(batch: pa.Table, index, storage_options: dict) -> pa.Table:
     """Task UDF: the summary's manifest-wide counts for these recordings."""
-    return segments.check_segments(batch, index, storage_options)
+    batch, upstream = _upstream_retries(batch)
+    before = storage.retry_count()
+    out = segments.check_segments(batch, index, storage_options)
+    return out.append_column(
+        RETRIES_COLUMN, pa.array([upstream + storage.retry_count() - before], pa.int64())
+    )
 
 
 def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
@@ -699,7 +721,7 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
             batch_format="pyarrow",
             max_retries=MAX_PROCESS_DEATHS,
         )
-        .sum(["segments", "written", "duplicated", "unexpected"])
+        .sum(["segments", "written", "duplicated", "unexpected", RETRIES_COLUMN])
     )
     counts = counts or {}
     total = int(counts.get("sum(segments)") or 0)
@@ -710,6 +732,7 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
         "segments_missing": total - written,
         "segments_duplicated": int(counts.get("sum(duplicated)") or 0),
         "segments_unexpected": int(counts.get("sum(unexpected)") or 0) + stray,
+        RETRIES_COLUMN: int(counts.get(f"sum({RETRIES_COLUMN})") or 0),
     }
 
 
@@ -783,7 +806,9 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     del index
 
     summary = output.summarize_parts(cfg.output, cfg.storage_options)
-    summary.update(check_output(cfg, manifest_uri, info))
+    checked = check_output(cfg, manifest_uri, info)
+    check_retries = checked.pop(RETRIES_COLUMN)
+    summary.update(checked)
     wall = time.time() - t_start
     this_run.update(
         {
@@ -840,7 +865,9 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         }
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
-    summary["storage_retries"] = sink_retries + storage.retry_count() - driver_retries
+    summary["storage_retries"] = (
+        sink_retries + check_retries + storage.retry_count() - driver_retries
+    )
     summary["object_store_spilled_mib"] = _spilled_mib()
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     # Serialised first, written in one call: never a half-written summary.

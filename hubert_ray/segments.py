@@ -65,6 +65,21 @@ def manifest_info(uri: str, storage_options: dict | None = None) -> dict | None:
     }
 
 
+MANIFEST_COLUMNS = ["recording_id", "audio_uri", "segments"]
+
+
+def read_row_group(uri: str, group: int, storage_options: dict | None = None) -> pa.Table:
+    """One row group of a canonical manifest (its recording rows; retried while the storage
+    fails transiently)."""
+
+    def read() -> pa.Table:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=MANIFEST_COLUMNS)
+
+    return storage.with_retries(read)
+
+
 def expand(recordings: pa.Table, base_dir: str) -> pa.Table:
     """Canonical manifest rows as segment rows (:data:`SEGMENT_SCHEMA`), recording by
     recording in manifest order; relative audio paths resolved against ``base_dir`` (the
