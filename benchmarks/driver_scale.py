@@ -75,12 +75,73 @@ print("RESULT " + json.dumps({
 """
 
 
-def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000) -> tuple[str, str]:
-    """A validated canonical manifest and a finished output's feature parts, in chunks of
-    1,000 recordings, built column-wise (no Python object per segment)."""
+def _chunk(args: tuple) -> object:
+    """Recordings ``g .. g+999``: their manifest rows (returned) and their feature parts
+    (written), built column-wise (no Python object per segment)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from hubert_ray import output
+    from hubert_ray.manifest import CANONICAL_SCHEMA
+
+    g, n_rec, n_segments, per, feats, rows_per_part = args
+    seg_type = CANONICAL_SCHEMA.field("segments").type
+    recs = np.arange(g, min(n_rec, g + 1000))
+    counts = np.minimum(per, n_segments - recs * per)
+    rec_ids = pc.binary_join_element_wise(
+        "Y", pc.utf8_lpad(pa.array(recs).cast(pa.string()), 7, "0"), ""
+    )
+    owner = np.repeat(np.arange(len(recs)), counts)
+    within = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    rec_of_seg = rec_ids.take(pa.array(owner))
+    seg_ids = pc.binary_join_element_wise(
+        rec_of_seg, pc.utf8_lpad(pa.array(within).cast(pa.string()), 5, "0"), "_S"
+    )
+    start = within * 3.0
+    end = start + 2.5
+    struct = pa.StructArray.from_arrays(
+        [seg_ids, pa.array(start), pa.array(end)], fields=list(seg_type.value_type)
+    )
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    audio = pc.binary_join_element_wise(
+        "s3://corpus/audio/train/youtube/B00000/", rec_ids, ".opus", ""
+    )
+    n = owner.size
+    rows = pa.table(
+        {
+            "segment_id": seg_ids,
+            "recording_id": rec_of_seg,
+            "start_s": pa.array(start),
+            "end_s": pa.array(end),
+            "num_frames": pa.array(np.full(n, 124, np.int32)),
+            "compute_dtype": pa.array(["float16"]).take(pa.array(np.zeros(n, int))),
+            "fallback_reason": pa.nulls(n, pa.string()),
+        }
+    )
+    for k in range(0, n, rows_per_part):  # the job's parts: rows_per_file rows each
+        pq.write_table(
+            rows.slice(k, rows_per_part),
+            os.path.join(feats, f"part-{g:08d}-{k:07d}.parquet"),
+            **output.parquet_options(rows.schema),
+        )
+    return pa.table(
+        [
+            rec_ids,
+            audio,
+            pa.array(counts * 3.0),
+            pa.ListArray.from_arrays(offsets, struct, type=seg_type),
+        ],
+        schema=CANONICAL_SCHEMA,
+    )
+
+
+def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000) -> tuple[str, str]:
+    """A validated canonical manifest and a finished output's feature parts, made by one
+    process per CPU, chunks of 1,000 recordings."""
+    from concurrent.futures import ProcessPoolExecutor
+
     import pyarrow.parquet as pq
 
     from hubert_ray import output
@@ -91,58 +152,11 @@ def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000)
     feats = os.path.join(work, "out", output.FEATURES_DIR)
     os.makedirs(feats)
     n_rec = -(-n_segments // per)
-    seg_type = CANONICAL_SCHEMA.field("segments").type
-    with pq.ParquetWriter(path, CANONICAL_SCHEMA.with_metadata(stamp())) as w:
-        for g in range(0, n_rec, 1000):
-            recs = np.arange(g, min(n_rec, g + 1000))
-            counts = np.minimum(per, n_segments - recs * per)
-            rec_ids = pc.binary_join_element_wise(
-                "Y", pc.utf8_lpad(pa.array(recs).cast(pa.string()), 7, "0"), ""
-            )
-            owner = np.repeat(np.arange(len(recs)), counts)
-            within = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
-            rec_of_seg = rec_ids.take(pa.array(owner))
-            seg_ids = pc.binary_join_element_wise(
-                rec_of_seg, pc.utf8_lpad(pa.array(within).cast(pa.string()), 5, "0"), "_S"
-            )
-            start = within * 3.0
-            end = start + 2.5
-            struct = pa.StructArray.from_arrays(
-                [seg_ids, pa.array(start), pa.array(end)], fields=list(seg_type.value_type)
-            )
-            offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-            audio = pc.binary_join_element_wise(
-                "s3://corpus/audio/train/youtube/B00000/", rec_ids, ".opus", ""
-            )
-            w.write_table(
-                pa.table(
-                    [
-                        rec_ids,
-                        audio,
-                        pa.array(counts * 3.0),
-                        pa.ListArray.from_arrays(offsets, struct, type=seg_type),
-                    ],
-                    schema=CANONICAL_SCHEMA.with_metadata(stamp()),
-                )
-            )
-            n = owner.size
-            rows = pa.table(
-                {
-                    "segment_id": seg_ids,
-                    "recording_id": rec_of_seg,
-                    "start_s": pa.array(start),
-                    "end_s": pa.array(end),
-                    "num_frames": pa.array(np.full(n, 124, np.int32)),
-                    "compute_dtype": pa.array(["float16"]).take(pa.array(np.zeros(n, int))),
-                    "fallback_reason": pa.nulls(n, pa.string()),
-                }
-            )
-            for k in range(0, n, rows_per_part):  # the job's parts: rows_per_file rows each
-                pq.write_table(
-                    rows.slice(k, rows_per_part),
-                    os.path.join(feats, f"part-{g:08d}-{k:07d}.parquet"),
-                    **output.parquet_options(rows.schema),
-                )
+    jobs = [(g, n_rec, n_segments, per, feats, rows_per_part) for g in range(0, n_rec, 1000)]
+    schema = CANONICAL_SCHEMA.with_metadata(stamp())
+    with ProcessPoolExecutor(os.cpu_count()) as pool, pq.ParquetWriter(path, schema) as w:
+        for table in pool.map(_chunk, jobs):
+            w.write_table(table.replace_schema_metadata(schema.metadata))
     return path, os.path.join(work, "out")
 
 

@@ -134,6 +134,7 @@ class DoneIndex:
 
 
 INDEX_THREADS = 8
+INDEX_CHUNK = 512  # part files whose per-part tables are combined at once
 
 
 def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex:
@@ -166,8 +167,12 @@ def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex
             }
         )
 
+    chunks = []
     with ThreadPoolExecutor(INDEX_THREADS) as pool:
-        pairs = pa.concat_tables(pool.map(per_part, range(len(files))))
+        for lo in range(0, len(files), INDEX_CHUNK):  # bounded: one chunk's tables at a time
+            hi = min(len(files), lo + INDEX_CHUNK)
+            chunks.append(pa.concat_tables(pool.map(per_part, range(lo, hi))).combine_chunks())
+    pairs = pa.concat_tables(chunks)
     table = pairs.group_by("recording_id").aggregate([("rows", "sum"), ("part", "list")])
     table = pa.table(
         {
