@@ -188,6 +188,13 @@ def test_summary_file(job):
         assert key in on_disk
     assert on_disk["segments_ok"] + on_disk["segments_failed"] == on_disk["segments_total"]
     assert on_disk["audio_seconds"] > 60 and on_disk["x_realtime"] > 0
+    # One run: it wrote all the audio; its x-realtime is the cumulative one.
+    assert len(on_disk["runs"]) == 1 and on_disk["runs"][0]["wall_seconds"] > 0
+    assert on_disk["run_audio_seconds"] == pytest.approx(on_disk["audio_seconds"], abs=1e-2)
+    cumulative = on_disk["cumulative"]
+    assert cumulative["runs"] == 1 and cumulative["runs_interrupted"] == 0
+    assert cumulative["audio_seconds"] == pytest.approx(on_disk["audio_seconds"], abs=1e-2)
+    assert cumulative["x_realtime"] == pytest.approx(on_disk["x_realtime"], rel=1e-2)
 
 
 def test_existing_output_resumed_then_overwritten(job, ray_session):
