@@ -264,7 +264,10 @@ class ExtractConfig:
     # actor: at 16, Ray's per-task overhead left a CPU actor idle 20 % of the time
     # (benchmarks/RESULTS.md).
     decode_batch_size: int = 128
-    decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
+    # Memory reserved per decode task: the decode streams each recording, so it is bounded by
+    # a window and the segments of a batch (measured ~350 MiB per worker process for a 3 h
+    # or a 44.1 kHz stereo recording, benchmarks/decode_memory.py).
+    decode_memory_mb: int = 1024
     rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
     # A rerun decodes again the segments whose error rows are transient (read errors); False
     # keeps them as errors (permanent errors are never retried).
