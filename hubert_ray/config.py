@@ -380,9 +380,11 @@ class ExtractConfig:
         ),
         shown="`128`",
     )
-    # memory reserved per decode task (its decoded recordings)
+    # Memory reserved per decode task: the decode streams each recording, so it is bounded by
+    # a window and the segments of a batch (measured ~350 MiB per worker process for a 3 h
+    # or a 44.1 kHz stereo recording, benchmarks/decode_memory.py).
     decode_memory_mb: int = option(
-        1024, help="memory Ray reserves per decode task (its decoded recordings)", shown="`1024`"
+        1024, help="memory Ray reserves per decode task (its streamed recordings)", shown="`1024`"
     )
     # upper bound on rows per output Parquet file
     rows_per_file: int = option(2_000, help="most rows per output Parquet file", shown="`2000`")
@@ -401,6 +403,16 @@ class ExtractConfig:
             " it off"
         ),
         shown="`10`",
+    )
+    # A rerun decodes again the segments whose error rows are transient (read errors); False
+    # keeps them as errors (permanent errors are never retried).
+    retry_transient: bool = option(
+        True,
+        help=(
+            "a rerun retries the segments of an earlier run's transient error rows (`read_error`);"
+            " `--no-retry-transient` keeps them"
+        ),
+        shown="on",
     )
     end_tolerance_s: float = option(
         0.1,
@@ -550,6 +562,10 @@ class ExtractConfig:
             "normalize",
             self.normalize,
             ", ".join(NORMALIZE_OPTIONS),
+            isinstance(self.retry_transient, bool),
+            "retry_transient",
+            self.retry_transient,
+            "true or false",
         )
         _require_storage_options(self.storage_options)
         # Validate the nested stage configs now, so errors surface at construction.

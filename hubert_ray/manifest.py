@@ -309,13 +309,20 @@ def write_canonical(
     metadata: dict[str, str] | None = None,
     rows_per_group: int = 10_000,
     segments_per_group: int = 50_000,
+    validated: bool = False,
 ) -> None:
     """Write recordings as canonical Parquet (:data:`CANONICAL_SCHEMA`, one row per recording).
 
     ``recordings`` may be a generator: it is consumed and written in row groups of at most
     ``rows_per_group`` recordings or about ``segments_per_group`` segments, so a streamed corpus
     is never held in memory whole. ``metadata`` goes into the file's key-value metadata.
+    ``validated`` (the caller checked every rule, as :func:`read_manifest` does) marks the file
+    so the job reads it without checking it again on its driver (``hubert_ray.segments``).
     """
+    if validated:
+        from hubert_ray.segments import stamp
+
+        metadata = stamp(metadata)
     schema = CANONICAL_SCHEMA.with_metadata(metadata) if metadata else CANONICAL_SCHEMA
     fs, path = storage.filesystem(uri, storage_options)
     if not storage.is_remote(uri):

@@ -4,8 +4,10 @@ Layout under ``<output>/``::
 
     features/part-*.parquet   one row per segment (DESIGN.md schema), run config in metadata
     errors/part-*.parquet     one row per failed segment: segment_id, recording_id, stage,
-                              reason, message
+                              reason, message, transient
+    retried/part-*.parquet    error rows a later run took out of errors/ to retry (transient)
     _summary.json             counts, errors by reason, audio seconds, wall time, x-realtime
+    _runs.json                one entry per run into this output: audio seconds it wrote, wall
 
 Part files appear whole: local files are written under a temporary name and renamed; remote
 ones are written to a local temporary file and uploaded with one PUT (multipart when large),
@@ -26,18 +28,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hubert_ray import storage
-from hubert_ray.errors import ERROR_COLUMNS
+from hubert_ray.errors import ERROR_COLUMNS, TRANSIENT_COLUMN, TRANSIENT_REASONS
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 PRECISION_DIR = "precision"
 PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "max_abs", "action")
+RETRIED_DIR = "retried"
 SUMMARY_FILE = "_summary.json"
+RUNS_FILE = "_runs.json"
 SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
 JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts
 ACTORS_DIR = "actors"  # <actor_id>.json: each model actor's precision record (self-test, ...)
 META_KEY = b"hubert_ray.run"
-ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
+ERROR_SCHEMA = pa.schema(
+    [*((c, pa.string()) for c in ERROR_COLUMNS), (TRANSIENT_COLUMN, pa.bool_())]
+)
 _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
 
 
@@ -55,6 +61,7 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
             "stage": bad.column("error_stage"),
             "reason": bad.column("error_reason"),
             "message": bad.column("error_message"),
+            TRANSIENT_COLUMN: transient(bad.column("error_reason")),
         },
         schema=ERROR_SCHEMA,
     )
@@ -94,6 +101,11 @@ def part_slices(table: pa.Table, max_rows: int, max_bytes: int) -> list[tuple[in
     if table.num_rows > start:
         slices.append((start, table.num_rows - start))
     return slices
+
+
+def transient(reasons) -> pa.Array:
+    """The ``transient`` column for error rows of these reasons (:data:`TRANSIENT_REASONS`)."""
+    return pc.is_in(reasons, pa.array(sorted(TRANSIENT_REASONS), pa.string()))
 
 
 def part_key(segment_ids) -> str:
@@ -188,20 +200,6 @@ def read_table(
     if not files:
         return None
     return pq.ParquetDataset(files, filesystem=fs, filters=filters).read(columns=columns)
-
-
-def done_segment_ids(uri: str, storage_options: dict | None = None) -> pa.Array:
-    """Segment ids already written under ``<uri>/features`` and ``<uri>/errors`` (resume), as
-    one Arrow array (no Python string per segment).
-
-    Exact because part files appear whole (temporary name + rename, or one upload) and a
-    segment is one row in exactly one part: a killed run leaves each part whole or absent."""
-    chunks = []
-    for sub in (FEATURES_DIR, ERRORS_DIR):
-        table = read_table(storage.join(uri, sub), ["segment_id"], storage_options)
-        if table is not None:
-            chunks.extend(table.column("segment_id").chunks)
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
 def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
@@ -326,83 +324,81 @@ def _counts(values) -> dict:
     return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
 
 
-def summarize(uri: str, segment_ids, storage_options: dict | None = None) -> dict:
-    """Count what the output holds, checking every manifest segment appears exactly once
-    (``segment_ids``: the manifest's, unique as the manifest readers validate; a list or an
-    Arrow array). Column-wise with Arrow: at WenetSpeech scale there is no Python string per
-    segment."""
-    feats = read_table(
-        storage.join(uri, FEATURES_DIR),
-        ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"],
-        storage_options,
+def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
+    """What the output holds, counted part file by part file (never the whole output at
+    once): rows, errors by reason, audio seconds, frames, compute dtypes, precision, and the
+    transient errors retried (ids in ``retried/``) and recovered (those now in ``features/``).
+    The manifest-wide checks (missing, duplicated) are :func:`hubert_ray.segments`' tasks."""
+    from collections import Counter
+
+    fs, feature_files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
+    _, error_files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
+    retried = read_table(storage.join(uri, RETRIED_DIR), ["segment_id"], storage_options)
+    retried_ids = (
+        pc.unique(retried.column("segment_id").combine_chunks())
+        if retried is not None
+        else pa.array([], pa.string())
     )
-    errs = read_table(storage.join(uri, ERRORS_DIR), None, storage_options)
-    if not isinstance(segment_ids, (pa.Array, pa.ChunkedArray)):
-        segment_ids = pa.array(segment_ids, pa.string())
-    empty = pa.chunked_array([], pa.string())
-    ok_ids = feats.column("segment_id") if feats is not None else empty
-    err_ids = errs.column("segment_id") if errs is not None else empty
-    seen = pa.chunked_array([*ok_ids.chunks, *err_ids.chunks], pa.string())
-    vc = pc.value_counts(seen)
-    distinct, times = vc.field("values"), vc.field("counts")
-    found = pc.sum(pc.is_in(segment_ids, distinct)).as_py() or 0  # manifest ids written
+    reasons: Counter = Counter()
+    dtypes: Counter = Counter()
+    fallbacks: Counter = Counter()
+    ok = failed = frames = recovered = model_non_finite = 0
+    audio = 0.0
+    cols = ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"]
+    for path in feature_files:
+        t = storage.with_retries(pq.read_table, path, columns=cols, filesystem=fs)
+        ok += t.num_rows
+        audio += float(pc.sum(pc.subtract(t.column("end_s"), t.column("start_s"))).as_py() or 0)
+        frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
+        dtypes.update(_counts(t.column("compute_dtype")))
+        fallbacks.update(_counts(t.column("fallback_reason").drop_null()))
+        if len(retried_ids):
+            recovered += int(pc.sum(pc.is_in(t.column("segment_id"), retried_ids)).as_py() or 0)
+    for path in error_files:
+        t = storage.with_retries(pq.read_table, path, columns=["stage", "reason"], filesystem=fs)
+        failed += t.num_rows
+        reasons.update(_counts(t.column("reason")))
+        is_model_nf = pc.and_(
+            pc.equal(t.column("stage"), "model"), pc.equal(t.column("reason"), "non_finite")
+        )
+        model_non_finite += int(pc.sum(is_model_nf).as_py() or 0)
     summary = {
-        "segments_total": len(segment_ids),
-        "segments_ok": len(ok_ids),
-        "segments_failed": len(err_ids),
-        "segments_missing": len(segment_ids) - found,
-        "segments_duplicated": pc.sum(pc.greater(times, 1)).as_py() or 0,
-        "segments_unexpected": len(distinct) - found,
-        "errors_by_reason": dict(sorted(_counts(errs.column("reason")).items()))
-        if errs is not None
-        else {},
-        "audio_seconds": 0.0,
-        "frames": 0,
-        "compute_dtype_counts": {},
+        "segments_ok": ok,
+        "segments_failed": failed,
+        "errors_by_reason": dict(sorted(reasons.items())),
+        "segments_retried": len(retried_ids),
+        "segments_recovered": recovered,
+        "audio_seconds": round(audio, 3),
+        "frames": frames,
+        "compute_dtype_counts": dict(dtypes),
     }
-    summary["precision"] = precision_summary(uri, feats, errs, storage_options)
-    if feats is not None:
-        dur = pc.subtract(feats.column("end_s"), feats.column("start_s"))
-        summary["audio_seconds"] = round(float(pc.sum(dur).as_py() or 0.0), 3)
-        summary["frames"] = int(pc.sum(feats.column("num_frames")).as_py() or 0)
-        summary["compute_dtype_counts"] = _counts(feats.column("compute_dtype"))
+    summary["precision"] = _precision_from_counts(uri, fallbacks, model_non_finite, storage_options)
     return summary
 
 
-def precision_summary(uri: str, feats, errs, storage_options: dict | None = None) -> dict:
-    """The summary's ``precision`` section, from the precision parts and the feature rows."""
+def _precision_from_counts(
+    uri: str, fallbacks, model_non_finite: int, storage_options: dict | None
+) -> dict:
     from hubert_ray.precision import summarize_layers
 
     checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
     rows = checks.to_pylist() if checks is not None else []
-    # A resumed run may have rechecked a segment whose precision part was written before the
-    # kill but whose feature part was not: count each (segment, layer) once.
     rows = list({(r["segment_id"], r["layer"]): r for r in rows}.values())
     worst: dict[str, str] = {}
-    for r in rows:  # a segment's action is the same on every layer
+    for r in rows:
         worst[r["segment_id"]] = r["action"]
-    reasons = feats.column("fallback_reason").to_pylist() if feats is not None else []
-    model_non_finite = 0
-    if errs is not None:
-        model_non_finite = sum(
-            1
-            for st, rs in zip(
-                errs.column("stage").to_pylist(), errs.column("reason").to_pylist(), strict=True
-            )
-            if st == "model" and rs == "non_finite"
-        )
     reports = actor_reports(uri, storage_options)
     suspect = suspect_segment_ids(uri, reports, storage_options)
     return {
         "sampled": len(worst),
         "warned": sum(1 for a in worst.values() if a != "none"),
         "breaches": sum(1 for a in worst.values() if a in ("fallback", "breach_ignored")),
-        "fallbacks": sum(1 for r in reasons if r is not None),
-        "fallbacks_precision": sum(1 for r in reasons if r == "precision"),
-        "fallbacks_non_finite": sum(1 for r in reasons if r == "non_finite"),
-        "fallbacks_self_test": sum(1 for r in reasons if r == "self_test"),
-        "fallbacks_escalated": sum(1 for r in reasons if r == "escalated"),
-        "non_finite": sum(1 for r in reasons if r == "non_finite") + model_non_finite,
+        "fallbacks": sum(fallbacks.values()),
+        "fallbacks_precision": fallbacks.get("precision", 0),
+        "fallbacks_non_finite": fallbacks.get("non_finite", 0),
+        "fallbacks_self_test": fallbacks.get("self_test", 0),
+        "fallbacks_escalated": fallbacks.get("escalated", 0),
+        "non_finite": fallbacks.get("non_finite", 0) + model_non_finite,
         "non_finite_errors": model_non_finite,
         "layers": summarize_layers(rows) if rows else {},
         "self_test": [_self_test_row(r) for r in reports if r.get("self_test")],
@@ -425,15 +421,41 @@ SUSPECT_IDS_SHOWN = 1000  # the summary lists at most this many suspect segment 
 
 def _self_test_row(report: dict) -> dict:
     st = report["self_test"]
-    return {
-        "actor_id": report["actor_id"],
-        "device": st["device"],
-        "dtype": st["dtype"],
-        "worst_layer": st["worst_layer"],
-        "worst_rel_l2": st["worst_rel_l2"],
-        "limit": st["limit"],
-        "breach": st["breach"],
-        "action": st["action"],
+    keys = ("device", "dtype", "worst_layer", "worst_rel_l2", "limit", "breach", "action")
+    return {"actor_id": report["actor_id"], **{k: st[k] for k in keys}} | {
         "seconds": st["seconds"],
         "layers": st["layers"],
+    }
+
+
+# -- runs into one output -----------------------------------------------------------------------
+def read_runs(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """The entries of ``<uri>/_runs.json`` (empty if none)."""
+    fs, path = storage.filesystem(uri, storage_options)
+    runs_path = f"{path.rstrip('/')}/{RUNS_FILE}"
+    fs.invalidate_cache(path)
+    if not fs.exists(runs_path):
+        return []
+    with fs.open(runs_path, "r") as f:
+        return json.load(f).get("runs", [])
+
+
+def write_runs(uri: str, runs: list[dict], storage_options: dict | None = None) -> None:
+    fs, path = storage.filesystem(uri, storage_options)
+    data = json.dumps({"runs": runs}, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{RUNS_FILE}", data)
+
+
+def runs_totals(runs: list[dict]) -> dict:
+    """Audio seconds, wall seconds and x-realtime of these runs together (runs that ended;
+    one that was killed has no wall time and is counted in ``runs_interrupted``)."""
+    ended = [r for r in runs if r.get("wall_seconds") is not None]
+    audio = round(sum(r.get("audio_seconds", 0.0) for r in ended), 3)
+    wall = round(sum(r["wall_seconds"] for r in ended), 3)
+    return {
+        "runs": len(runs),
+        "runs_interrupted": len(runs) - len(ended),
+        "audio_seconds": audio,
+        "wall_seconds": wall,
+        "x_realtime": round(audio / wall, 2) if wall > 0 else None,
     }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, models, output, storage
+from hubert_ray import manifest, metrics, models, output, segments, storage
 from hubert_ray.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
 from hubert_ray.precision import effective_rate
@@ -84,38 +84,23 @@ def redacted(cfg: ExtractConfig) -> dict:
     return d
 
 
-def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
-    """Cut the recording-ordered segment table into blocks of about ``target_rows`` rows at
-    recording boundaries, so each decode task decodes each of its recordings once."""
-    import numpy as np
-
-    rec = table.column("recording_id")
-    n = len(rec)
-    # rows where a new recording starts (column-wise: no Python string per segment)
-    change = pc.not_equal(rec.slice(1), rec.slice(0, n - 1)) if n > 1 else []
-    starts = np.flatnonzero(np.asarray(change, dtype=bool)) + 1
-    blocks, start = [], 0
-    for i in [*starts.tolist(), n]:
-        if i == n or i - start >= target_rows:
-            if i > start:
-                blocks.append(table.slice(start, i - start))
-            start = i
-    return blocks
-
-
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
-# driver lists the segment ids already present in ``features/`` and ``errors/`` and drops them
-# from the segment table. It is exact because (1) a part file appears whole or not at all
-# (temporary name + rename locally, one upload on object storage), (2) each segment is exactly
-# one row in exactly one part (the model stage is one row in, one row out), and (3) the skip is
-# by id, so a part written just before a kill is simply not redone. Ray's checkpointing (beta)
-# needs a Read datasource and a Write datasink, while this job reads ``from_arrow`` blocks and
-# writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU + 1 GiB
-# that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness with
-# SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
+# driver counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
+# small table, hubert_ray.segments.DoneIndex); the tasks that expand the manifest's recordings
+# into segments skip a recording whose rows are all there and drop, by id, the written segments
+# of one partly there (read from its own part files). It is exact because (1) a part file
+# appears whole or not at all (temporary name + rename locally, one upload on object storage),
+# (2) each segment is exactly one row in exactly one part (the model stage is one row in, one
+# row out), and (3) the skip is by id, so a part written just before a kill is simply not
+# redone. Ray's checkpointing (beta) needs a Read datasource and a Write datasink, while this
+# job writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU +
+# 1 GiB that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness
+# with SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
 # markers); ``_job.json`` (the run's identity) is written before any work so a rerun with a
 # different model, layers or dtype into the same output is refused instead of mixing features.
+# Transient error rows (read errors) are taken out of ``errors/`` by a rerun
+# (output.retry_transient_errors), so their segments count as not done and are decoded again.
 
 _IDENTITY_OPTIONS = {
     "model": "model",
@@ -208,30 +193,33 @@ def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) ->
 
 def prepare_output(
     cfg: ExtractConfig, overwrite: bool, identity: dict | None = None
-) -> tuple[pa.Array, dict | None]:
+) -> dict | None:
     """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
-    an existing one is compatible (:func:`check_identity`) and return the segment ids it
-    already holds (skipped by this run) and its identity."""
+    an existing one is compatible (:func:`check_identity`) and return its identity. What it
+    already holds is found per recording later (:func:`hubert_ray.segments.build_done_index`)."""
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     base = path.rstrip("/")
     if overwrite:
         for p in (
             output.FEATURES_DIR,
             output.ERRORS_DIR,
+            output.RETRIED_DIR,
             output.PRECISION_DIR,
             output.SUMMARY_FILE,
             output.SUCCESS_FILE,
             output.JOB_FILE,
             output.ACTORS_DIR,
+            output.RUNS_FILE,
+            MANIFEST_COPY,
             "report.html",
         ):
             if fs.exists(f"{base}/{p}"):
                 fs.rm(f"{base}/{p}", recursive=True)
-        return pa.array([], pa.string()), None
+        return None
     previous = _previous_identity(cfg, fs, base)
     if identity is not None:
         check_identity(cfg, previous, identity)
-    return output.done_segment_ids(cfg.output, cfg.storage_options), previous
+    return previous
 
 
 def write_job_file(cfg: ExtractConfig, identity: dict) -> None:
@@ -291,11 +279,12 @@ def _decode(batch: pa.Table, config) -> pa.Table:
     if key not in _DECODERS:
         _DECODERS.clear()
         _DECODERS[key] = DecodeStage(config)
+    batch, upstream = _upstream_retries(batch)
     before = storage.retry_count()
     t0 = time.perf_counter()
     out = _DECODERS[key](batch)
     metrics.record_decode(time.perf_counter() - t0)
-    return _with_retries_column(out, storage.retry_count() - before)
+    return _with_retries_column(out, upstream + storage.retry_count() - before)
 
 
 RETRY_MARKER = "hubert_ray: retryable model-stage failure"
@@ -563,13 +552,14 @@ def _make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
         """Writes each block's feature rows and error rows as Parquet parts."""
 
         storage_retries = 0  # summed over every write's return, on the driver
+        audio_seconds = 0.0  # audio of the feature rows this run wrote (idem)
 
         def write(self, blocks, ctx):
             before = storage.retry_count()
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0}
+                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0, "audio_seconds": 0.0}
             block = pa.concat_tables(tables)
             upstream = int(pc.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
             ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
@@ -595,14 +585,22 @@ def _make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
             if bad.num_rows:
                 put(bad, output.ERRORS_DIR)
             retries = upstream + storage.retry_count() - before
+            audio = float(
+                pc.sum(pc.subtract(ok.column("end_s"), ok.column("start_s"))).as_py() or 0
+            )
             if tally is not None:
-                dur = pc.subtract(ok.column("end_s"), ok.column("start_s"))
-                tally.add.remote(ok.num_rows, bad.num_rows, float(pc.sum(dur).as_py() or 0.0))
-            return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
+                tally.add.remote(ok.num_rows, bad.num_rows, audio)
+            return {
+                "ok": ok.num_rows,
+                "failed": bad.num_rows,
+                RETRIES_COLUMN: retries,
+                "audio_seconds": audio,
+            }
 
         def on_write_complete(self, write_result):
             returns = [r for r in write_result.write_returns if r]
             self.storage_retries = sum(r.get(RETRIES_COLUMN, 0) for r in returns)
+            self.audio_seconds = sum(r.get("audio_seconds", 0.0) for r in returns)
 
         @property
         def min_rows_per_write(self):
@@ -751,35 +749,11 @@ def stage_args(
     raise ValueError(f"unknown stage {stage!r}")
 
 
-# Most input blocks the driver hands to Ray. ``ray.data.from_arrow`` runs one metadata task per
-# block: 5,000 blocks of 292-segment recordings took 14.2 s on a 2-CPU machine, and
-# WenetSpeech cut into 128-segment blocks would be 50,000 (benchmarks/RESULTS.md). Larger
-# corpora get larger blocks; a decode task still decodes batches of ``decode_batch_size``
-# segments (a recording cut between two batches is decoded once: the per-process cache).
+# Most expanding tasks (and so input blocks) of a run: Ray's per-block overhead made 5,000
+# blocks take 14.2 s on 2 CPUs, and WenetSpeech cut into 128-segment blocks would be 50,000
+# (docs/performance.md). Larger corpora get larger blocks; a decode task still decodes batches
+# of ``decode_batch_size`` segments.
 MAX_INPUT_BLOCKS = 2_000
-
-
-def input_blocks(cfg: ExtractConfig, segments: pa.Table) -> list[pa.Table]:
-    """The segment table cut at recording boundaries into the dataset's input blocks: about
-    ``decode_batch_size`` segments each, larger where that would exceed MAX_INPUT_BLOCKS."""
-    rows = max(cfg.decode_batch_size, -(-segments.num_rows // MAX_INPUT_BLOCKS))
-    return segment_blocks(segments, rows)
-
-
-def build_dataset(
-    cfg: ExtractConfig,
-    segments: pa.Table,
-    placement: Placement,
-    simulate_x_realtime: float | None = None,
-):
-    """segment rows → decode tasks → model actors (not yet executed)."""
-    import ray
-
-    ds = ray.data.from_arrow(input_blocks(cfg, segments))
-    with _retry_bounds_without_deprecation_warning():
-        ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
-        args = stage_args("model", cfg, placement, simulate_x_realtime)
-        return ds.map_batches(ModelActor, **args)
 
 
 @contextlib.contextmanager
@@ -822,6 +796,147 @@ def _write(ds, sink) -> None:
         ) from exc
 
 
+MANIFEST_COPY = "_manifest.parquet"
+"""A manifest that is not a validated canonical Parquet file (JSONL, TSV, one written by hand)
+is checked on the driver and written here as one, which the job's tasks then read."""
+
+
+def job_manifest(cfg: ExtractConfig) -> tuple[str, dict | None, pa.Table | None]:
+    """``(uri the tasks read, its footer info, segment table still to write there)``: a
+    validated canonical manifest is used as it is (its footer only is read here); any other is
+    read and checked on the driver (exit 2 on a problem, before any Ray work) and returned for
+    :func:`hubert_ray.segments.write_validated` into the output."""
+    info = segments.manifest_info(cfg.manifest, cfg.storage_options)
+    if info is not None:
+        return cfg.manifest, info, None
+    table = manifest.read_segments(cfg.manifest, cfg.storage_options)
+    return storage.join(cfg.output, MANIFEST_COPY), None, table
+
+
+def _upstream_retries(batch: pa.Table) -> tuple[pa.Table, int]:
+    """The batch without its ``storage_retries`` column, and that column's sum."""
+    if RETRIES_COLUMN not in batch.column_names:
+        return batch, 0
+    n = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
+    return batch.drop_columns([RETRIES_COLUMN]), n
+
+
+def _read_manifest(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
+    """Task UDF: these row groups of the canonical manifest (its recording rows), read through
+    the job's storage layer so its retries are counted (Ray's own Parquet reader's are not)."""
+    before = storage.retry_count()
+    rows = pa.concat_tables(
+        segments.read_row_group(uri, int(g), storage_options)
+        for g in batch.column("row_group").to_pylist()
+    )
+    return _with_retries_column(rows, storage.retry_count() - before)
+
+
+def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict, per_block: int):
+    """The manifest's recording rows (read by Ray's tasks, a row group each) in blocks of
+    ``per_block`` recordings: a streaming repartition, without which a row group's task would
+    give one large block (i.e. one decode task for ~50,000 segments)."""
+    import ray
+
+    groups = ray.data.from_items([{"row_group": g} for g in range(info["row_groups"])])
+    return groups.map_batches(
+        _read_manifest,
+        fn_kwargs={"uri": manifest_uri, "storage_options": cfg.storage_options},
+        batch_size=1,
+        batch_format="pyarrow",
+        max_retries=MAX_PROCESS_DEATHS,
+    ).repartition(target_num_rows_per_block=per_block)
+
+
+def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Table:
+    """Task UDF: manifest recordings → their segments not yet in the output (the retries of
+    reading the manifest and the part files ride on the first row)."""
+    batch, upstream = _upstream_retries(batch)
+    before = storage.retry_count()
+    out = segments.todo_segments(batch, base_dir, index, storage_options)
+    return _with_retries_column(out, upstream + storage.retry_count() - before)
+
+
+def _check(batch: pa.Table, index, storage_options: dict) -> pa.Table:
+    """Task UDF: the summary's manifest-wide counts for these recordings."""
+    batch, upstream = _upstream_retries(batch)
+    before = storage.retry_count()
+    out = segments.check_segments(batch, index, storage_options)
+    return out.append_column(
+        RETRIES_COLUMN, pa.array([upstream + storage.retry_count() - before], pa.int64())
+    )
+
+
+def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
+    """Manifest recordings per expanding task: about ``decode_batch_size`` segments, more for
+    very large corpora (at most :data:`MAX_INPUT_BLOCKS` tasks)."""
+    per_rec = max(1.0, info["segments"] / max(1, info["recordings"]))
+    rows = max(cfg.decode_batch_size, -(-info["segments"] // MAX_INPUT_BLOCKS))
+    return max(1, int(round(rows / per_rec)))
+
+
+def build_manifest_dataset(
+    cfg: ExtractConfig,
+    manifest_uri: str,
+    info: dict,
+    index,
+    placement: Placement,
+    simulate_x_realtime: float | None = None,
+):
+    """manifest recordings (read by Ray) → segments still to do → decode → model actors."""
+    ds = manifest_blocks(cfg, manifest_uri, info, recordings_per_task(cfg, info))
+    ds = ds.map_batches(
+        _todo,
+        fn_kwargs={
+            "base_dir": segments.manifest_dir(manifest_uri),
+            "index": index,
+            "storage_options": cfg.storage_options,
+        },
+        batch_size=recordings_per_task(cfg, info),
+        batch_format="pyarrow",
+        max_retries=MAX_PROCESS_DEATHS,
+    )
+    with _retry_bounds_without_deprecation_warning():
+        ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
+        args = stage_args("model", cfg, placement, simulate_x_realtime)
+        return ds.map_batches(ModelActor, **args)
+
+
+CHECK_TASKS = 256
+"""Most tasks of the summary's check: each reads the ids of its recordings from their part
+files, so fewer, larger tasks read a part shared by neighbouring recordings fewer times."""
+
+
+def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
+    """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
+    tasks (each reads its recordings' ids from their part files); the driver holds one row per
+    recording."""
+    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
+    counts = (
+        manifest_blocks(cfg, manifest_uri, info, per_task)
+        .map_batches(
+            _check,
+            fn_kwargs={"index": index, "storage_options": cfg.storage_options},
+            batch_size=per_task,
+            batch_format="pyarrow",
+            max_retries=MAX_PROCESS_DEATHS,
+        )
+        .sum(["segments", "written", "duplicated", "unexpected", RETRIES_COLUMN])
+    )
+    counts = counts or {}
+    total = int(counts.get("sum(segments)") or 0)
+    written = int(counts.get("sum(written)") or 0)
+    stray = segments.unexpected_recordings(index, manifest_uri, cfg.storage_options)
+    return {
+        "segments_total": total,
+        "segments_missing": total - written,
+        "segments_duplicated": int(counts.get("sum(duplicated)") or 0),
+        "segments_unexpected": int(counts.get("sum(unexpected)") or 0) + stray,
+        RETRIES_COLUMN: int(counts.get(f"sum({RETRIES_COLUMN})") or 0),
+    }
+
+
 def run(
     cfg: ExtractConfig, overwrite: bool = False, simulate_x_realtime: float | None = None
 ) -> dict:
@@ -831,9 +946,9 @@ def run(
     the model (:class:`hubert_ray.device.SimulatedDevice`; benchmarks and tests only, no CLI or
     config option selects it)."""
     t_start = time.time()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start))
     driver_retries = storage.retry_count()
-    segments = manifest.read_segments(cfg.manifest, cfg.storage_options)
-    num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
+    manifest_uri, info, to_convert = job_manifest(cfg)
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
     spec, prep = models.check_run(
@@ -846,21 +961,32 @@ def run(
     )
     identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
     identity["normalize"] = prep.normalize
-    done, previous = prepare_output(cfg, overwrite, identity)
-    if cfg.recompute_suspect and len(done):
-        done = _drop_suspect(cfg, done)
-    todo = segments
-    if len(done):  # resume: skip the segments an earlier run of this job already wrote
-        ids = segments.column("segment_id")
-        todo = segments.filter(pc.invert(pc.is_in(ids, done)))
+    previous = prepare_output(cfg, overwrite, identity)
+    if to_convert is not None:
+        if not storage.is_remote(cfg.output):
+            os.makedirs(storage.filesystem(cfg.output)[1], exist_ok=True)
+        segments.write_validated(to_convert, manifest_uri, cfg.storage_options)
+        del to_convert
+        info = segments.manifest_info(manifest_uri, cfg.storage_options)
+    retried = (
+        output.retry_transient_errors(cfg.output, cfg.storage_options)
+        if (cfg.retry_transient and not overwrite)
+        else 0
+    )
+    if cfg.recompute_suspect and not overwrite:
+        _drop_suspect(cfg)
+    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    done_rows = index.rows
     log.info(
-        "manifest: %d recordings, %d segments (%d already in the output); layers %s",
-        num_recordings,
-        segments.num_rows,
-        segments.num_rows - todo.num_rows,
+        "manifest: %d recordings, %d segments (%d rows already in the output, %d transient "
+        "errors retried); layers %s",
+        info["recordings"],
+        info["segments"],
+        done_rows,
+        retried,
         list(layers),
     )
-    if todo.num_rows == 0:
+    if done_rows >= info["segments"] and not retried:
         finished = finished_summary(cfg)
         if finished is not None:
             log.info("nothing to do: %s is complete", cfg.output)
@@ -870,7 +996,7 @@ def run(
 
     init_ray()
     _progress_in_segments()
-    sample_rate = effective_rate(cfg.precision_sample_rate, segments.num_rows)
+    sample_rate = effective_rate(cfg.precision_sample_rate, info["segments"])
     placement = plan_placement(
         cfg,
         int(ray.cluster_resources().get("GPU", 0)),
@@ -892,6 +1018,9 @@ def run(
     check_identity(cfg, previous, identity)
     write_job_file(cfg, identity)  # before any part file
     _clear_completion(cfg)
+    runs = output.read_runs(cfg.output, cfg.storage_options) if not overwrite else []
+    this_run = {"started_at": started_at, "wall_seconds": None, "audio_seconds": 0.0}
+    output.write_runs(cfg.output, [*runs, this_run], cfg.storage_options)
 
     metadata = {
         "config": redacted(cfg),
@@ -901,32 +1030,55 @@ def run(
         "model_family": spec.to_dict(),
     }
     sink_retries = 0
-    if todo.num_rows:
+    run_audio = 0.0
+    if done_rows < info["segments"] or retried:
         configure_retries()
         # The decode tasks get the resolved normalisation (auto -> on / off).
         resolved = dataclasses.replace(cfg, normalize="on" if prep.normalize else "off")
-        ds = build_dataset(resolved, todo, placement, simulate_x_realtime)
+        ds = build_manifest_dataset(
+            resolved, manifest_uri, info, index, placement, simulate_x_realtime
+        )
         from hubert_ray.progress import Reporter, Tally
 
         tally = ray.remote(num_cpus=0)(Tally).remote()
         sink = _make_sink(cfg, metadata, tally)
-        with Reporter(tally, todo.num_rows, cfg.progress_seconds):
+        with Reporter(tally, max(0, info["segments"] - done_rows), cfg.progress_seconds):
             _write(ds, sink)
         sink_retries = sink.storage_retries
+        run_audio = sink.audio_seconds
+    del index
 
-    summary = output.summarize(cfg.output, segments.column("segment_id"), cfg.storage_options)
+    summary = output.summarize_parts(cfg.output, cfg.storage_options)
+    checked = check_output(cfg, manifest_uri, info)
+    check_retries = checked.pop(RETRIES_COLUMN)
+    summary.update(checked)
     wall = time.time() - t_start
-    summary.update(
+    this_run.update(
         {
             "wall_seconds": round(wall, 3),
-            "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
-            "recordings_total": num_recordings,
+            "audio_seconds": round(run_audio, 3),
+            "segments_retried": retried,
+            "x_realtime": round(run_audio / wall, 2) if wall > 0 else None,
+        }
+    )
+    runs = [*runs, this_run]
+    output.write_runs(cfg.output, runs, cfg.storage_options)
+    summary.update(
+        {
+            # This run: the audio it wrote (not what earlier runs into this output wrote).
+            "wall_seconds": round(wall, 3),
+            "run_audio_seconds": round(run_audio, 3),
+            "x_realtime": this_run["x_realtime"],
+            "runs": runs,
+            "cumulative": output.runs_totals(runs),
+            "recordings_total": info["recordings"],
             "layers": list(layers),
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
-            # Segments an earlier, interrupted run of this job had written (not redone).
-            "segments_resumed": segments.num_rows - todo.num_rows,
+            # Rows an earlier, interrupted run of this job had written (not redone).
+            "segments_resumed": done_rows,
+            "segments_retried_this_run": retried,
             "preprocessing": prep.to_dict(),
             "model_family": spec.to_dict(),
         }
@@ -960,7 +1112,9 @@ def run(
         }
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
-    summary["storage_retries"] = sink_retries + storage.retry_count() - driver_retries
+    summary["storage_retries"] = (
+        sink_retries + check_retries + storage.retry_count() - driver_retries
+    )
     summary["object_store_spilled_mib"] = _spilled_mib()
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     # Serialised first, written in one call: never a half-written summary.
@@ -972,19 +1126,18 @@ def run(
     return summary
 
 
-def _drop_suspect(cfg: ExtractConfig, done: pa.Array) -> pa.Array:
-    """``--recompute-suspect``: remove from the output the rows an escalated actor wrote in its
-    reduced dtype before it switched to FP32, so that this run recomputes them."""
+def _drop_suspect(cfg: ExtractConfig) -> None:
+    """``--recompute-suspect``: remove from the output the rows an actor wrote in its reduced
+    dtype before its checks switched it to FP32, so that this run recomputes them."""
     reports = output.actor_reports(cfg.output, cfg.storage_options)
     suspect = output.suspect_segment_ids(cfg.output, reports, cfg.storage_options)
     if not len(suspect):
         log.info("recompute-suspect: no suspect segments in %s", cfg.output)
-        return done
+        return
     dropped = output.drop_segments(
         storage.join(cfg.output, output.FEATURES_DIR), suspect, cfg.storage_options
     )
     log.info("recompute-suspect: %d suspect segments removed, recomputing them", dropped)
-    return done.filter(pc.invert(pc.is_in(done, suspect)))
 
 
 def finished_summary(cfg: ExtractConfig) -> dict | None:

@@ -328,6 +328,7 @@ def prepare(
             metadata={METADATA_KEY: json.dumps(meta)},
             rows_per_group=ROWS_PER_GROUP,
             segments_per_group=SEGMENTS_PER_GROUP,
+            validated=True,  # removed below if any rule fails
         )
     except ManifestError:
         _remove(output, storage_options)

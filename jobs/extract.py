@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (typ, meta) in options().items():
         flag = "--" + name.replace("_", "-")
         help_ = _cli_help(f"{meta['help']} (default: {meta['shown']})")
-        if typ is bool:
-            p.add_argument(flag, dest=name, action="store_true", default=None, help=help_)
+        if typ is bool:  # --flag, or --flag / --no-flag when it is on by default
+            on = ExtractConfig.__dataclass_fields__[name].default is True
+            action = argparse.BooleanOptionalAction if on else "store_true"
+            p.add_argument(flag, dest=name, action=action, default=None, help=help_)
         else:
             kind = _json_option if typ is dict else typ
             p.add_argument(flag, dest=name, type=kind, default=None, help=help_)

@@ -92,6 +92,22 @@ def test_config_file_unknown_key(tmp_path, capsys):
     assert "layerz" in err and "--config" in err
 
 
+def test_retry_transient_option(tmp_path, capsys):
+    parser = extract.build_parser()
+    base = ["--manifest", "m.jsonl", "--model", "m", "--output", "o"]
+    cfg, _ = extract.config_from_args(parser.parse_args(base))
+    assert cfg.retry_transient is True
+    cfg, _ = extract.config_from_args(parser.parse_args([*base, "--no-retry-transient"]))
+    assert cfg.retry_transient is False
+    job = tmp_path / "job.yaml"
+    job.write_text("manifest: m.jsonl\nmodel: m\noutput: o\nretry_transient: false\n")
+    cfg, _ = extract.config_from_args(parser.parse_args(["--config", str(job)]))
+    assert cfg.retry_transient is False
+    job.write_text("manifest: m.jsonl\nmodel: m\noutput: o\nretry_transient: maybe\n")
+    assert extract.main(["--config", str(job)]) == 2
+    assert "retry_transient" in capsys.readouterr().err
+
+
 @pytest.mark.ray
 def test_config_file_run_in_process(ray_session, corpus, tiny_model, tmp_path, capsys):
     """Options from YAML; the command line overrides the file."""

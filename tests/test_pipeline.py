@@ -188,6 +188,13 @@ def test_summary_file(job):
         assert key in on_disk
     assert on_disk["segments_ok"] + on_disk["segments_failed"] == on_disk["segments_total"]
     assert on_disk["audio_seconds"] > 60 and on_disk["x_realtime"] > 0
+    # One run: it wrote all the audio; its x-realtime is the cumulative one.
+    assert len(on_disk["runs"]) == 1 and on_disk["runs"][0]["wall_seconds"] > 0
+    assert on_disk["run_audio_seconds"] == pytest.approx(on_disk["audio_seconds"], abs=1e-2)
+    cumulative = on_disk["cumulative"]
+    assert cumulative["runs"] == 1 and cumulative["runs_interrupted"] == 0
+    assert cumulative["audio_seconds"] == pytest.approx(on_disk["audio_seconds"], abs=1e-2)
+    assert cumulative["x_realtime"] == pytest.approx(on_disk["x_realtime"], rel=1e-2)
 
 
 def test_existing_output_resumed_then_overwritten(job, ray_session):
@@ -203,16 +210,20 @@ def test_existing_output_resumed_then_overwritten(job, ray_session):
 
 def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_path):
     """Decode must stay CPU tasks (placeable on CPU-only nodes), not run inside model actors."""
-    from hubert_ray import manifest, pipeline
+    from hubert_ray import manifest, pipeline, segments
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
-    recs = manifest.read_manifest(corpus)[:3]
+    uri, _, table = pipeline.job_manifest(cfg)
+    (tmp_path / "o").mkdir()
+    segments.write_validated(table, uri)
+    info = segments.manifest_info(uri)
+    index = segments.build_done_index(cfg.output)
     placement = pipeline.plan_placement(cfg, cluster_gpus=0)
-    ds = pipeline.build_dataset(cfg, manifest.segment_table(recs), placement).materialize()
+    ds = pipeline.build_manifest_dataset(cfg, uri, info, index, placement).materialize()
     stats = ds.stats()
     assert "MapBatches(_decode)->MapBatches(ModelActor)" not in stats
     assert "MapBatches(_decode)" in stats and "MapBatches(ModelActor)" in stats
-    assert ds.count() == sum(len(r.segments) for r in recs)
+    assert ds.count() == sum(len(r.segments) for r in manifest.read_manifest(corpus))
 
 
 def test_placement_plan():

@@ -189,6 +189,13 @@ def test_killed_run_resumes_exactly(
     summary = json.load(open(os.path.join(out, output.SUMMARY_FILE)))
     assert os.path.exists(os.path.join(out, output.SUCCESS_FILE))
     assert summary["segments_resumed"] >= len(partial) > 0
+    # Per run and across runs: the killed run has no wall time; this run wrote the rest.
+    assert [r["wall_seconds"] is None for r in summary["runs"]] == [True, False]
+    assert summary["cumulative"]["runs_interrupted"] == 1
+    assert 0 < summary["run_audio_seconds"] < summary["audio_seconds"]
+    assert summary["x_realtime"] == pytest.approx(
+        summary["run_audio_seconds"] / summary["wall_seconds"], rel=1e-2
+    )
     assert summary["segments_missing"] == summary["segments_duplicated"] == 0
     ids, got1, got2 = _outcome(out)
     assert len(ids) == len(set(ids))  # each segment exactly once across features + errors
