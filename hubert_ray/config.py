@@ -562,6 +562,8 @@ class ExtractConfig:
             "normalize",
             self.normalize,
             ", ".join(NORMALIZE_OPTIONS),
+        )
+        _require(
             isinstance(self.retry_transient, bool),
             "retry_transient",
             self.retry_transient,
