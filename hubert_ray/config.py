@@ -34,6 +34,23 @@ def _require_storage_options(value: Any) -> None:
     )
 
 
+STORE_CHOICES = ("features", "units", "both")
+
+
+def unit_files(value: Any) -> tuple[str, ...]:
+    """Centroid files from a list and/or comma-separated strings (``--units a,b --units c``)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    _require(
+        all(isinstance(v, str) for v in items),
+        "units",
+        value,
+        "centroid file paths or URLs (a list, or comma-separated)",
+    )
+    return tuple(p.strip() for v in items for p in v.split(",") if p.strip())
+
+
 def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
     """Resolve a layer spec (``"12"``, ``"6,9,12"``, ``"all"``, ``"last"``) to sorted indices.
 
@@ -158,6 +175,9 @@ class ModelConfig:
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
     allow_pickle_weights: bool = False
+    # Centroid files (hubert_ray.units): units_<layer> columns computed next to the forward.
+    units: tuple[str, ...] = ()
+    store: str = "features"  # features | units | both: which columns the stage emits
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -218,6 +238,7 @@ class ModelConfig:
         )
         _require(self.compile in COMPILE_MODES, "compile", self.compile, ", ".join(COMPILE_MODES))
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
+        _require(self.store in STORE_CHOICES, "store", self.store, ", ".join(STORE_CHOICES))
         _require(
             isinstance(self.num_threads, int) and self.num_threads >= 0,
             "num_threads",
@@ -272,10 +293,27 @@ class ExtractConfig:
     precision_limit: float = 0.02
     on_precision_breach: str = "fallback"
     allow_pickle_weights: bool = False  # load pickle (.bin) weights; they can run code
+    # Centroid files (``jobs.kmeans learn``), one per layer: adds units_<layer> columns.
+    units: tuple[str, ...] = ()
+    # features | units | both; unset: both with --units, else features.
+    store: str | None = None
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "units", unit_files(self.units))
+        _require(
+            self.store is None or self.store in STORE_CHOICES,
+            "store",
+            self.store,
+            ", ".join(STORE_CHOICES),
+        )
+        _require(
+            bool(self.units) or self.store in (None, "features"),
+            "store",
+            self.store,
+            "features unless --units names centroid files",
+        )
         for name in ("manifest", "model", "output"):
             value = getattr(self, name)
             _require(
@@ -344,6 +382,11 @@ class ExtractConfig:
         self.decode_config()
         self.model_config()
 
+    @property
+    def stored(self) -> str:
+        """What the feature parts hold: features, units or both."""
+        return self.store or ("both" if self.units else "features")
+
     def rows_per_call(self, num_layers: int) -> int:
         """Model-actor batch size: ``batch_size``, else 256 rows for one stored layer, fewer
         for more layers (at least 16), so one call's output stays ~200 MB at 10 s rows."""
@@ -368,6 +411,8 @@ class ExtractConfig:
             device=device,
             num_threads=num_threads,
             allow_pickle_weights=self.allow_pickle_weights,
+            units=self.units,
+            store=self.stored,
             precision=self.precision_config(),
             storage_options=dict(self.storage_options),
         )

@@ -40,6 +40,8 @@ PRECISION_TYPE = pa.list_(
             ("rel_l2", pa.float64()),
             ("max_abs", pa.float64()),
             ("action", pa.string()),  # none | warn | fallback | breach_ignored
+            # share of frames whose unit differs from FP32's (null: no centroids for the layer)
+            ("unit_flip_rate", pa.float64()),
         ]
     )
 )
@@ -71,6 +73,20 @@ def features_array(
     return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=mask).cast(
         feature_type(hidden, storage_dtype)
     )
+
+
+def units_array(values: np.ndarray, frames: list[int], valid: list[bool]) -> pa.Array:
+    """``list<uint16>``: row i is the next ``frames[i]`` ids of ``values`` [N] (uint16), or null
+    where not ``valid[i]`` (its ids, if any, are dropped)."""
+    lengths = np.asarray(frames, dtype=np.int64)
+    valid_np = np.asarray(valid, dtype=bool)
+    if (lengths[~valid_np] > 0).any():
+        values = values[np.repeat(valid_np, lengths)]
+        lengths = np.where(valid_np, lengths, 0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = pa.array(np.ascontiguousarray(values, dtype=np.uint16))
+    return pa.ListArray.from_arrays(pa.array(offsets), ids, mask=pa.array(~valid_np))
 
 
 def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
@@ -128,6 +144,7 @@ class _Features:
     host: dict  # layer -> [N, H] CPU tensor
     finite: np.ndarray  # per chunk (position in js): every stored value finite in every layer
     groups: list[list[int]]  # the micro-batches that computed them (chunk indices)
+    units: dict = field(default_factory=dict)  # layer with centroids -> [N] uint16 CPU tensor
 
     @cached_property
     def pos(self) -> dict[int, int]:
@@ -203,6 +220,32 @@ class HubertStage:
         self._inputs = [None, None]  # see _staging
         self._copied = [None, None]  # CUDA events: each input buffer's last copy to the device
         self.store = torch.float16 if config.storage_dtype == "float16" else torch.float32
+        self.codebooks = self._load_codebooks(config)
+
+    # -- units ----------------------------------------------------------------------------
+    def _load_codebooks(self, config: ModelConfig) -> dict:
+        """``{layer: (centroids, ||c||^2)}`` on the device, from ``config.units``."""
+        from hubert_ray import units
+
+        books = {}
+        for uri in config.units:
+            book = units.load(uri, config.storage_options)
+            units.check_codebook(
+                book.provenance,
+                uri,
+                model_revision=self.revision,
+                hidden_size=self.hidden,
+                layers=self.layers,
+            )
+            books[book.layer] = units.prepare(book.centroids, self.device)
+        return books
+
+    def units_of(self, feats: dict) -> dict:
+        """Unit ids (uint16 [frames] tensors on the device) of the device feature tensors
+        ``feats[layer]`` [frames, hidden], for every layer with centroids."""
+        from hubert_ray import units
+
+        return {k: units.assign(feats[k], c, c_sq) for k, (c, c_sq) in self.codebooks.items()}
 
     def _reference(self):
         if self._fp32 is None:
@@ -252,14 +295,16 @@ class HubertStage:
         # A frame is finite once stored if no layer has NaN or a magnitude that overflows the
         # storage dtype (float16 rounds |x| >= 65520 to inf).
         ok = peak < 65520.0 if store == torch.float16 else torch.isfinite(peak)
+        ids = self.units_of(out)  # from the features as stored (cast to ``store``)
         if self.device.type == "cuda":
             out, ok = self._to_host(out), self._to_host({0: ok})[0]
+            ids = self._to_host(ids)
             torch.cuda.current_stream().synchronize()
         finite = np.ones(len(js), dtype=bool)  # per chunk: all its frames finite
         some = np.asarray(frames, dtype=np.int64) > 0  # (a chunk under 400 samples has none)
         if some.any():
             finite[some] = np.logical_and.reduceat(ok.numpy(), starts[:-1][some])
-        return _Features(js, starts, out, finite, groups)
+        return _Features(js, starts, out, finite, groups, ids)
 
     def _micro_batch(self, net, w: _Work, group: list[int], starts: list[int], out, peak, slot):
         """One padded forward of chunks ``group``; chunk ``group[i]``'s frames go to rows
@@ -371,10 +416,15 @@ class HubertStage:
                     f"{w.seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
                 )
         valid = [i in w.chunks_of and i not in bad_rows for i in range(n)]
-        columns = {
-            k: features_array(feats.host[k].numpy(), frames, valid, self.config.storage_dtype)
-            for k in self.layers
-        }
+        columns = {}
+        if self.config.store != "units":
+            for k in self.layers:
+                columns[f"layer_{k}"] = features_array(
+                    feats.host[k].numpy(), frames, valid, self.config.storage_dtype
+                )
+        if self.config.store != "features":
+            for k in sorted(feats.units):
+                columns[f"units_{k}"] = units_array(feats.units[k].numpy(), frames, valid)
         frames = [f if ok else 0 for f, ok in zip(frames, valid, strict=True)]
         out = self._assemble(batch, columns, frames, w.row_dtype, bad_rows, w.fallback, precision)
         if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
@@ -392,6 +442,8 @@ class HubertStage:
             c, d = again.span(chunks_of[i])
             for k in self.layers:
                 feats.host[k][a:b] = again.host[k][c:d]
+            for k in feats.units:
+                feats.units[k][a:b] = again.units[k][c:d]
             w.row_dtype[i] = "float32"
             w.fallback.setdefault(i, why)
         return {i for i in rows if not again.all_finite(chunks_of[i])}
@@ -423,7 +475,10 @@ class HubertStage:
             a, b = feats.span(chunks_of[i])
             c, d = ref.span(chunks_of[i])
             metrics = {
-                k: compare(feats.host[k][a:b].numpy(), ref.host[k][c:d].numpy())
+                k: {
+                    **compare(feats.host[k][a:b].numpy(), ref.host[k][c:d].numpy()),
+                    "unit_flip_rate": self._flip_rate(feats, ref, k, (a, b), (c, d)),
+                }
                 for k in self.layers
             }
             worst_layer = max(metrics, key=lambda k: metrics[k]["rel_l2"])
@@ -461,6 +516,17 @@ class HubertStage:
             return self._recompute_rows(w, feats, rows, "precision")
         return set()
 
+    @staticmethod
+    def _flip_rate(feats: _Features, ref: _Features, k: int, span, ref_span) -> float | None:
+        """Share of a segment's frames whose layer-``k`` unit differs from the FP32 one."""
+        if k not in feats.units:
+            return None
+        a, b = span
+        if b == a:
+            return 0.0
+        c, d = ref_span
+        return float((feats.units[k][a:b] != ref.units[k][c:d]).sum()) / (b - a)
+
     def _assemble(self, batch, columns, frames, row_dtype, bad_rows, fallback, precision):
         n = batch.num_rows
         stage = batch.column("error_stage").to_pylist()
@@ -479,8 +545,7 @@ class HubertStage:
             "end_s": batch.column("end_s"),
             "num_frames": pa.array(frames, pa.int32()),
         }
-        for k in self.layers:
-            cols[f"layer_{k}"] = columns[k]
+        cols.update(columns)  # layer_<k> and/or units_<k>
         ok = [reason[i] is None for i in range(n)]
         cols["model"] = pa.array([self.model_name] * n, pa.string())
         cols["model_revision"] = pa.array([self.revision] * n, pa.string())

@@ -31,7 +31,16 @@ from hubert_ray.errors import ERROR_COLUMNS
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 PRECISION_DIR = "precision"
-PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "max_abs", "action")
+PRECISION_FIELDS = (
+    "layer",
+    "checked_dtype",
+    "cos_mean",
+    "cos_min",
+    "rel_l2",
+    "max_abs",
+    "action",
+    "unit_flip_rate",  # null where the layer has no centroids
+)
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
 JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts

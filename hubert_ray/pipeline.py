@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, output, storage
+from hubert_ray import manifest, metrics, output, storage, units
 from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
 
@@ -118,6 +118,8 @@ _IDENTITY_OPTIONS = {
     "compute_dtype": "dtype",
     "storage_dtype": "storage_dtype",
     "chunk_seconds": "chunk_seconds",
+    "store": "store",
+    "units": "units",
 }
 
 
@@ -144,8 +146,11 @@ def model_fingerprint(model_uri: str, storage_options: dict | None = None) -> st
     return digest.hexdigest()[:16]
 
 
-def job_identity(cfg: ExtractConfig, layers, model_revision: str) -> dict:
-    """What must match for a rerun to add to an existing output (``<output>/_job.json``)."""
+def job_identity(
+    cfg: ExtractConfig, layers, model_revision: str, codebooks: list[dict] | None = None
+) -> dict:
+    """What must match for a rerun to add to an existing output (``<output>/_job.json``):
+    ``codebooks`` are :func:`hubert_ray.units.check_files`' description of ``--units``."""
     return {
         "format_version": 1,
         "model": cfg.model,
@@ -154,6 +159,8 @@ def job_identity(cfg: ExtractConfig, layers, model_revision: str) -> dict:
         "dtype": cfg.dtype,
         "storage_dtype": cfg.storage_dtype,
         "chunk_seconds": float(cfg.chunk_seconds),
+        "store": cfg.stored,
+        "units": [{k: b[k] for k in ("layer", "k", "centroids_sha")} for b in (codebooks or [])],
     }
 
 
@@ -594,7 +601,15 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
-    identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
+    fingerprint = model_fingerprint(cfg.model, cfg.storage_options)
+    codebooks = units.check_files(  # a remote model's fingerprint is not its content hash
+        cfg.units,
+        layers=layers,
+        hidden_size=model_json.get("hidden_size"),
+        model_revision=None if storage.is_remote(cfg.model) else fingerprint,
+        storage_options=cfg.storage_options,
+    )
+    identity = job_identity(cfg, layers, fingerprint, codebooks)
     done, previous = prepare_output(cfg, overwrite, identity)
     todo = segments
     if len(done):  # resume: skip the segments an earlier run of this job already wrote
@@ -630,6 +645,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     _clear_completion(cfg)
 
     metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
+    if codebooks:
+        metadata["units"] = identity["units"]
     sink_retries = 0
     if todo.num_rows:
         configure_retries()
@@ -646,6 +663,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
             "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
             "recordings_total": num_recordings,
             "layers": list(layers),
+            "store": cfg.stored,
+            "unit_layers": [b["layer"] for b in codebooks],
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
@@ -711,3 +730,117 @@ def _write_report(cfg: ExtractConfig, summary: dict) -> None:
         log.info("report: %s", write_report(cfg.output, summary, cfg.storage_options))
     except Exception:
         log.exception("writing %s failed", storage.join(cfg.output, "report.html"))
+
+
+# -- units of an existing feature dataset (python -m jobs.kmeans assign) -----------------------
+UNITS_JOB = {"kind": "units", "format_version": 1}
+
+
+def _assign_parts(batch: pa.Table, km: str, out_dir: str, storage_options, device) -> pa.Table:
+    """Task UDF: units of each feature part named in ``batch`` (one output part each)."""
+    from hubert_ray import kmeans
+
+    book = units.load(km, storage_options)
+    done = [
+        kmeans.assign_part(src, out_dir, book, storage_options, device)
+        for src in batch.column("path").to_pylist()
+    ]
+    return pa.Table.from_pylist(done)
+
+
+def run_assign(
+    features: str,
+    km: str,
+    out: str,
+    storage_options: dict | None = None,
+    num_gpus: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``<out>/units/part-*.parquet`` (``segment_id``, times, ``num_frames``,
+    ``units_<layer>``) for every feature part of ``features``: one Ray task per part, each
+    output part named after its input part, so a rerun skips the parts already written
+    (resume). Refuses (ConfigError) centroids of another model revision or hidden size, a layer
+    not stored, or an ``out`` holding units of other centroids."""
+    from hubert_ray import kmeans
+
+    prov = units.read_provenance(km, storage_options)
+    try:
+        info = kmeans.dataset_info(features, int(prov["layer"]), storage_options)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field="km") from None
+    units.check_codebook(
+        prov, km, model_revision=info["model_revision"], hidden_size=info["hidden_size"]
+    )
+    identity = {
+        **UNITS_JOB,
+        "features": features,
+        "layer": int(prov["layer"]),
+        "k": int(prov["k"]),
+        "centroids_sha": prov["centroids_sha"],
+        "model_revision": info["model_revision"],
+    }
+    fs, path = storage.filesystem(out, storage_options)
+    base = path.rstrip("/")
+    job_path = f"{base}/{output.JOB_FILE}"
+    if overwrite:
+        for name in (kmeans.UNITS_DIR, output.JOB_FILE, output.SUMMARY_FILE):
+            if fs.exists(f"{base}/{name}"):
+                fs.rm(f"{base}/{name}", recursive=True)
+    elif fs.exists(job_path):
+        with fs.open(job_path, "r") as f:
+            previous = json.load(f)
+        diffs = [k for k in identity if previous.get(k) != identity[k]]
+        if diffs:
+            what = "; ".join(f"{k}: was {previous.get(k)!r}, now {identity[k]!r}" for k in diffs)
+            raise ConfigError(
+                f"output={out!r} holds units of another run ({what}); use another --output or "
+                "--overwrite",
+                field="output",
+            )
+    src_dir = kmeans.features_dir(features)
+    _, src = kmeans.part_files(src_dir, storage_options)
+    out_dir = storage.join(out, kmeans.UNITS_DIR)
+    _, written = kmeans.part_files(out_dir, storage_options)
+    have = {os.path.basename(p) for p in written}
+    todo = [storage.join(src_dir, os.path.basename(p)) for p in src]
+    todo = [p for p in todo if os.path.basename(p) not in have]
+    log.info("units: %d feature parts, %d already assigned", len(src), len(src) - len(todo))
+    if not storage.is_remote(out):
+        os.makedirs(path, exist_ok=True)
+    storage.with_retries(fs.pipe_file, job_path, json.dumps(identity, indent=2).encode())
+    if fs.exists(f"{base}/{output.SUMMARY_FILE}"):
+        fs.rm(f"{base}/{output.SUMMARY_FILE}")
+    t0 = time.time()
+    if todo:
+        import ray
+
+        init_ray()
+        gpu = bool(num_gpus) and int(ray.cluster_resources().get("GPU", 0)) > 0
+        resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            _assign_parts,
+            fn_kwargs={
+                "km": km,
+                "out_dir": out_dir,
+                "storage_options": storage_options,
+                "device": "cuda" if gpu else "cpu",
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            max_retries=MAX_PROCESS_DEATHS,
+            **resources,
+        )
+        ds.materialize()
+    table = output.read_table(out_dir, ["segment_id", "num_frames"], storage_options)
+    summary = {
+        **identity,
+        "parts": len(src),
+        "parts_resumed": len(src) - len(todo),
+        "segments": table.num_rows if table is not None else 0,
+        "frames": int(pc.sum(table.column("num_frames")).as_py() or 0) if table else 0,
+        "wall_seconds": round(time.time() - t0, 3),
+    }
+    data = json.dumps(summary, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{base}/{output.SUMMARY_FILE}", data)
+    return summary

@@ -82,11 +82,24 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "precision_warn": (float, "relative error that logs a warning (default 0.005)"),
     "precision_limit": (float, "relative error that triggers --on-precision-breach (0.02)"),
     "on_precision_breach": (str, "fallback (recompute in FP32, default), fail, warn"),
+    "units": (
+        str,
+        "centroid file (python -m jobs.kmeans learn) adding a units_<layer> column (uint16 per "
+        "frame) computed next to the forward; repeatable or comma-separated, one per layer",
+    ),
+    "store": (
+        str,
+        "what the feature parts hold: features, units (no continuous features) or both "
+        "(default: both with --units, else features)",
+    ),
     "storage_options": (
         _json_option,
         "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'",
     ),
 }
+
+
+REPEATABLE = {"units"}  # options that may be given several times (their values add up)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jobs.extract", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML or JSON file with any of the options below")
     for name, (typ, help_) in OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+        more = {"action": "append"} if name in REPEATABLE else {}
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_, **more
+        )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     p.add_argument(
         "--allow-pickle-weights",
