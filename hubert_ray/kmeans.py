@@ -86,7 +86,7 @@ def dataset_info(uri: str, layer: int, storage_options=None) -> dict:
     meta = json.loads((schema.metadata or {}).get(output.META_KEY, b"{}"))
     return {
         "hidden_size": typ.value_type.list_size,
-        "storage_dtype": str(typ.value_type.value_type),
+        "storage_dtype": "float16" if typ.value_type.value_type == pa.float16() else "float32",
         "model": row.get("model"),
         "model_revision": row.get("model_revision"),
         "layers": layers,

@@ -262,7 +262,10 @@ def assign_numpy(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """:func:`assign` for host arrays: uint16 ids [N]."""
     import torch
 
-    return assign(torch.from_numpy(np.ascontiguousarray(features)), centroids).numpy()
+    x = np.ascontiguousarray(features)
+    if not x.flags.writeable:  # torch warns on read-only arrays (e.g. Arrow buffers)
+        x = x.copy()
+    return assign(torch.from_numpy(x), centroids).numpy()
 
 
 def sq_distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
