@@ -416,17 +416,20 @@ class HubertStage:
                     f"{w.seg_ids[i]}: {frames[i]} frames, expected {num_frames(len(audio[i]))}"
                 )
         valid = [i in w.chunks_of and i not in bad_rows for i in range(n)]
-        columns = {}
+        columns, unit_columns = {}, {}
         if self.config.store != "units":
-            for k in self.layers:
-                columns[f"layer_{k}"] = features_array(
-                    feats.host[k].numpy(), frames, valid, self.config.storage_dtype
-                )
+            columns = {
+                k: features_array(feats.host[k].numpy(), frames, valid, self.config.storage_dtype)
+                for k in self.layers
+            }
         if self.config.store != "features":
-            for k in sorted(feats.units):
-                columns[f"units_{k}"] = units_array(feats.units[k].numpy(), frames, valid)
+            unit_columns = {
+                k: units_array(v.numpy(), frames, valid) for k, v in feats.units.items()
+            }
         frames = [f if ok else 0 for f, ok in zip(frames, valid, strict=True)]
-        out = self._assemble(batch, columns, frames, w.row_dtype, bad_rows, w.fallback, precision)
+        out = self._assemble(
+            batch, columns, frames, w.row_dtype, bad_rows, w.fallback, precision, unit_columns
+        )
         if out.num_rows != n or out.column("segment_id") != batch.column("segment_id"):
             raise AssertionError("model stage must return one row per input row, in order")
         return out
@@ -527,7 +530,9 @@ class HubertStage:
         c, d = ref_span
         return float((feats.units[k][a:b] != ref.units[k][c:d]).sum()) / (b - a)
 
-    def _assemble(self, batch, columns, frames, row_dtype, bad_rows, fallback, precision):
+    def _assemble(
+        self, batch, columns, frames, row_dtype, bad_rows, fallback, precision, unit_columns=None
+    ):
         n = batch.num_rows
         stage = batch.column("error_stage").to_pylist()
         reason = batch.column("error_reason").to_pylist()
@@ -545,7 +550,11 @@ class HubertStage:
             "end_s": batch.column("end_s"),
             "num_frames": pa.array(frames, pa.int32()),
         }
-        cols.update(columns)  # layer_<k> and/or units_<k>
+        for k in self.layers:
+            if k in columns:  # not with --store units
+                cols[f"layer_{k}"] = columns[k]
+        for k in sorted(unit_columns or {}):
+            cols[f"units_{k}"] = unit_columns[k]
         ok = [reason[i] is None for i in range(n)]
         cols["model"] = pa.array([self.model_name] * n, pa.string())
         cols["model_revision"] = pa.array([self.revision] * n, pa.string())
