@@ -223,6 +223,11 @@ def read_features(
         return {}
     names = pq.read_schema(files[0], filesystem=fs).names
     layers = sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("layer_"))
+    if not layers:
+        raise KeyError(
+            f"{uri} stores no features (written with --store units); "
+            "read its units with hubert_ray.read_units"
+        )
     if layer is None:
         layer = layers[-1]
     if layer not in layers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -183,3 +185,30 @@ def test_learn_writes_provenance_and_finds_clusters(tmp_path):
     d = units.sq_distances(centers, book.centroids).min(1)
     assert (d < 1.0).all()
     assert 3.0 < prov["inertia_per_frame"] < 9.0
+
+
+def test_learn_and_assign_cli_exit_codes(tmp_path, capsys):
+    from jobs import kmeans as cli
+
+    ds = str(tmp_path / "ds")
+    write_dataset(ds, [300] * 20)
+    km = str(tmp_path / "km.safetensors")
+    args = ["learn", "--features", ds, "--k", "4", "--sample-hours", "0.01", "--output", km]
+    assert cli.main([*args, "--layer", "3", "--n-init", "2", "--seed", "5"]) == 0
+    prov = units.read_provenance(km)
+    assert prov["seed"] == 5 and prov["algorithm"]["params"]["n_init"] == 2
+    assert prov["model_revision"] == "revX" and prov["sample"]["frames"] == 1800
+    capsys.readouterr()
+    assert cli.main([*args, "--layer", "4"]) == 2
+    assert "layer 4 is not stored" in capsys.readouterr().err
+    # Centroids of another model revision: refused before any Ray work.
+    book = units.load(km)
+    other = units.save(
+        str(tmp_path / "other.safetensors"),
+        book.centroids,
+        {**book.provenance, "model_revision": "rev1"},
+    )
+    out = str(tmp_path / "units")
+    assert cli.main(["assign", "--features", ds, "--km", other, "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert "model revision 'rev1' != the model's 'revX'" in err and not os.path.exists(out)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray import kmeans, output, read_features, units
+from hubert_ray import kmeans, output, read_features, read_units, units
 from hubert_ray.config import ExtractConfig
 
 pytestmark = pytest.mark.ray
@@ -128,7 +128,10 @@ def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_m
     # audio): the recorded flip rate is the share of stored units that differ from them.
     c = units.load(km2).centroids
     ref = read_features(feats, layer=2)
-    table = output.read_table(os.path.join(out, "features"), ["segment_id", "units_2"])
+    with pytest.raises(KeyError, match="store units"):
+        read_features(out)
+    table = read_units(out)
+    assert table.column_names == ["segment_id", "start_s", "end_s", "num_frames", "units_2"]
     got = dict(
         zip(
             table.column("segment_id").to_pylist(), table.column("units_2").to_pylist(), strict=True
