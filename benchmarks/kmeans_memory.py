@@ -84,6 +84,17 @@ def write_dataset(root: str, frames: int, hidden: int, seed: int = 0) -> tuple[i
     return done, size
 
 
+def dataset_size(root: str) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    directory = os.path.join(root, "features")
+    files = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".parquet")]
+    frames = sum(
+        int(pq.read_table(f, columns=["num_frames"]).column(0).to_numpy().sum()) for f in files
+    )
+    return frames, sum(os.path.getsize(f) for f in files)
+
+
 def run(mode: str, ds: str, hours: float, k: int, out: str) -> dict:
     import json
 
@@ -106,7 +117,12 @@ def main(argv=None) -> int:
     p.add_argument("--sample-hours", type=float, default=0.05)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--factors", default="10,100", help="dataset sizes, in samples")
-    p.add_argument("--work", default=None, help="directory for the datasets (default: tmp)")
+    p.add_argument("--work", default=None, help="directory for temporary files (default: tmp)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="keep the datasets in DATA/x<factor> and reuse them on the next run",
+    )
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     sample_frames = int(args.sample_hours * 3600 * 50)
@@ -117,10 +133,15 @@ def main(argv=None) -> int:
         )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for factor in [int(f) for f in args.factors.split(",")]:
-            ds = os.path.join(work, f"x{factor}")
-            t0 = time.perf_counter()
-            frames, size = write_dataset(ds, factor * sample_frames, args.hidden)
-            print(f"(wrote {ds} in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            ds = os.path.join(args.data or work, f"x{factor}")
+            marker = os.path.join(ds, ".complete")
+            if os.path.exists(marker):
+                frames, size = dataset_size(ds)
+            else:
+                t0 = time.perf_counter()
+                frames, size = write_dataset(ds, factor * sample_frames, args.hidden)
+                open(marker, "w").close()
+                print(f"(wrote {ds} in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             for mode in ("sample", "learn"):
                 r = run(mode, ds, args.sample_hours, args.k, os.path.join(work, "km.safetensors"))
                 print(
@@ -129,9 +150,10 @@ def main(argv=None) -> int:
                     f"| {r['peak']:.0f} | {r['peak'] - r['base']:.0f} | {r['seconds']:.1f} |",
                     flush=True,
                 )
-            import shutil
+            if not args.data:
+                import shutil
 
-            shutil.rmtree(ds)
+                shutil.rmtree(ds)
     return 0
 
 

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 FRAME_RATE_HZ = 50  # HuBERT frames per second of audio (320-sample hop at 16 kHz)
 READ_BATCH_ROWS = 16  # rows per decoded record batch (reading one costs ~5x its size)
 READ_BUFFER_BYTES = 8 << 20  # Parquet read buffer: a column chunk is streamed, not read whole
+# Record batches are decoded on the calling thread (use_threads=False): one feature column is
+# read at a time, and Arrow's reader threads would hold more batches' buffers at once.
 UNITS_DIR = "units"
 UNIT_TYPE = pa.list_(pa.uint16())
 # fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults.
@@ -176,7 +178,7 @@ def sample_features(
     for path in files:
         pf = open_parquet(fs, path)
         for batch in pf.iter_batches(
-            batch_size=READ_BATCH_ROWS, columns=["segment_id", "num_frames", col]
+            batch_size=READ_BATCH_ROWS, columns=["segment_id", "num_frames", col], use_threads=False
         ):
             ids = batch.column("segment_id").to_pylist()
             bkeys, phase = _phase(seed, ids)
@@ -313,7 +315,9 @@ def assign_part(
     dev = torch.device(device)
     c, c_sq = units.prepare(codebook.centroids, dev)
     tables, frames = [], 0
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=[*cols, f"layer_{layer}"]):
+    for batch in pf.iter_batches(
+        batch_size=READ_BATCH_ROWS, columns=[*cols, f"layer_{layer}"], use_threads=False
+    ):
         flat, offs = _flat_frames(batch.column(f"layer_{layer}"), codebook.hidden)
         ids = units.assign(torch.from_numpy(np.ascontiguousarray(flat)).to(dev), c, c_sq)
         ids = ids.cpu().numpy()
