@@ -76,7 +76,7 @@ def features_array(
 
 
 def units_array(values: np.ndarray, frames: list[int], valid: list[bool]) -> pa.Array:
-    """``list<uint16>``: row i is the next ``frames[i]`` ids of ``values`` [N] (uint16), or null
+    """``list<uint16>``: row i is the next ``frames[i]`` ids of ``values`` [N], or null
     where not ``valid[i]`` (its ids, if any, are dropped)."""
     lengths = np.asarray(frames, dtype=np.int64)
     valid_np = np.asarray(valid, dtype=bool)
@@ -144,7 +144,7 @@ class _Features:
     host: dict  # layer -> [N, H] CPU tensor
     finite: np.ndarray  # per chunk (position in js): every stored value finite in every layer
     groups: list[list[int]]  # the micro-batches that computed them (chunk indices)
-    units: dict = field(default_factory=dict)  # layer with centroids -> [N] uint16 CPU tensor
+    units: dict = field(default_factory=dict)  # layer with centroids -> [N] int32 CPU tensor
 
     @cached_property
     def pos(self) -> dict[int, int]:
@@ -241,7 +241,7 @@ class HubertStage:
         return books
 
     def units_of(self, feats: dict) -> dict:
-        """Unit ids (uint16 [frames] tensors on the device) of the device feature tensors
+        """Unit ids (int32 [frames] tensors on the device) of the device feature tensors
         ``feats[layer]`` [frames, hidden], for every layer with centroids."""
         from hubert_ray import units
 

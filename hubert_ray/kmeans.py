@@ -320,7 +320,7 @@ def assign_part(
     ):
         flat, offs = _flat_frames(batch.column(f"layer_{layer}"), codebook.hidden)
         ids = units.assign(torch.from_numpy(np.ascontiguousarray(flat)).to(dev), c, c_sq)
-        ids = ids.cpu().numpy()
+        ids = ids.cpu().numpy().astype(np.uint16)
         frames += len(ids)
         valid = batch.column(f"layer_{layer}").is_valid()
         col = pa.ListArray.from_arrays(

@@ -239,9 +239,10 @@ def prepare(centroids, device=None):
 
 
 def assign(features, centroids, c_sq=None, rows: int = ASSIGN_ROWS):
-    """Nearest-centroid ids (torch uint16 [N]) of ``features`` [N, H] (any float dtype, any
-    device; computed in float32 on that device). ``centroids``: a [K, H] array or tensor, or
-    the pair :func:`prepare` returns with ``c_sq``."""
+    """Nearest-centroid ids (torch int32 [N], stored as uint16: K <= 65536) of ``features``
+    [N, H] (any float dtype, any device; computed in float32 on that device; int32 because
+    CUDA kernels for uint16 tensors are few). ``centroids``: a [K, H] array or tensor, or the
+    pair :func:`prepare` returns with ``c_sq``."""
     import torch
 
     if c_sq is None or not isinstance(centroids, torch.Tensor):
@@ -249,12 +250,12 @@ def assign(features, centroids, c_sq=None, rows: int = ASSIGN_ROWS):
     elif centroids.device != features.device:
         centroids, c_sq = centroids.to(features.device), c_sq.to(features.device)
     n = features.shape[0]
-    out = torch.empty(n, dtype=torch.uint16, device=features.device)
+    out = torch.empty(n, dtype=torch.int32, device=features.device)
     ct = centroids.t()
     for s in range(0, n, rows):
         x = features[s : s + rows].to(torch.float32)
         d = torch.addmm(c_sq, x, ct, beta=1.0, alpha=-2.0)  # ||c||^2 - 2 x.c
-        out[s : s + rows] = d.argmin(dim=1).to(torch.uint16)
+        out[s : s + rows] = d.argmin(dim=1)
     return out
 
 
@@ -265,7 +266,7 @@ def assign_numpy(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(features)
     if not x.flags.writeable:  # torch warns on read-only arrays (e.g. Arrow buffers)
         x = x.copy()
-    return assign(torch.from_numpy(x), centroids).numpy()
+    return assign(torch.from_numpy(x), centroids).numpy().astype(np.uint16)
 
 
 def sq_distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
