@@ -1,14 +1,16 @@
 """Peak memory of ``jobs.kmeans learn`` against the size of the feature dataset:
 
-    python -m benchmarks.kmeans_memory [--hidden 768] [--sample-hours 0.05] [--k 100]
+    python -m benchmarks.kmeans_memory [--hidden 768] [--sample-hours 0.05] [--k 100] \
+        [--steps sample,learn] [--data DIR]
 
 Writes feature datasets in the job's layout (``<dir>/features/part-*.parquet``, float16
 ``layer_9``, segments of 4-16 s, random values, 500 rows per part) holding 10x and 100x the
 sample's frames, then, each in a fresh subprocess: (a) the sample alone
 (``hubert_ray.kmeans.sample_features``) and (b) the whole ``learn`` (sample + MiniBatchKMeans
-with fairseq's parameters + the centroid file). Prints the process's peak RSS (``ru_maxrss``),
-the RSS after its imports, and the sample's own size: bounded by the sample means the peak does
-not grow from 10x to 100x.
+with fairseq's parameters + the centroid file). Prints the process's peak RSS
+(``ru_maxrss``, which includes what its imports touched on the way), its peak RSS during the
+step (sampled every 5 ms), the RSS after its imports, and the sample's own size: bounded by the
+sample means the peak does not grow from 10x to 100x.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
 base = rss_mib()
+import threading
+during = [base]
+stop = threading.Event()
+def watch():  # peak RSS during the step, sampled every 5 ms (no import transients)
+    while not stop.is_set():
+        during.append(rss_mib())
+        stop.wait(0.005)
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
 mode, ds, out = sys.argv[1], sys.argv[2], sys.argv[5]
 hours, k = float(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
@@ -40,8 +51,10 @@ if mode == "sample":
 else:
     prov = kmeans.learn(ds, 9, k, hours, out, seed=0)
     frames, nbytes = prov["sample"]["frames"], prov["sample"]["frames"] * prov["hidden_size"] * 4
+stop.set()
+watcher.join()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("RESULT " + json.dumps({"base": base, "peak": peak, "frames": frames,
+print("RESULT " + json.dumps({"base": base, "peak": peak, "during": max(during), "frames": frames,
       "sample_mib": nbytes / 2**20, "seconds": time.perf_counter() - t0}))
 """
 
@@ -117,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-hours", type=float, default=0.05)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--factors", default="10,100", help="dataset sizes, in samples")
+    p.add_argument("--steps", default="sample,learn", help="sample and/or learn")
     p.add_argument("--work", default=None, help="directory for temporary files (default: tmp)")
     p.add_argument(
         "--data",
@@ -129,9 +143,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         print(
             "| dataset | frames | on disk, MiB | step | sample frames | sample, MiB "
-            "| RSS after imports, MiB | peak RSS, MiB | peak - imports, MiB | seconds |"
+            "| RSS after imports, MiB | peak RSS (ru_maxrss), MiB | peak RSS during the step "
+            "(sampled), MiB | during - imports, MiB | seconds |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for factor in [int(f) for f in args.factors.split(",")]:
             ds = os.path.join(args.data or work, f"x{factor}")
             marker = os.path.join(ds, ".complete")
@@ -142,12 +157,13 @@ def main(argv=None) -> int:
                 frames, size = write_dataset(ds, factor * sample_frames, args.hidden)
                 open(marker, "w").close()
                 print(f"(wrote {ds} in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-            for mode in ("sample", "learn"):
+            for mode in args.steps.split(","):
                 r = run(mode, ds, args.sample_hours, args.k, os.path.join(work, "km.safetensors"))
                 print(
                     f"| {factor}x sample | {frames:,} | {size / 2**20:,.0f} | {mode} "
                     f"| {r['frames']:,} | {r['sample_mib']:.1f} | {r['base']:.0f} "
-                    f"| {r['peak']:.0f} | {r['peak'] - r['base']:.0f} | {r['seconds']:.1f} |",
+                    f"| {r['peak']:.0f} | {r['during']:.0f} | {r['during'] - r['base']:.0f} "
+                    f"| {r['seconds']:.1f} |",
                     flush=True,
                 )
             if not args.data:
