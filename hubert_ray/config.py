@@ -35,6 +35,7 @@ def _require_storage_options(value: Any) -> None:
 
 
 STORE_CHOICES = ("features", "units", "both")
+UNITS_FORMS = ("frames", "runs", "both")  # one id per frame and/or run-length form
 
 
 def unit_files(value: Any) -> tuple[str, ...]:
@@ -178,6 +179,7 @@ class ModelConfig:
     # Centroid files (hubert_ray.units): units_<layer> columns computed next to the forward.
     units: tuple[str, ...] = ()
     store: str = "features"  # features | units | both: which columns the stage emits
+    units_form: str = "frames"  # frames | runs | both (UNITS_FORMS)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -240,6 +242,9 @@ class ModelConfig:
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
         _require(self.store in STORE_CHOICES, "store", self.store, ", ".join(STORE_CHOICES))
         _require(
+            self.units_form in UNITS_FORMS, "units_form", self.units_form, ", ".join(UNITS_FORMS)
+        )
+        _require(
             isinstance(self.num_threads, int) and self.num_threads >= 0,
             "num_threads",
             self.num_threads,
@@ -297,6 +302,8 @@ class ExtractConfig:
     units: tuple[str, ...] = ()
     # features | units | both; unset: both with --units, else features.
     store: str | None = None
+    # frames: units_<layer> (one id per frame); runs: units_<layer>_dedup + _durations; both.
+    units_form: str = "frames"
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
 
@@ -313,6 +320,9 @@ class ExtractConfig:
             "store",
             self.store,
             "features unless --units names centroid files",
+        )
+        _require(
+            self.units_form in UNITS_FORMS, "units_form", self.units_form, ", ".join(UNITS_FORMS)
         )
         for name in ("manifest", "model", "output"):
             value = getattr(self, name)
@@ -413,6 +423,7 @@ class ExtractConfig:
             allow_pickle_weights=self.allow_pickle_weights,
             units=self.units,
             store=self.stored,
+            units_form=self.units_form,
             precision=self.precision_config(),
             storage_options=dict(self.storage_options),
         )

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from hubert_ray import errors
+from hubert_ray import units as unit_ids
 from hubert_ray.chunking import (
     num_frames,
     pack_micro_batches,
@@ -87,6 +88,25 @@ def units_array(values: np.ndarray, frames: list[int], valid: list[bool]) -> pa.
     np.cumsum(lengths, out=offsets[1:])
     ids = pa.array(np.ascontiguousarray(values, dtype=np.uint16))
     return pa.ListArray.from_arrays(pa.array(offsets), ids, mask=pa.array(~valid_np))
+
+
+def unit_run_arrays(
+    values: np.ndarray, frames: list[int], valid: list[bool]
+) -> tuple[pa.Array, pa.Array]:
+    """Run-length form of :func:`units_array`: ``list<uint16>`` deduplicated ids and
+    ``list<uint32>`` their durations in frames, per row (null where not ``valid[i]``)."""
+    lengths = np.asarray(frames, dtype=np.int64)
+    valid_np = np.asarray(valid, dtype=bool)
+    if (lengths[~valid_np] > 0).any():
+        values = values[np.repeat(valid_np, lengths)]
+        lengths = np.where(valid_np, lengths, 0)
+    dedup, durations, counts = unit_ids.run_length_rows(values, lengths)
+    offsets = pa.array(np.concatenate(([0], np.cumsum(counts))).astype(np.int32))
+    mask = pa.array(~valid_np)
+    return (
+        pa.ListArray.from_arrays(offsets, pa.array(dedup.astype(np.uint16)), mask=mask),
+        pa.ListArray.from_arrays(offsets, pa.array(durations.astype(np.uint32)), mask=mask),
+    )
 
 
 def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
@@ -423,9 +443,15 @@ class HubertStage:
                 for k in self.layers
             }
         if self.config.store != "features":
-            unit_columns = {
-                k: units_array(v.numpy(), frames, valid) for k, v in feats.units.items()
-            }
+            form = self.config.units_form
+            for k in sorted(feats.units):
+                ids = feats.units[k].numpy()
+                if form != "runs":
+                    unit_columns[f"units_{k}"] = units_array(ids, frames, valid)
+                if form != "frames":
+                    dedup, durations = unit_run_arrays(ids, frames, valid)
+                    unit_columns[f"units_{k}_dedup"] = dedup
+                    unit_columns[f"units_{k}_durations"] = durations
         frames = [f if ok else 0 for f, ok in zip(frames, valid, strict=True)]
         out = self._assemble(
             batch, columns, frames, w.row_dtype, bad_rows, w.fallback, precision, unit_columns
@@ -553,8 +579,7 @@ class HubertStage:
         for k in self.layers:
             if k in columns:  # not with --store units
                 cols[f"layer_{k}"] = columns[k]
-        for k in sorted(unit_columns or {}):
-            cols[f"units_{k}"] = unit_columns[k]
+        cols.update(unit_columns or {})  # units_<k>[_dedup, _durations], by column name
         ok = [reason[i] is None for i in range(n)]
         cols["model"] = pa.array([self.model_name] * n, pa.string())
         cols["model_revision"] = pa.array([self.revision] * n, pa.string())

@@ -352,7 +352,9 @@ def units_directory(uri: str, storage_options=None) -> str:
 
 
 def unit_layers(schema: pa.Schema) -> list[int]:
-    return sorted(int(n.split("_", 1)[1]) for n in schema.names if n.startswith("units_"))
+    import re
+
+    return sorted(int(m.group(1)) for n in schema.names if (m := re.fullmatch(r"units_(\d+)", n)))
 
 
 def read_units(uri: str, layer: int | None = None, storage_options=None) -> pa.Table:

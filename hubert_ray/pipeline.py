@@ -74,6 +74,7 @@ def redacted(cfg: ExtractConfig) -> dict:
     """The run config as recorded in outputs: storage option values are never written."""
     d = cfg.to_dict()
     d["storage_options"] = sorted(d["storage_options"])
+    d["units"] = list(d["units"])  # as JSON reads it back
     return d
 
 
@@ -120,6 +121,7 @@ _IDENTITY_OPTIONS = {
     "chunk_seconds": "chunk_seconds",
     "store": "store",
     "units": "units",
+    "units_form": "units_form",
 }
 
 
@@ -160,6 +162,7 @@ def job_identity(
         "storage_dtype": cfg.storage_dtype,
         "chunk_seconds": float(cfg.chunk_seconds),
         "store": cfg.stored,
+        "units_form": cfg.units_form,
         "units": [{k: b[k] for k in ("layer", "k", "centroids_sha")} for b in (codebooks or [])],
     }
 

@@ -306,3 +306,23 @@ def run_length(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(np.concatenate(([True], u[1:] != u[:-1])))
     durations = np.diff(np.append(starts, u.size)).astype(np.int32)
     return u[starts], durations
+
+
+def run_length_rows(values: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`run_length` of many rows at once: ``values`` holds the rows' ids back to back
+    (row i: the next ``lengths[i]``). Returns the deduplicated ids and their durations, back
+    to back, and each row's number of runs (runs never cross rows)."""
+    u = np.asarray(values)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    change = np.ones(u.size, dtype=bool)
+    if u.size:
+        change[1:] = u[1:] != u[:-1]
+        starts_of_rows = np.cumsum(lengths) - lengths
+        change[starts_of_rows[lengths > 0]] = True
+    starts = np.flatnonzero(change)
+    durations = np.diff(np.append(starts, u.size)).astype(np.int32)
+    counts = np.zeros(len(lengths), dtype=np.int64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        counts[nonempty] = np.add.reduceat(change, (np.cumsum(lengths) - lengths)[nonempty])
+    return u[starts], durations, counts

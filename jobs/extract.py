@@ -92,6 +92,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "what the feature parts hold: features, units (no continuous features) or both "
         "(default: both with --units, else features)",
     ),
+    "units_form": (
+        str,
+        "frames (units_<layer>: one id per frame, default), runs (units_<layer>_dedup + "
+        "units_<layer>_durations: run-length form) or both",
+    ),
     "storage_options": (
         _json_option,
         "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'",

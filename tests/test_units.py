@@ -212,3 +212,19 @@ def test_learn_and_assign_cli_exit_codes(tmp_path, capsys):
     assert cli.main(["assign", "--features", ds, "--km", other, "--output", out]) == 2
     err = capsys.readouterr().err
     assert "model revision 'rev1' != the model's 'revX'" in err and not os.path.exists(out)
+
+
+def test_run_length_rows_equals_run_length_per_row():
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        lengths = rng.integers(0, 7, rng.integers(0, 6))
+        values = rng.integers(0, 3, int(lengths.sum())).astype(np.uint16)
+        dedup, durations, counts = units.run_length_rows(values, lengths)
+        assert counts.sum() == len(dedup) == len(durations) and durations.sum() == len(values)
+        at = pos = 0
+        for i, n in enumerate(lengths):
+            want_u, want_d = units.run_length(values[at : at + n])
+            assert counts[i] == len(want_u)
+            assert np.array_equal(dedup[pos : pos + counts[i]], want_u)
+            assert np.array_equal(durations[pos : pos + counts[i]], want_d)
+            at, pos = at + n, pos + counts[i]

@@ -106,6 +106,7 @@ def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_m
         out,
         units=km2,
         store="units",
+        units_form="both",
         dtype="bfloat16",
         storage_dtype="float16",
         precision_sample_rate=1.0,
@@ -114,6 +115,14 @@ def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_m
     summary = pipeline.run(cfg)
     names = pq.read_schema(kmeans.part_files(os.path.join(out, "features"))[1][0]).names
     assert "units_2" in names and not any(n.startswith("layer_") for n in names)
+    runs = output.read_table(os.path.join(out, "features"))
+    for u, dedup, dur, n in zip(
+        *(runs.column(c).to_pylist() for c in ("units_2", "units_2_dedup", "units_2_durations")),
+        runs.column("num_frames").to_pylist(),
+        strict=True,
+    ):
+        assert np.repeat(dedup, dur).tolist() == u and sum(dur) == n
+        assert all(a != b for a, b in zip(dedup, dedup[1:], strict=False))
     checks = output.read_table(os.path.join(out, "precision")).to_pylist()
     by_layer = {r["layer"]: r for r in checks}
     assert by_layer[1]["unit_flip_rate"] is None  # no centroids for layer 1
