@@ -5,6 +5,7 @@
 #   bash ../shared/gpu/prepare-wheels.sh   # here, once: fills .whl/ (ray, soundfile, soxr)
 #   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh model      (carry .whl)
 #   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh pipeline   (carry .whl)
+#   run: source .whl/bootstrap.sh && bash benchmarks/gpu_run.sh units      (carry .whl; ~60 s)
 # Each step has its own time limit so a slow one still leaves the others' results in $OUT; the
 # benchmark prints a `[bench]` line per row as it goes (bench.log), results.json at the end.
 # A dry run of the same steps on a CPU (checks the options, not the numbers):
@@ -49,8 +50,16 @@ pipeline)
     --seconds 120 --batch-sizes "" --pipeline-seconds "$PIPE_SECS" --pipeline-calls 1 \
     --max-row-seconds 4 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
   ;;
+units)
+  # Unit assignment next to the forward (K = 500, layer 9, 64 x 10 s rows): its share of a
+  # model-stage call, the goal being <= 2 % (<= ~60 s, model creation included).
+  timeout 60 python3 -m benchmarks.units_cost --device "$DEVICE" --rows 64 --repeats 5 \
+    > "$OUT/units_cost.txt" 2>&1
+  grep "^|" "$OUT/units_cost.txt"
+  exit 0
+  ;;
 *)
-  echo "usage: gpu_run.sh model|pipeline" >&2
+  echo "usage: gpu_run.sh model|pipeline|units" >&2
   exit 2
   ;;
 esac
