@@ -1,123 +1,195 @@
-"""What the job's driver does before and after the Ray stages, at corpus scale, for source
-trees side by side in one run:
+"""The job driver's memory at corpus scale: a rerun over a finished output of N segments.
 
-    python benchmarks/driver_scale.py --recordings 50000 --segments-per-recording 292 \\
-        --trees OLD_TREE NEW_TREE
+    python -m benchmarks.driver_scale --segments 14600000 --json PATH [--per-recording 292]
 
-Generates a canonical Parquet manifest (what ``jobs.prepare`` writes from WenetSpeech.json;
-50,000 x 292 = 14.6 M segments is WenetSpeech's size) and a finished output holding one feature
-row per segment (ids and the columns the summary reads; no features), then times, in a fresh
-process per tree: manifest -> segment table, decode blocks, the resume skip (every segment
-already written) and the final summary; prints wall seconds per step and the process's peak
-resident memory.
+Generates a validated canonical manifest (what ``jobs.prepare`` writes; 14.6 M segments is
+WenetSpeech L) of N segments in recordings of ``--per-recording`` segments, and a finished
+output holding one feature row per segment (the columns the driver and the summary read, no
+features; parts of 2,000 rows, the job's ``rows_per_file``). Then, in a fresh process with
+its own local Ray, runs what the job's driver does on a rerun: read the manifest's footer,
+take transient errors out for retry, index what the output holds per recording, run the tasks
+that expand the manifest (every segment already written: nothing to do), stream the summary
+and run its per-recording check; and reports that process's peak resident memory
+(``ru_maxrss``; Ray's worker processes are separate) and the wall seconds of each step.
+``--json`` writes the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 
-from trees import run_in_tree
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
-import resource, sys, time
-import pyarrow as pa
-import pyarrow.compute as pc
-from hubert_ray import manifest, output
-from hubert_ray.pipeline import segment_blocks
+import json, os, resource, sys, time
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+import ray
+ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+from hubert_ray import output, pipeline, segments
+from hubert_ray.config import ExtractConfig
 
-path, out = sys.argv[1], sys.argv[2]
+manifest, out = sys.argv[1], sys.argv[2]
+cfg = ExtractConfig(manifest=manifest, model="-", output=out, num_gpus=0)
 times = {}
 t = time.perf_counter()
-if hasattr(manifest, "read_segments"):
-    segments = manifest.read_segments(path)
-else:  # a tree from before read_segments
-    segments = manifest.segment_table(manifest.read_manifest(path))
-times["manifest"] = time.perf_counter() - t
+uri, info, table = pipeline.job_manifest(cfg)
+assert table is None, "expected a validated canonical manifest"
+times["manifest_footer"] = time.perf_counter() - t
 t = time.perf_counter()
-blocks = segment_blocks(segments, 128)
-times["blocks"] = time.perf_counter() - t
+retried = output.retry_transient_errors(out)
+index = segments.build_done_index(out)
+times["done_index"] = time.perf_counter() - t
+assert index.rows == info["segments"], (index.rows, info)
 t = time.perf_counter()
-done = output.done_segment_ids(out)
-done = done if isinstance(done, (pa.Array, pa.ChunkedArray)) else pa.array(list(done))
-todo = segments.filter(pc.invert(pc.is_in(segments.column("segment_id"), done)))
-times["resume_skip"] = time.perf_counter() - t
+placement = pipeline.Placement(1, False, cfg.model_config("cpu"), 16)
+per_task = pipeline.recordings_per_task(cfg, info)
+todo = pipeline.manifest_blocks(cfg, uri, info, per_task).map_batches(
+    pipeline._todo,
+    fn_kwargs={"base_dir": segments.manifest_dir(uri), "index": index, "storage_options": {}},
+    batch_size=per_task,
+    batch_format="pyarrow",
+).count()
+times["resume_expand"] = time.perf_counter() - t
+assert todo == 0, todo
+del index
 t = time.perf_counter()
-ids = segments.column("segment_id")
-if not hasattr(manifest, "read_segments"):  # that tree's summarize (and run) took a list
-    ids = ids.to_pylist()
-summary = output.summarize(out, ids)
-times["summary"] = time.perf_counter() - t
-assert summary["segments_missing"] == 0 and todo.num_rows == 0, summary
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print("RESULT", segments.num_rows, len(blocks), *(f"{times[k]:.1f}" for k in times), f"{peak:.2f}")
+summary = output.summarize_parts(out)
+times["summary_stream"] = time.perf_counter() - t
+t = time.perf_counter()
+summary.update(pipeline.check_output(cfg, uri, info))
+times["summary_check"] = time.perf_counter() - t
+assert summary["segments_missing"] == summary["segments_duplicated"] == 0, summary
+assert summary["segments_ok"] == info["segments"], summary
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps({
+    "segments": info["segments"], "recordings": info["recordings"],
+    "driver_peak_rss_mib": round(peak, 1),
+    "seconds": {k: round(v, 1) for k, v in times.items()},
+}))
 """
 
 
-def make_inputs(work: str, n_rec: int, per: int) -> tuple[str, str]:
+def _chunk(args: tuple) -> object:
+    """Recordings ``g .. g+999``: their manifest rows (returned) and their feature parts
+    (written), built column-wise (no Python object per segment)."""
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from hubert_ray import output
     from hubert_ray.manifest import CANONICAL_SCHEMA
 
+    g, n_rec, n_segments, per, feats, rows_per_part = args
+    seg_type = CANONICAL_SCHEMA.field("segments").type
+    recs = np.arange(g, min(n_rec, g + 1000))
+    counts = np.minimum(per, n_segments - recs * per)
+    rec_ids = pc.binary_join_element_wise(
+        "Y", pc.utf8_lpad(pa.array(recs).cast(pa.string()), 7, "0"), ""
+    )
+    owner = np.repeat(np.arange(len(recs)), counts)
+    within = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    rec_of_seg = rec_ids.take(pa.array(owner))
+    seg_ids = pc.binary_join_element_wise(
+        rec_of_seg, pc.utf8_lpad(pa.array(within).cast(pa.string()), 5, "0"), "_S"
+    )
+    start = within * 3.0
+    end = start + 2.5
+    struct = pa.StructArray.from_arrays(
+        [seg_ids, pa.array(start), pa.array(end)], fields=list(seg_type.value_type)
+    )
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    audio = pc.binary_join_element_wise(
+        "s3://corpus/audio/train/youtube/B00000/", rec_ids, ".opus", ""
+    )
+    n = owner.size
+    rows = pa.table(
+        {
+            "segment_id": seg_ids,
+            "recording_id": rec_of_seg,
+            "start_s": pa.array(start),
+            "end_s": pa.array(end),
+            "num_frames": pa.array(np.full(n, 124, np.int32)),
+            "compute_dtype": pa.array(["float16"]).take(pa.array(np.zeros(n, int))),
+            "fallback_reason": pa.nulls(n, pa.string()),
+        }
+    )
+    for k in range(0, n, rows_per_part):  # the job's parts: rows_per_file rows each
+        pq.write_table(
+            rows.slice(k, rows_per_part),
+            os.path.join(feats, f"part-{g:08d}-{k:07d}.parquet"),
+            **output.parquet_options(rows.schema),
+        )
+    return pa.table(
+        [
+            rec_ids,
+            audio,
+            pa.array(counts * 3.0),
+            pa.ListArray.from_arrays(offsets, struct, type=seg_type),
+        ],
+        schema=CANONICAL_SCHEMA,
+    )
+
+
+def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000) -> tuple[str, str]:
+    """A validated canonical manifest and a finished output's feature parts, made by one
+    process per CPU, chunks of 1,000 recordings."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from hubert_ray import output
+    from hubert_ray.manifest import CANONICAL_SCHEMA
+    from hubert_ray.segments import stamp
+
     path = os.path.join(work, "manifest.parquet")
     feats = os.path.join(work, "out", output.FEATURES_DIR)
     os.makedirs(feats)
-    with pq.ParquetWriter(path, CANONICAL_SCHEMA) as w:
-        for g in range(0, n_rec, 1000):
-            recs = range(g, min(n_rec, g + 1000))
-            rec_ids = [f"Y{r:07d}" for r in recs]
-            segs = [
-                [
-                    {"segment_id": f"{rid}_S{s:05d}", "start_s": s * 3.0, "end_s": s * 3.0 + 2.5}
-                    for s in range(per)
-                ]
-                for rid in rec_ids
-            ]
-            audio = [f"s3://corpus/audio/train/youtube/B00000/{rid}.opus" for rid in rec_ids]
-            duration = [per * 3.0] * len(rec_ids)
-            w.write_table(pa.table([rec_ids, audio, duration, segs], schema=CANONICAL_SCHEMA))
-            ids = [s["segment_id"] for row in segs for s in row]
-            n = len(ids)
-            pq.write_table(
-                pa.table(
-                    {
-                        "segment_id": ids,
-                        "start_s": [0.0] * n,
-                        "end_s": [2.5] * n,
-                        "num_frames": pa.array([124] * n, pa.int32()),
-                        "compute_dtype": ["float16"] * n,
-                        "fallback_reason": pa.array([None] * n, pa.string()),
-                    }
-                ),
-                os.path.join(feats, f"part-{g:08d}.parquet"),
-            )
+    n_rec = -(-n_segments // per)
+    jobs = [(g, n_rec, n_segments, per, feats, rows_per_part) for g in range(0, n_rec, 1000)]
+    schema = CANONICAL_SCHEMA.with_metadata(stamp())
+    with ProcessPoolExecutor(os.cpu_count()) as pool, pq.ParquetWriter(path, schema) as w:
+        for table in pool.map(_chunk, jobs):
+            w.write_table(table.replace_schema_metadata(schema.metadata))
     return path, os.path.join(work, "out")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recordings", type=int, default=50_000)
-    p.add_argument("--segments-per-recording", type=int, default=292)
-    p.add_argument("--trees", nargs="+", required=True)
+    p.add_argument("--segments", type=int, default=14_600_000)
+    p.add_argument("--per-recording", type=int, default=292)
+    p.add_argument("--json", help="write the result (JSON) to this file")
+    p.add_argument("--workdir", help="where to generate the inputs (default: a temp dir)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="driver-scale-") as work:
-        path, out = make_inputs(work, args.recordings, args.segments_per_recording)
-        print(
-            "| tree | segments | decode blocks | manifest s | blocks s | resume skip s "
-            "| summary s | peak RSS GiB |"
+    with tempfile.TemporaryDirectory(prefix="driver-scale-", dir=args.workdir) as work:
+        t = time.perf_counter()
+        path, out = make_inputs(work, args.segments, args.per_recording)
+        gen = time.perf_counter() - t
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, path, out],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
         )
-        print("|---|---|---|---|---|---|---|---|")
-        for tree in args.trees:
-            try:
-                fields = run_in_tree(tree, CHILD, path, out)
-            except RuntimeError as exc:
-                print(f"| {tree} | failed: {str(exc).strip().splitlines()[-1:]} |")
-                continue
-            print(f"| {tree} | " + " | ".join(fields) + " |", flush=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        result = json.loads(lines[0][len("RESULT ") :])
+        result["generate_seconds"] = round(gen, 1)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 

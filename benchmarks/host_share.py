@@ -1,7 +1,7 @@
 """The model actor's own work per call, with the model replaced by ``NullHubert`` (zero
 features of the right shapes), for two source trees side by side in one run:
 
-    python benchmarks/host_share.py --trees OLD_TREE NEW_TREE [--arch tiny] [--repeats 2]
+    python -m benchmarks.host_share --trees OLD_TREE NEW_TREE [--arch tiny] [--repeats 2]
 
 Each tree runs in its own subprocess (imports come from that tree), alternately, on the same
 generated WenetSpeech-like mixed batch of ~256 rows; prints ms per call and x-realtime. On a CPU
@@ -15,35 +15,31 @@ import argparse
 import os
 import sys
 
-from trees import run_in_tree
+from benchmarks.trees import run_in_tree
 
-BENCH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "benchmark.py"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
-import importlib.util, os, sys, tempfile, time
+import os, sys, tempfile, time
 import torch
-# NullHubert and the input generators from this repository's benchmark (a tree being compared
-# may predate them); everything else is imported from the tree
-spec = importlib.util.spec_from_file_location("this_benchmark", sys.argv[4])
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
-NullHubert, decoded_table, make_lengths, make_model, make_raw = (
-    bench.NullHubert, bench.decoded_table, bench.make_lengths, bench.make_model, bench.make_raw
-)
+# NullHubert and the input generators from this repository's benchmarks (a tree being compared
+# may predate them; its own hubert_ray comes first on the path)
+sys.path.append(sys.argv[4])
+from benchmarks.paths import NullHubert
+from benchmarks.workloads import decoded_table, make_lengths, make_model, make_raw
 from hubert_ray.audio import normalise
 from hubert_ray.config import ModelConfig
-from hubert_ray.extractor import HubertStage
+from hubert_ray.extractor import ModelStage
 
 arch, device, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 work = tempfile.mkdtemp()
 model = make_model(arch, os.path.join(work, "m"))
 lengths = make_lengths(2.5, True, 256 * 2.3, 0)[:256]
 batch = decoded_table([normalise(x) for x in make_raw(lengths, 0)], "x")
-stage = HubertStage(ModelConfig(model_uri=model, layers="last", dtype="float16" if device ==
+stage = ModelStage(ModelConfig(model_uri=model, layers="last", dtype="float16" if device ==
     "cuda" else "float32", device=device))
-stage.net, stage.checking = NullHubert(stage.net, 768), False
-stage.hidden = 768  # chinese-hubert-base's output size, whatever --arch computes
+stage.engine.net = NullHubert(stage.engine.net, 768)
+stage.engine.audit = False
+stage.engine.hidden = 768  # chinese-hubert-base's output size, whatever --arch computes
 stage(batch)
 t0 = time.perf_counter()
 for _ in range(calls):
@@ -68,7 +64,7 @@ def main() -> int:
     for _ in range(args.repeats):
         for tree in args.trees:
             rows, audio, ms, xrt = run_in_tree(
-                tree, CHILD, args.arch, args.device, str(args.calls), BENCH
+                tree, CHILD, args.arch, args.device, str(args.calls), ROOT
             )
             print(f"| {tree} | {rows} | {audio} | {ms} | {xrt} |", flush=True)
     return 0

@@ -1,7 +1,7 @@
 """The whole pipeline around a model that is cheap but as wide as chinese-hubert-base, for
-source trees side by side (issue #8):
+source trees side by side:
 
-    python benchmarks/wide_pipeline.py --trees OLD_TREE NEW_TREE [--seconds 7200] [--repeats 2]
+    python -m benchmarks.wide_pipeline --trees OLD_TREE NEW_TREE [--seconds 7200] [--repeats 2]
 
 On a GPU node the model is fast and every stage around it (decode, the actor's own work, moving
 features through the object store, Parquet writing) needs to keep up with ~1.5 GB/s of float16
@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 
-from trees import run_in_tree
+from benchmarks.trees import run_in_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
+    from benchmarks.workloads import make_lengths, make_raw, write_corpus
     from hubert_ray.synth import make_tiny_model
-    from jobs.benchmark import make_lengths, make_raw, write_corpus
 
     work = tempfile.mkdtemp(prefix="wide-pipeline-")
     model = make_tiny_model(os.path.join(work, "wide-hubert"), **WIDE)

@@ -1,6 +1,6 @@
-"""How fast one core writes and reads chinese-hubert-base-sized feature parts (issue #8).
+"""How fast one core writes and reads chinese-hubert-base-sized feature parts.
 
-    python benchmarks/write_rate.py [--rows 2000] [--layers 1] [--repeats 3] [--call-rows 256]
+    python -m benchmarks.write_rate [--rows 2000] [--layers 1] [--repeats 3] [--call-rows 256]
         [--batch-rows 2000,256,16] [--dir DIR]
 
 At the GPU goal (20,000x realtime per GPU) a model actor emits ~1.5 GB/s of float16 features
@@ -14,7 +14,7 @@ Parquet encoder on a CPU core. This times, in one process (one core) and side by
 * ``read_*``: ``pq.read_table`` of either file.
 
 The table is what a write task gets: model-call outputs of 256 rows concatenated. Rows follow
-the WenetSpeech-like mixed lengths of ``jobs.benchmark`` (mean 2.5 s); features are random
+the WenetSpeech-like mixed lengths of ``benchmarks.benchmark`` (mean 2.5 s); features are random
 normal values (float16 mantissas do not compress, like real features). Prints
 x-realtime per core (audio seconds per wall second) of each of ``--repeats`` alternating
 rounds, and the ratios of the best.
@@ -29,7 +29,6 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -37,10 +36,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.workloads import SR, make_lengths, numbers  # noqa: E402
 from hubert_ray import output  # noqa: E402
 from hubert_ray.chunking import num_frames  # noqa: E402
-from hubert_ray.extractor import HubertStage, features_array  # noqa: E402
-from jobs.benchmark import SR, make_lengths, numbers  # noqa: E402
+from hubert_ray.engine import Result  # noqa: E402
+from hubert_ray.extractor import assemble, features_array  # noqa: E402
 
 HIDDEN = 768
 
@@ -51,7 +51,7 @@ def model_block(rows: int, layers: list[int], seed: int = 0) -> tuple[pa.Table, 
     frames = [num_frames(n) for n in lengths]
     rng = np.random.default_rng(seed)
     columns = {
-        k: features_array(
+        f"layer_{k}": features_array(
             rng.standard_normal((sum(frames), HIDDEN), dtype=np.float32).astype(np.float16),
             frames,
             [True] * rows,
@@ -71,15 +71,17 @@ def model_block(rows: int, layers: list[int], seed: int = 0) -> tuple[pa.Table, 
             "error_message": pa.nulls(rows, pa.string()),
         }
     )
-    stage = SimpleNamespace(  # what HubertStage._assemble reads of the stage
-        layers=layers,
-        model_name="chinese-hubert-base",
-        revision="0123456789abcdef",
-        config=SimpleNamespace(storage_dtype="float16"),
+    res = Result(
+        features={},
+        frames=frames,
+        valid=[True] * rows,
+        compute_dtype=["float16"] * rows,
+        fallback=[None] * rows,
+        precision=[None] * rows,
+        errors={},
     )
-    block = HubertStage._assemble(
-        stage, batch, columns, frames, {i: "float16" for i in range(rows)}, set(), {}, [None] * rows
-    )
+    identity = {"model": "chinese-hubert-base", "model_revision": "0123456789abcdef"}
+    block = assemble(batch, columns, frames, res, {**identity, "actor_id": "a"})
     return block, sum(lengths) / SR
 
 

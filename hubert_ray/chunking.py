@@ -1,20 +1,25 @@
 """Pure helpers for frame counts, chunk planning and micro-batch packing (no torch, no Ray).
 
-HuBERT's conv frontend has a receptive field of 400 samples and a hop of 320 samples
-(25 ms / 20 ms at 16 kHz), so N samples give ``floor((N - 400) / 320) + 1`` frames.
+A wav2vec2-style conv frontend (HuBERT, wav2vec2, WavLM, data2vec-audio) is a stack of unpadded
+strided convolutions, so its output frame ``t`` covers samples ``[hop t, hop t + receptive
+field)`` with ``hop`` the product of the strides and the receptive field
+``k_1 + s_1 (k_2 - 1) + s_1 s_2 (k_3 - 1) + ...`` (:class:`Geometry`, from the config's
+``conv_kernel`` / ``conv_stride``). N samples give ``floor((N - rf) / hop) + 1`` frames (0 below
+``rf``). The released models all have HuBERT's geometry, a receptive field of 400 samples and a
+hop of 320 (25 ms / 20 ms at 16 kHz): the default here.
 
-Chunking keeps that count exact. Frame ``t`` of a segment covers samples ``[320 t, 320 t + 400)``;
-a chunk that starts on a multiple of 320 samples produces exactly the segment's frames from its
-start on. Chunks therefore start at ``320 * a_i`` and overlap by 80 samples, and the frame
-sequences concatenate to exactly ``num_frames(N)`` frames. Frames are spread evenly over the
-chunks, so a 10.5 s segment becomes two ~5.25 s chunks instead of 10 s + 0.5 s (a short tail
-chunk would have almost no context).
+Chunking keeps that count exact. A chunk that starts on a multiple of ``hop`` samples produces
+exactly the segment's frames from its start on, so chunks start at ``hop * a_i`` and overlap by
+``rf - hop`` samples (80 for HuBERT), and their frame sequences concatenate to exactly
+``num_frames(N)`` frames. Frames are spread evenly over the chunks, so a 10.5 s segment becomes
+two ~5.25 s chunks instead of 10 s + 0.5 s (a short tail chunk would have almost no context).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,28 +27,62 @@ RECEPTIVE_FIELD = 400
 HOP = 320
 
 
-def num_frames(num_samples: int) -> int:
-    """Frames HuBERT produces for ``num_samples`` 16 kHz samples (0 below 400 samples)."""
-    if num_samples < RECEPTIVE_FIELD:
-        return 0
-    return (num_samples - RECEPTIVE_FIELD) // HOP + 1
+@dataclass(frozen=True)
+class Geometry:
+    """Receptive field and hop (in input samples) of a conv frontend."""
+
+    receptive_field: int = RECEPTIVE_FIELD
+    hop: int = HOP
+
+    @classmethod
+    def from_convs(cls, kernels: Sequence[int], strides: Sequence[int]) -> Geometry:
+        """The geometry of unpadded convolutions with these kernels and strides, in order."""
+        if len(kernels) != len(strides) or not kernels:
+            raise ValueError(f"conv_kernel {list(kernels)} and conv_stride {list(strides)}")
+        rf, hop = 1, 1
+        for k, s in zip(kernels, strides, strict=True):
+            if int(k) < 1 or int(s) < 1:
+                raise ValueError(f"conv kernel {k} / stride {s} must be >= 1")
+            rf += (int(k) - 1) * hop
+            hop *= int(s)
+        return cls(rf, hop)
+
+    def num_frames(self, num_samples: int) -> int:
+        if num_samples < self.receptive_field:
+            return 0
+        return (num_samples - self.receptive_field) // self.hop + 1
 
 
-def plan_chunks(num_samples: int, chunk_samples: int) -> list[tuple[int, int]]:
+HUBERT = Geometry()
+
+
+def num_frames(num_samples: int, geometry: Geometry = HUBERT) -> int:
+    """Frames the conv frontend produces for ``num_samples`` 16 kHz samples (HuBERT's
+    geometry unless given: 0 below 400 samples)."""
+    return geometry.num_frames(num_samples)
+
+
+def plan_chunks(
+    num_samples: int, chunk_samples: int, geometry: Geometry = HUBERT
+) -> list[tuple[int, int]]:
     """Split ``[0, num_samples)`` into ``(start, end)`` sample ranges of at most
     ``chunk_samples`` each (the last may run to ``num_samples``) whose frames concatenate to
-    exactly ``num_frames(num_samples)`` frames, equal to the unchunked frame grid."""
-    total = num_frames(num_samples)
-    per_chunk = num_frames(chunk_samples)
+    exactly ``num_frames(num_samples)`` frames, equal to the unchunked frame grid.
+    ``chunk_samples`` must hold at least one frame (the receptive field)."""
+    rf, hop = geometry.receptive_field, geometry.hop
+    total = geometry.num_frames(num_samples)
+    per_chunk = geometry.num_frames(chunk_samples)
     if total <= per_chunk:
         return [(0, num_samples)]
+    if per_chunk == 0:
+        raise ValueError(f"chunk of {chunk_samples} samples is shorter than one frame ({rf})")
     n_chunks = math.ceil(total / per_chunk)
     chunks = []
     first_frame = 0
     for i in range(n_chunks):
         frames = total // n_chunks + (1 if i < total % n_chunks else 0)
-        start = first_frame * HOP
-        end = num_samples if i == n_chunks - 1 else start + (frames - 1) * HOP + RECEPTIVE_FIELD
+        start = first_frame * hop
+        end = num_samples if i == n_chunks - 1 else start + (frames - 1) * hop + rf
         chunks.append((start, end))
         first_frame += frames
     return chunks

@@ -17,6 +17,8 @@ SAMPLE_RATE_HZ = 16_000
 MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
 DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 STORAGE_DTYPES = ("float16", "float32")
+# Input normalisation: auto = the checkpoint's preprocessor_config.json (hubert_ray.models).
+NORMALIZE_OPTIONS = ("auto", "on", "off")
 # torch.compile of the model actor's forward: none, or a torch.compile mode.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _LAYERS_RE = re.compile(r"^(all|last|\d+(\s*,\s*\d+)*)$")
@@ -52,6 +54,14 @@ def unit_files(value: Any) -> tuple[str, ...]:
     return tuple(p.strip() for v in items for p in v.split(",") if p.strip())
 
 
+def compute_dtype(dtype: str, gpu: bool) -> str:
+    """The dtype ``dtype`` means on a GPU or a CPU: ``auto`` is float16 on GPUs, float32 on
+    CPUs (the one place this default lives)."""
+    if dtype != "auto":
+        return dtype
+    return "float16" if gpu else "float32"
+
+
 def parse_layers(spec: str, num_hidden_layers: int) -> tuple[int, ...]:
     """Resolve a layer spec (``"12"``, ``"6,9,12"``, ``"all"``, ``"last"``) to sorted indices.
 
@@ -84,10 +94,14 @@ class DecodeConfig:
     # A segment ending past the end of its audio by at most this much is clipped to the end;
     # further out it is an error row (segment_out_of_range).
     end_tolerance_s: float = 0.1
+    # Zero mean / unit variance per segment (Wav2Vec2FeatureExtractor's do_normalize): the
+    # setting resolved on the driver from the normalize option and the checkpoint.
+    normalize: bool = True
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.normalize, bool), "normalize", self.normalize, "true, false")
         _require(
             self.sample_rate_hz == SAMPLE_RATE_HZ,
             "sample_rate_hz",
@@ -167,9 +181,9 @@ class ModelConfig:
     # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,
     # 0.25 s on GPU (not yet measured there; benchmarks/gpu_run.sh sweeps it).
     pad_multiple_seconds: float | None = None
-    # torch.compile the transformer layers (model.ExactHubert.compile_layers): none or a
+    # torch.compile the transformer layers (model.ExactEncoder.compile_layers): none or a
     # torch.compile mode. Off by default: each actor pays the compiles and needs a C++ compiler
-    # (CPU) or Triton (GPU); no faster on CPU (benchmarks/RESULTS.md), not yet measured on a
+    # (CPU) or Triton (GPU); no faster on CPU (docs/performance.md), not yet measured on a
     # GPU, where fusing the layers' elementwise work is what it is for.
     compile: str = "none"
     device: str = "auto"  # auto | cuda | cpu
@@ -180,6 +194,8 @@ class ModelConfig:
     units: tuple[str, ...] = ()
     store: str = "features"  # features | units | both: which columns the stage emits
     units_form: str = "frames"  # frames | runs | both (UNITS_FORMS)
+    # Where the actor writes its precision record (<output>/actors); empty: nowhere.
+    report_uri: str = ""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -256,56 +272,259 @@ class ModelConfig:
         return int(round(self.chunk_seconds * SAMPLE_RATE_HZ))
 
 
+def option(default=dataclasses.MISSING, *, help: str, shown: str, **kwargs):
+    """A job option: a dataclass field whose ``help`` (what it does) and ``shown`` (its default
+    as users read it) make the command line (``jobs.extract``), the config file's keys and the
+    README's options table: one definition per option."""
+    return field(default=default, metadata={"help": help, "shown": shown}, **kwargs)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """The whole job. Built by ``jobs.extract`` from the CLI and/or a YAML/JSON file."""
 
-    manifest: str
-    model: str
-    output: str
-    layers: str = "last"
-    dtype: str = "auto"
-    storage_dtype: str = "float16"
-    chunk_seconds: float = 10.0
+    manifest: str = option(
+        help="JSONL, Parquet (raw or canonical) or fairseq TSV; path or URL", shown="required"
+    )
+    model: str = option(
+        help="a `save_pretrained` directory with safetensors weights; path or URL", shown="required"
+    )
+    output: str = option(help="output directory; path or URL", shown="required")
+    layers: str = option(
+        "last",
+        help="`12`, `6,9,12`, `all`; layer 0 = projected CNN features (`hidden_states[0]`)",
+        shown="`last`",
+    )
+    dtype: str = option(
+        "auto",
+        help="`float16` on GPU / `float32` on CPU; also `bfloat16`, `float32`, `int8` (CPU)",
+        shown="`auto`",
+    )
+    storage_dtype: str = option(
+        "float16", help="dtype of stored features (`float16` or `float32`)", shown="`float16`"
+    )
+    chunk_seconds: float = option(
+        10.0, help="segments longer than this are split into chunks (see below)", shown="`10`"
+    )
     # Rows (segments) per model-actor call; None = 256 // stored layers (at least 16). Larger
     # calls pack mixed lengths with less padding; the call's output grows with the layers.
-    batch_size: int | None = None
-    max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
-    micro_batch_cost_seconds: float | None = None  # None: 1 s on CPU, 16 s on GPU
-    pad_multiple_seconds: float | None = None  # None: 0 on CPU, 0.25 s on GPU
-    compile: str = "none"  # torch.compile mode of the model actors' forward (ModelConfig)
-    num_gpus: int | None = None  # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
-    num_cpu_actors: int = 1  # model actors when running on CPU
-    cpus_per_actor: float = 1.0  # Ray CPUs reserved per CPU model actor
-    # torch intra-op threads per CPU model actor; 0 = int(cpus_per_actor). More threads than
-    # reserved CPUs lends the model the cores decode tasks leave idle (decoding 16 kHz FLAC
-    # took ~7 % of a core next to the tiny model, see benchmarks/RESULTS.md).
-    torch_threads: int = 0
+    batch_size: int | None = option(
+        None,
+        help=(
+            "segments per model-actor call; the actor packs them into micro-batches of similar "
+            "lengths"
+        ),
+        shown="256 ÷ stored layers (≥ 16)",
+    )
+    max_batch_samples: int = option(
+        64 * 10 * SAMPLE_RATE_HZ,
+        help="padded samples per forward micro-batch (64 × 10 s): bounds GPU memory",
+        shown="10,240,000",
+    )
+    # None: 1 s on CPU, 16 s on GPU
+    micro_batch_cost_seconds: float | None = option(
+        None,
+        help=(
+            "cost of one forward in seconds of padded audio: the packer trades padding against "
+            "forwards (see Performance)"
+        ),
+        shown="1 (CPU), 16 (GPU)",
+    )
+    # None: 0 on CPU, 0.25 s on GPU
+    pad_multiple_seconds: float | None = option(
+        None,
+        help=(
+            "pad each forward micro-batch to a multiple of this many seconds, so shapes repeat "
+            "(per-shape caches such as cuDNN's plans)"
+        ),
+        shown="0 (CPU), 0.25 (GPU)",
+    )
+    # torch.compile mode of the model actors' forward (ModelConfig)
+    compile: str = option(
+        "none",
+        help=(
+            "`torch.compile` the model actors' transformer layers: `default`, `reduce-overhead` "
+            "(CUDA graphs, one per shape), `max-autotune`, `max-autotune-no-cudagraphs`; each "
+            "actor compiles once (seconds to minutes); no gain measured on CPU, not yet measured "
+            "on a GPU"
+        ),
+        shown="`none`",
+    )
+    # model actors on GPUs; None = every GPU in the cluster, 0 = CPU
+    num_gpus: int | None = option(
+        None,
+        help="model actors on GPUs, one model per GPU; `0` runs the model on CPU",
+        shown="all GPUs",
+    )
+    # model actors when running on CPU
+    num_cpu_actors: int = option(
+        1, help="CPU model actors (when the model runs on CPU)", shown="`1`"
+    )
+    # Ray CPUs reserved per CPU model actor
+    cpus_per_actor: float = option(1.0, help="Ray CPUs each CPU model actor reserves", shown="`1`")
+    # torch intra-op threads per CPU model actor; 0 = the node's cores shared among its CPU
+    # actors (pipeline.plan_placement). More threads than reserved CPUs lends the model the
+    # cores decode tasks leave idle.
+    torch_threads: int = option(
+        0,
+        help=(
+            "torch threads per CPU model actor; they share the cores with decode tasks while "
+            "decoding runs"
+        ),
+        shown="the node's cores ÷ its CPU actors",
+    )
     # Ray tasks each model actor runs at once (ActorPoolStrategy.max_concurrent_calls_per_actor).
     # The model still runs one call at a time; another call's input fetch and output
-    # serialisation overlap it. None = 2 on GPU, 1 on CPU (benchmarks/RESULTS.md).
-    calls_per_actor: int | None = None
+    # serialisation overlap it. None = 2 on GPU, 1 on CPU (docs/performance.md).
+    calls_per_actor: int | None = option(
+        None,
+        help=(
+            "Ray tasks in flight per model actor: the model runs one at a time while the others' "
+            "input fetch and output shipping overlap it"
+        ),
+        shown="2 (GPU), 1 (CPU)",
+    )
+    # Calls a model actor has launched on its device and not yet finished: the device computes
+    # call k+1 while the host finishes call k. Bounds the memory of calls in flight.
+    queue_depth: int = option(
+        2,
+        help=(
+            "calls a model actor keeps launched on its device while it finishes earlier ones "
+            "(bounds their memory)"
+        ),
+        shown="`2`",
+    )
     # Segments per decode batch; a decode task gets a block of whole recordings of this size
     # (larger for very large corpora, see pipeline.input_blocks). Small tasks starve the model
     # actor: at 16, Ray's per-task overhead left a CPU actor idle 20 % of the time
-    # (benchmarks/RESULTS.md).
-    decode_batch_size: int = 128
-    decode_memory_mb: int = 1024  # memory reserved per decode task (its decoded recordings)
-    rows_per_file: int = 2_000  # upper bound on rows per output Parquet file
-    end_tolerance_s: float = 0.1
-    precision_sample_rate: float = 0.01
-    precision_warn: float = 0.005
-    precision_limit: float = 0.02
-    on_precision_breach: str = "fallback"
-    allow_pickle_weights: bool = False  # load pickle (.bin) weights; they can run code
+    # (docs/performance.md).
+    decode_batch_size: int = option(
+        128,
+        help=(
+            "segments per decode batch; a decode task takes a block of whole recordings, this "
+            "size or larger for corpora over 256,000 segments (at most 2,000 input blocks)"
+        ),
+        shown="`128`",
+    )
+    # Memory reserved per decode task: the decode streams each recording, so it is bounded by
+    # a window and the segments of a batch (measured ~350 MiB per worker process for a 3 h
+    # or a 44.1 kHz stereo recording, benchmarks/decode_memory.py).
+    decode_memory_mb: int = option(
+        1024, help="memory Ray reserves per decode task (its streamed recordings)", shown="`1024`"
+    )
+    # upper bound on rows per output Parquet file
+    rows_per_file: int = option(2_000, help="most rows per output Parquet file", shown="`2000`")
+    # Upper bound on a feature part's feature values, MiB (a file of --layers all would be
+    # ~5 GB at 2,000 rows): parts are cut at whichever bound comes first.
+    part_size_mb: int = option(
+        256,
+        help="most MiB of feature values per output Parquet file (whichever bound comes first)",
+        shown="`256`",
+    )
+    # a progress line (segments, audio hours, ETA) this often
+    progress_seconds: float = option(
+        10.0,
+        help=(
+            "a progress line (segments, audio hours, x-realtime, ETA) this often; `--quiet` turns"
+            " it off"
+        ),
+        shown="`10`",
+    )
+    # A rerun decodes again the segments whose error rows are transient (read errors); False
+    # keeps them as errors (permanent errors are never retried).
+    retry_transient: bool = option(
+        True,
+        help=(
+            "a rerun retries the segments of an earlier run's transient error rows (`read_error`);"
+            " `--no-retry-transient` keeps them"
+        ),
+        shown="on",
+    )
+    end_tolerance_s: float = option(
+        0.1,
+        help="a segment ending past its audio by at most this is clipped, else an error row",
+        shown="`0.1`",
+    )
+    # Input normalisation: auto = the checkpoint's preprocessor_config.json do_normalize
+    # (normalise when it has none, as Wav2Vec2FeatureExtractor does), on, off.
+    normalize: str = option(
+        "auto",
+        help=(
+            "input normalisation per segment (zero mean, unit variance, as "
+            "`Wav2Vec2FeatureExtractor`'s `do_normalize`): `auto` follows the model's "
+            "`preprocessor_config.json` (normalise when there is none, transformers' default), "
+            "`on`, `off`; part of the run's identity (see Supported models)"
+        ),
+        shown="`auto`",
+    )
+    precision_sample_rate: float = option(
+        0.01,
+        help="fraction of segments rechecked in FP32 (see Precision assurance)",
+        shown="`0.01`",
+    )
+    precision_warn: float = option(
+        0.005, help="relative L2 error against FP32 that logs a warning", shown="`0.005`"
+    )
+    precision_limit: float = option(
+        0.02,
+        help="relative L2 error that triggers `--on-precision-breach` (self-test, sampled checks)",
+        shown="`0.02`",
+    )
+    on_precision_breach: str = option(
+        "fallback",
+        help="`fallback` (recompute in FP32), `fail` (exit 3), `warn`",
+        shown="`fallback`",
+    )
+    # Recompute the segments an escalated actor wrote in its reduced dtype before switching to
+    # FP32 (the summary's precision.suspect_segments): they are removed, then redone.
+    recompute_suspect: bool = option(
+        False,
+        help=(
+            "recompute the rows an actor wrote in a reduced dtype before its checks switched it "
+            "to FP32 (see Precision assurance)"
+        ),
+        shown="off",
+    )
     # Centroid files (``jobs.kmeans learn``), one per layer: adds units_<layer> columns.
-    units: tuple[str, ...] = ()
+    units: tuple[str, ...] = option(
+        (),
+        help=(
+            "centroid file (`python -m jobs.kmeans learn`) adding a `units_<layer>` column "
+            "computed next to the forward; repeatable or comma-separated, one per layer (see "
+            "Units)"
+        ),
+        shown="—",
+    )
     # features | units | both; unset: both with --units, else features.
-    store: str | None = None
+    store: str | None = option(
+        None,
+        help=("what feature parts hold: `features`, `units` (no continuous features) or `both`"),
+        shown="`features` (`both` with `--units`)",
+    )
     # frames: units_<layer> (one id per frame); runs: units_<layer>_dedup + _durations; both.
-    units_form: str = "frames"
+    units_form: str = option(
+        "frames",
+        help=(
+            "`frames` (`units_<layer>`, one id per frame), `runs` (`units_<layer>_dedup` + "
+            "`units_<layer>_durations`: run-length form) or `both`"
+        ),
+        shown="`frames`",
+    )
+    # load pickle (.bin) weights; they can run code
+    allow_pickle_weights: bool = option(
+        False,
+        help=(
+            "load pickle `.bin` weights (they can run code when loaded); otherwise only safetensors"
+        ),
+        shown="off",
+    )
     # fsspec options may hold credentials: never in repr() (logs, Ray task names, errors).
-    storage_options: dict = field(default_factory=dict, repr=False)
+    storage_options: dict = option(
+        default_factory=dict,
+        repr=False,
+        help="fsspec options as JSON (e.g. an S3 `endpoint_url`)",
+        shown="`{}`",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", unit_files(self.units))
@@ -370,6 +589,12 @@ class ExtractConfig:
             "an integer >= 1 (unset: 2 on GPU, 1 on CPU)",
         )
         _require(
+            isinstance(self.queue_depth, int) and 1 <= self.queue_depth <= 8,
+            "queue_depth",
+            self.queue_depth,
+            "an integer from 1 to 8",
+        )
+        _require(
             isinstance(self.decode_batch_size, int) and self.decode_batch_size >= 1,
             "decode_batch_size",
             self.decode_batch_size,
@@ -382,10 +607,34 @@ class ExtractConfig:
             "an integer number of MiB >= 64",
         )
         _require(
+            isinstance(self.part_size_mb, int) and self.part_size_mb >= 1,
+            "part_size_mb",
+            self.part_size_mb,
+            "an integer number of MiB >= 1",
+        )
+        _require(
+            isinstance(self.progress_seconds, (int, float)) and self.progress_seconds > 0,
+            "progress_seconds",
+            self.progress_seconds,
+            "a number of seconds > 0",
+        )
+        _require(
             isinstance(self.rows_per_file, int) and self.rows_per_file >= 1,
             "rows_per_file",
             self.rows_per_file,
             "an integer >= 1",
+        )
+        _require(
+            self.normalize in NORMALIZE_OPTIONS,
+            "normalize",
+            self.normalize,
+            ", ".join(NORMALIZE_OPTIONS),
+        )
+        _require(
+            isinstance(self.retry_transient, bool),
+            "retry_transient",
+            self.retry_transient,
+            "true or false",
         )
         _require_storage_options(self.storage_options)
         # Validate the nested stage configs now, so errors surface at construction.
@@ -403,11 +652,21 @@ class ExtractConfig:
         return self.batch_size or max(16, 256 // max(1, num_layers))
 
     def decode_config(self) -> DecodeConfig:
+        """The decode stage's config; ``normalize`` as resolved by the driver (``auto`` is
+        replaced with ``on`` or ``off`` before the stages are built: pipeline.run)."""
         return DecodeConfig(
-            end_tolerance_s=self.end_tolerance_s, storage_options=dict(self.storage_options)
+            end_tolerance_s=self.end_tolerance_s,
+            normalize=self.normalize != "off",
+            storage_options=dict(self.storage_options),
         )
 
-    def model_config(self, device: str = "auto", num_threads: int = 0) -> ModelConfig:
+    def model_config(
+        self,
+        device: str = "auto",
+        num_threads: int = 0,
+        sample_rate: float | None = None,
+        report_uri: str = "",
+    ) -> ModelConfig:
         return ModelConfig(
             model_uri=self.model,
             layers=self.layers,
@@ -424,13 +683,17 @@ class ExtractConfig:
             units=self.units,
             store=self.stored,
             units_form=self.units_form,
-            precision=self.precision_config(),
+            report_uri=report_uri,
+            precision=self.precision_config(sample_rate),
             storage_options=dict(self.storage_options),
         )
 
-    def precision_config(self) -> PrecisionConfig:
+    def precision_config(self, sample_rate: float | None = None) -> PrecisionConfig:
+        """``sample_rate``: the run's effective rate (precision.effective_rate), if known."""
         return PrecisionConfig(
-            precision_sample_rate=self.precision_sample_rate,
+            precision_sample_rate=(
+                self.precision_sample_rate if sample_rate is None else sample_rate
+            ),
             precision_warn=self.precision_warn,
             precision_limit=self.precision_limit,
             on_precision_breach=self.on_precision_breach,

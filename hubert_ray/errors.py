@@ -46,3 +46,8 @@ ESCAPED_URI_PREFIX = "path-escape://"
 ``../../etc/passwd``): never opened; the decode stage turns it into ``path_escape`` rows."""
 
 ERROR_COLUMNS = ("segment_id", "recording_id", "stage", "reason", "message")
+TRANSIENT_COLUMN = "transient"
+"""Boolean column of error rows: true for a failure that may not happen again (the object
+could not be read: storage errors that outlasted the retries, permissions that may be fixed);
+a rerun retries those segments (unless told not to) and skips the permanent ones."""
+TRANSIENT_REASONS = frozenset({READ_ERROR})

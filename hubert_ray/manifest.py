@@ -193,7 +193,7 @@ def read_segments(uri: str, storage_options: dict | None = None) -> pa.Table:
     A canonical Parquet manifest (what ``jobs.prepare`` writes, e.g. from WenetSpeech.json) is
     read and checked column-wise with Arrow, without a Python object per segment: at
     WenetSpeech scale (14.6 M segments) the per-segment path cost the driver 71–73 s, this
-    one 8–13 s (benchmarks/RESULTS.md). Any other format, or a canonical file that fails a check,
+    one 8–13 s (docs/performance.md). Any other format, or a canonical file that fails a check,
     goes through :func:`read_manifest`, which reports every problem by line."""
     if _extension(uri) in PARQUET_EXTENSIONS:
         table = _canonical_segments(uri, storage_options)
@@ -309,13 +309,20 @@ def write_canonical(
     metadata: dict[str, str] | None = None,
     rows_per_group: int = 10_000,
     segments_per_group: int = 50_000,
+    validated: bool = False,
 ) -> None:
     """Write recordings as canonical Parquet (:data:`CANONICAL_SCHEMA`, one row per recording).
 
     ``recordings`` may be a generator: it is consumed and written in row groups of at most
     ``rows_per_group`` recordings or about ``segments_per_group`` segments, so a streamed corpus
     is never held in memory whole. ``metadata`` goes into the file's key-value metadata.
+    ``validated`` (the caller checked every rule, as :func:`read_manifest` does) marks the file
+    so the job reads it without checking it again on its driver (``hubert_ray.segments``).
     """
+    if validated:
+        from hubert_ray.segments import stamp
+
+        metadata = stamp(metadata)
     schema = CANONICAL_SCHEMA.with_metadata(metadata) if metadata else CANONICAL_SCHEMA
     fs, path = storage.filesystem(uri, storage_options)
     if not storage.is_remote(uri):

@@ -2,7 +2,7 @@
 on its Prometheus endpoint (``ray_`` + the names below; see README "Metrics and report").
 
 Recorded where the work happens: decode tasks (``pipeline._decode``) time each decode call;
-model actors (``pipeline.HubertStage``) count each output batch (outcomes, audio seconds, errors
+model actors (``pipeline.ModelActor``) count each output batch (outcomes, audio seconds, errors
 by reason, FP32 fallbacks) and time its forward passes.
 
 Importable and callable without Ray: when Ray is not imported or not initialised (unit tests of

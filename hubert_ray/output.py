@@ -2,10 +2,12 @@
 
 Layout under ``<output>/``::
 
-    features/part-*.parquet   one row per segment (DESIGN.md schema), run config in metadata
+    features/part-*.parquet   one row per segment (README: Output), run config in metadata
     errors/part-*.parquet     one row per failed segment: segment_id, recording_id, stage,
-                              reason, message
+                              reason, message, transient
+    retried/part-*.parquet    error rows a later run took out of errors/ to retry (transient)
     _summary.json             counts, errors by reason, audio seconds, wall time, x-realtime
+    _runs.json                one entry per run into this output: audio seconds it wrote, wall
 
 Part files appear whole: local files are written under a temporary name and renamed; remote
 ones are written to a local temporary file and uploaded with one PUT (multipart when large),
@@ -26,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hubert_ray import storage
-from hubert_ray.errors import ERROR_COLUMNS
+from hubert_ray.errors import ERROR_COLUMNS, TRANSIENT_COLUMN, TRANSIENT_REASONS
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
@@ -41,11 +43,16 @@ PRECISION_FIELDS = (
     "action",
     "unit_flip_rate",  # null where the layer has no centroids
 )
+RETRIED_DIR = "retried"
 SUMMARY_FILE = "_summary.json"
+RUNS_FILE = "_runs.json"
 SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
 JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts
+ACTORS_DIR = "actors"  # <actor_id>.json: each model actor's precision record (self-test, ...)
 META_KEY = b"hubert_ray.run"
-ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
+ERROR_SCHEMA = pa.schema(
+    [*((c, pa.string()) for c in ERROR_COLUMNS), (TRANSIENT_COLUMN, pa.bool_())]
+)
 _MODEL_ERROR_FIELDS = ("error_stage", "error_reason", "error_message")
 
 
@@ -63,6 +70,7 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
             "stage": bad.column("error_stage"),
             "reason": bad.column("error_reason"),
             "message": bad.column("error_message"),
+            TRANSIENT_COLUMN: transient(bad.column("error_reason")),
         },
         schema=ERROR_SCHEMA,
     )
@@ -79,6 +87,34 @@ def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     }
     cols.update({name: flat.field(name) for name in PRECISION_FIELDS})
     return ok, errs, pa.table(cols)
+
+
+def part_slices(table: pa.Table, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``(start, length)`` slices of ``table`` with at most ``max_rows`` rows and, past its
+    first row, at most ``max_bytes`` of feature values each (frames x hidden x layers x dtype
+    size: a row of ``--layers all`` holds 25 times what a row of one layer does)."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for name in table.column_names:
+        if name.startswith("layer_"):
+            col = table.column(name)
+            item = col.type.value_type.list_size * col.type.value_type.value_type.bit_width // 8
+            sizes += pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64) * (
+                item
+            )
+    slices, start, total = [], 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and (i - start >= max_rows or total + size > max_bytes):
+            slices.append((start, i - start))
+            start, total = i, 0
+        total += size
+    if table.num_rows > start:
+        slices.append((start, table.num_rows - start))
+    return slices
+
+
+def transient(reasons) -> pa.Array:
+    """The ``transient`` column for error rows of these reasons (:data:`TRANSIENT_REASONS`)."""
+    return pc.is_in(reasons, pa.array(sorted(TRANSIENT_REASONS), pa.string()))
 
 
 def part_key(segment_ids) -> str:
@@ -104,7 +140,7 @@ def parquet_options(schema: pa.Schema) -> dict:
 
 # Rows per record batch handed to the Parquet writer: it builds its repetition/definition levels
 # per batch (one per feature value): one batch of 2,000 rows wrote ~2x slower than batches of
-# 16-256 rows (benchmarks/RESULTS.md, session 12). Splitting a table into batches copies nothing.
+# 16-256 rows (docs/performance.md). Splitting a table into batches copies nothing.
 WRITE_BATCH_ROWS = 64
 
 
@@ -175,20 +211,6 @@ def read_table(
     return pq.ParquetDataset(files, filesystem=fs, filters=filters).read(columns=columns)
 
 
-def done_segment_ids(uri: str, storage_options: dict | None = None) -> pa.Array:
-    """Segment ids already written under ``<uri>/features`` and ``<uri>/errors`` (resume), as
-    one Arrow array (no Python string per segment).
-
-    Exact because part files appear whole (temporary name + rename, or one upload) and a
-    segment is one row in exactly one part: a killed run leaves each part whole or absent."""
-    chunks = []
-    for sub in (FEATURES_DIR, ERRORS_DIR):
-        table = read_table(storage.join(uri, sub), ["segment_id"], storage_options)
-        if table is not None:
-            chunks.extend(table.column("segment_id").chunks)
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
-
-
 def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
     """The run config stored in the features files' Parquet metadata."""
     fs, files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
@@ -249,85 +271,205 @@ def read_features(
     return out
 
 
+def actor_reports(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """The model actors' precision records under ``<uri>/actors`` (every run's), by start."""
+    fs, path = storage.filesystem(storage.join(uri, ACTORS_DIR), storage_options)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    reports = []
+    for name in sorted(fs.find(path)):
+        if name.endswith(".json"):
+            with fs.open(name, "r") as f:
+                reports.append(json.load(f))
+    return reports
+
+
+def suspect_segment_ids(
+    uri: str, reports: list[dict], storage_options: dict | None = None
+) -> pa.Array:
+    """Feature rows written in a reduced dtype by model actors that later escalated to FP32
+    (their sampled checks breached systematically): computed before the actor stopped trusting
+    its dtype. ``--recompute-suspect`` recomputes them."""
+    escalated = {r["actor_id"]: r["requested_dtype"] for r in reports if r.get("escalated")}
+    if not escalated:
+        return pa.array([], pa.string())
+    feats = read_table(
+        storage.join(uri, FEATURES_DIR),
+        ["segment_id", "actor_id", "compute_dtype"],
+        storage_options,
+        filters=[("actor_id", "in", sorted(escalated))],
+    )
+    if feats is None or feats.num_rows == 0:
+        return pa.array([], pa.string())
+    requested = pa.array([escalated[a] for a in feats.column("actor_id").to_pylist()])
+    keep = pc.equal(feats.column("compute_dtype"), requested)
+    return feats.column("segment_id").filter(keep).combine_chunks()
+
+
+def drop_segments(directory: str, segment_ids, storage_options: dict | None = None) -> int:
+    """Rewrite the part files of ``directory`` without the rows of ``segment_ids``; returns
+    how many rows were dropped. Each affected part is replaced by a part of its remaining rows
+    (written first, named by their ids) and then deleted: a crash in between leaves both, and
+    running the same drop again converges (the same new part, then the delete)."""
+    drop = pa.array(list(segment_ids), pa.string())
+    fs, files = _part_files(directory, storage_options)
+    dropped = 0
+    for name in files:
+        ids = pq.read_table(name, columns=["segment_id"], filesystem=fs).column("segment_id")
+        hit = pc.is_in(ids, drop)
+        n = pc.sum(hit).as_py() or 0
+        if not n:
+            continue
+        table = pq.read_table(name, filesystem=fs)
+        kept = table.filter(pc.invert(hit))
+        if kept.num_rows:
+            meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"null"))
+            key = part_key(kept.column("segment_id").to_pylist())
+            write_part(kept.replace_schema_metadata(None), directory, meta, storage_options, key)
+        storage.with_retries(fs.rm, name)
+        dropped += n
+    return dropped
+
+
 def _counts(values) -> dict:
     """``{value: occurrences}`` of an Arrow array or chunked array (column-wise)."""
     vc = pc.value_counts(values)
     return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
 
 
-def summarize(uri: str, segment_ids, storage_options: dict | None = None) -> dict:
-    """Count what the output holds, checking every manifest segment appears exactly once
-    (``segment_ids``: the manifest's, unique as the manifest readers validate; a list or an
-    Arrow array). Column-wise with Arrow: at WenetSpeech scale there is no Python string per
-    segment."""
-    feats = read_table(
-        storage.join(uri, FEATURES_DIR),
-        ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"],
-        storage_options,
+def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
+    """What the output holds, counted part file by part file (never the whole output at
+    once): rows, errors by reason, audio seconds, frames, compute dtypes, precision, and the
+    transient errors retried (ids in ``retried/``) and recovered (those now in ``features/``).
+    The manifest-wide checks (missing, duplicated) are :func:`hubert_ray.segments`' tasks."""
+    from collections import Counter
+
+    fs, feature_files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
+    _, error_files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
+    retried = read_table(storage.join(uri, RETRIED_DIR), ["segment_id"], storage_options)
+    retried_ids = (
+        pc.unique(retried.column("segment_id").combine_chunks())
+        if retried is not None
+        else pa.array([], pa.string())
     )
-    errs = read_table(storage.join(uri, ERRORS_DIR), None, storage_options)
-    if not isinstance(segment_ids, (pa.Array, pa.ChunkedArray)):
-        segment_ids = pa.array(segment_ids, pa.string())
-    empty = pa.chunked_array([], pa.string())
-    ok_ids = feats.column("segment_id") if feats is not None else empty
-    err_ids = errs.column("segment_id") if errs is not None else empty
-    seen = pa.chunked_array([*ok_ids.chunks, *err_ids.chunks], pa.string())
-    vc = pc.value_counts(seen)
-    distinct, times = vc.field("values"), vc.field("counts")
-    found = pc.sum(pc.is_in(segment_ids, distinct)).as_py() or 0  # manifest ids written
+    reasons: Counter = Counter()
+    dtypes: Counter = Counter()
+    fallbacks: Counter = Counter()
+    ok = failed = frames = recovered = model_non_finite = 0
+    audio = 0.0
+    cols = ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"]
+    for path in feature_files:
+        t = storage.with_retries(pq.read_table, path, columns=cols, filesystem=fs)
+        ok += t.num_rows
+        audio += float(pc.sum(pc.subtract(t.column("end_s"), t.column("start_s"))).as_py() or 0)
+        frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
+        dtypes.update(_counts(t.column("compute_dtype")))
+        fallbacks.update(_counts(t.column("fallback_reason").drop_null()))
+        if len(retried_ids):
+            recovered += int(pc.sum(pc.is_in(t.column("segment_id"), retried_ids)).as_py() or 0)
+    for path in error_files:
+        t = storage.with_retries(pq.read_table, path, columns=["stage", "reason"], filesystem=fs)
+        failed += t.num_rows
+        reasons.update(_counts(t.column("reason")))
+        is_model_nf = pc.and_(
+            pc.equal(t.column("stage"), "model"), pc.equal(t.column("reason"), "non_finite")
+        )
+        model_non_finite += int(pc.sum(is_model_nf).as_py() or 0)
     summary = {
-        "segments_total": len(segment_ids),
-        "segments_ok": len(ok_ids),
-        "segments_failed": len(err_ids),
-        "segments_missing": len(segment_ids) - found,
-        "segments_duplicated": pc.sum(pc.greater(times, 1)).as_py() or 0,
-        "segments_unexpected": len(distinct) - found,
-        "errors_by_reason": dict(sorted(_counts(errs.column("reason")).items()))
-        if errs is not None
-        else {},
-        "audio_seconds": 0.0,
-        "frames": 0,
-        "compute_dtype_counts": {},
+        "segments_ok": ok,
+        "segments_failed": failed,
+        "errors_by_reason": dict(sorted(reasons.items())),
+        "segments_retried": len(retried_ids),
+        "segments_recovered": recovered,
+        "audio_seconds": round(audio, 3),
+        "frames": frames,
+        "compute_dtype_counts": dict(dtypes),
     }
-    summary["precision"] = precision_summary(uri, feats, errs, storage_options)
-    if feats is not None:
-        dur = pc.subtract(feats.column("end_s"), feats.column("start_s"))
-        summary["audio_seconds"] = round(float(pc.sum(dur).as_py() or 0.0), 3)
-        summary["frames"] = int(pc.sum(feats.column("num_frames")).as_py() or 0)
-        summary["compute_dtype_counts"] = _counts(feats.column("compute_dtype"))
+    summary["precision"] = _precision_from_counts(uri, fallbacks, model_non_finite, storage_options)
     return summary
 
 
-def precision_summary(uri: str, feats, errs, storage_options: dict | None = None) -> dict:
-    """The summary's ``precision`` section, from the precision parts and the feature rows."""
+def _precision_from_counts(
+    uri: str, fallbacks, model_non_finite: int, storage_options: dict | None
+) -> dict:
     from hubert_ray.precision import summarize_layers
 
     checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
     rows = checks.to_pylist() if checks is not None else []
-    # A resumed run may have rechecked a segment whose precision part was written before the
-    # kill but whose feature part was not: count each (segment, layer) once.
     rows = list({(r["segment_id"], r["layer"]): r for r in rows}.values())
     worst: dict[str, str] = {}
-    for r in rows:  # a segment's action is the same on every layer
+    for r in rows:
         worst[r["segment_id"]] = r["action"]
-    reasons = feats.column("fallback_reason").to_pylist() if feats is not None else []
-    model_non_finite = 0
-    if errs is not None:
-        model_non_finite = sum(
-            1
-            for st, rs in zip(
-                errs.column("stage").to_pylist(), errs.column("reason").to_pylist(), strict=True
-            )
-            if st == "model" and rs == "non_finite"
-        )
+    reports = actor_reports(uri, storage_options)
+    suspect = suspect_segment_ids(uri, reports, storage_options)
     return {
         "sampled": len(worst),
         "warned": sum(1 for a in worst.values() if a != "none"),
         "breaches": sum(1 for a in worst.values() if a in ("fallback", "breach_ignored")),
-        "fallbacks": sum(1 for r in reasons if r is not None),
-        "fallbacks_precision": sum(1 for r in reasons if r == "precision"),
-        "fallbacks_non_finite": sum(1 for r in reasons if r == "non_finite"),
-        "non_finite": sum(1 for r in reasons if r == "non_finite") + model_non_finite,
+        "fallbacks": sum(fallbacks.values()),
+        "fallbacks_precision": fallbacks.get("precision", 0),
+        "fallbacks_non_finite": fallbacks.get("non_finite", 0),
+        "fallbacks_self_test": fallbacks.get("self_test", 0),
+        "fallbacks_escalated": fallbacks.get("escalated", 0),
+        "non_finite": fallbacks.get("non_finite", 0) + model_non_finite,
         "non_finite_errors": model_non_finite,
         "layers": summarize_layers(rows) if rows else {},
+        "self_test": [_self_test_row(r) for r in reports if r.get("self_test")],
+        "self_test_breaches": sum(1 for r in reports if (r.get("self_test") or {}).get("breach")),
+        "escalations": [
+            {k: r.get(k) for k in ("actor_id", "device", "requested_dtype", "checks", "breaches")}
+            | {"segments_written_before": r.get("reduced_rows_before_escalation", 0)}
+            for r in reports
+            if r.get("escalated")
+        ],
+        # Rows an escalated actor wrote in its reduced dtype before the switch (still in the
+        # output): ``--recompute-suspect`` recomputes exactly these.
+        "suspect_segments": len(suspect),
+        "suspect_segment_ids": suspect.slice(0, SUSPECT_IDS_SHOWN).to_pylist(),
+    }
+
+
+SUSPECT_IDS_SHOWN = 1000  # the summary lists at most this many suspect segment ids
+
+
+def _self_test_row(report: dict) -> dict:
+    st = report["self_test"]
+    keys = ("device", "dtype", "worst_layer", "worst_rel_l2", "limit", "breach", "action")
+    return {"actor_id": report["actor_id"], **{k: st[k] for k in keys}} | {
+        "seconds": st["seconds"],
+        "layers": st["layers"],
+    }
+
+
+# -- runs into one output -----------------------------------------------------------------------
+def read_runs(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """The entries of ``<uri>/_runs.json`` (empty if none)."""
+    fs, path = storage.filesystem(uri, storage_options)
+    runs_path = f"{path.rstrip('/')}/{RUNS_FILE}"
+    fs.invalidate_cache(path)
+    if not fs.exists(runs_path):
+        return []
+    with fs.open(runs_path, "r") as f:
+        return json.load(f).get("runs", [])
+
+
+def write_runs(uri: str, runs: list[dict], storage_options: dict | None = None) -> None:
+    fs, path = storage.filesystem(uri, storage_options)
+    data = json.dumps({"runs": runs}, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{RUNS_FILE}", data)
+
+
+def runs_totals(runs: list[dict]) -> dict:
+    """Audio seconds, wall seconds and x-realtime of these runs together (runs that ended;
+    one that was killed has no wall time and is counted in ``runs_interrupted``)."""
+    ended = [r for r in runs if r.get("wall_seconds") is not None]
+    audio = round(sum(r.get("audio_seconds", 0.0) for r in ended), 3)
+    wall = round(sum(r["wall_seconds"] for r in ended), 3)
+    return {
+        "runs": len(runs),
+        "runs_interrupted": len(runs) - len(ended),
+        "audio_seconds": audio,
+        "wall_seconds": wall,
+        "x_realtime": round(audio / wall, 2) if wall > 0 else None,
     }

@@ -1,6 +1,6 @@
 """The one module that talks to Ray: wires the stages into a Ray Data pipeline and runs it.
 
-read (segment rows, recording-ordered blocks) → DecodeStage (CPU tasks) → HubertStage (actor
+read (segment rows, recording-ordered blocks) → DecodeStage (CPU tasks) → ModelActor (actor
 pool: one model per GPU, or CPU actors) → FeatureSink (features/ and errors/ Parquet parts) →
 summary pass over the written files → ``_summary.json``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, output, storage, units
-from hubert_ray.config import ExtractConfig, ModelConfig, parse_layers
+from hubert_ray import manifest, metrics, models, output, segments, storage, units
+from hubert_ray.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
+from hubert_ray.precision import effective_rate
 
 log = logging.getLogger("hubert_ray")
 
@@ -29,7 +31,8 @@ def read_model_config(
     model_uri: str, storage_options: dict | None = None, allow_pickle: bool = False
 ) -> dict:
     """The model directory's ``config.json``, checking the weights are safetensors (or, with
-    ``allow_pickle``, pickle ``.bin`` weights: loading those can run arbitrary code)."""
+    ``allow_pickle``, pickle ``.bin`` weights: loading those can run arbitrary code), that it
+    names a supported model family and that the weights fit it."""
     fs, path = storage.filesystem(model_uri, storage_options)
     cfg_path = f"{path.rstrip('/')}/config.json"
     if not fs.exists(cfg_path):
@@ -48,7 +51,10 @@ def read_model_config(
             field="model",
         )
     with fs.open(cfg_path, "r") as f:
-        return json.load(f)
+        cfg = json.load(f)
+    # A supported model family whose weights fit its config (hubert_ray.models).
+    models.check_model_files(fs, path, cfg, model_uri)
+    return cfg
 
 
 def fp32_weight_bytes(model_uri: str, storage_options: dict | None = None) -> int:
@@ -78,38 +84,23 @@ def redacted(cfg: ExtractConfig) -> dict:
     return d
 
 
-def segment_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
-    """Cut the recording-ordered segment table into blocks of about ``target_rows`` rows at
-    recording boundaries, so each decode task decodes each of its recordings once."""
-    import numpy as np
-
-    rec = table.column("recording_id")
-    n = len(rec)
-    # rows where a new recording starts (column-wise: no Python string per segment)
-    change = pc.not_equal(rec.slice(1), rec.slice(0, n - 1)) if n > 1 else []
-    starts = np.flatnonzero(np.asarray(change, dtype=bool)) + 1
-    blocks, start = [], 0
-    for i in [*starts.tolist(), n]:
-        if i == n or i - start >= target_rows:
-            if i > start:
-                blocks.append(table.slice(start, i - start))
-            start = i
-    return blocks
-
-
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
-# driver lists the segment ids already present in ``features/`` and ``errors/`` and drops them
-# from the segment table. It is exact because (1) a part file appears whole or not at all
-# (temporary name + rename locally, one upload on object storage), (2) each segment is exactly
-# one row in exactly one part (the model stage is one row in, one row out), and (3) the skip is
-# by id, so a part written just before a kill is simply not redone. Ray's checkpointing (beta)
-# needs a Read datasource and a Write datasink, while this job reads ``from_arrow`` blocks and
-# writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU + 1 GiB
-# that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness with
-# SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
+# driver counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
+# small table, hubert_ray.segments.DoneIndex); the tasks that expand the manifest's recordings
+# into segments skip a recording whose rows are all there and drop, by id, the written segments
+# of one partly there (read from its own part files). It is exact because (1) a part file
+# appears whole or not at all (temporary name + rename locally, one upload on object storage),
+# (2) each segment is exactly one row in exactly one part (the model stage is one row in, one
+# row out), and (3) the skip is by id, so a part written just before a kill is simply not
+# redone. Ray's checkpointing (beta) needs a Read datasource and a Write datasink, while this
+# job writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU +
+# 1 GiB that stalls small clusters (docs/design.md). ``tests/test_resume.py`` proves exactness
+# with SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
 # markers); ``_job.json`` (the run's identity) is written before any work so a rerun with a
 # different model, layers or dtype into the same output is refused instead of mixing features.
+# Transient error rows (read errors) are taken out of ``errors/`` by a rerun
+# (output.retry_transient_errors), so their segments count as not done and are decoded again.
 
 _IDENTITY_OPTIONS = {
     "model": "model",
@@ -122,6 +113,7 @@ _IDENTITY_OPTIONS = {
     "store": "store",
     "units": "units",
     "units_form": "units_form",
+    "normalize": "normalize",
 }
 
 
@@ -171,7 +163,10 @@ def _previous_identity(cfg: ExtractConfig, fs, base: str) -> dict | None:
     job_path = f"{base}/{output.JOB_FILE}"
     if fs.exists(job_path):
         with fs.open(job_path, "r") as f:
-            return json.load(f)
+            ident = json.load(f)
+        # Outputs written before the normalize option were always normalised.
+        ident.setdefault("normalize", True)
+        return ident
     meta = output.run_metadata(cfg.output, cfg.storage_options)  # a dataset without _job.json
     if not meta:
         return None
@@ -181,6 +176,7 @@ def _previous_identity(cfg: ExtractConfig, fs, base: str) -> dict | None:
         ident["chunk_seconds"] = float(old["chunk_seconds"])
     if "layers" in meta:
         ident["layers"] = list(meta["layers"])
+    ident["normalize"] = meta.get("preprocessing", {}).get("normalize", True)
     return ident
 
 
@@ -197,7 +193,8 @@ def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) ->
         what = "; ".join(f"{k}: existing {previous[k]!r}, this run {identity[k]!r}" for k in diffs)
         raise ConfigError(
             f"output={cfg.output!r} holds features of a different run ({what}); resume needs "
-            "the same model, layers, dtype, storage dtype and chunking: use another --output, "
+            "the same model, layers, dtype, storage dtype, chunking and input normalisation: use "
+            "another --output, "
             "or --overwrite to start over",
             field=_IDENTITY_OPTIONS[diffs[0]],
         )
@@ -205,29 +202,33 @@ def check_identity(cfg: ExtractConfig, previous: dict | None, identity: dict) ->
 
 def prepare_output(
     cfg: ExtractConfig, overwrite: bool, identity: dict | None = None
-) -> tuple[pa.Array, dict | None]:
+) -> dict | None:
     """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
-    an existing one is compatible (:func:`check_identity`) and return the segment ids it
-    already holds (skipped by this run) and its identity."""
+    an existing one is compatible (:func:`check_identity`) and return its identity. What it
+    already holds is found per recording later (:func:`hubert_ray.segments.build_done_index`)."""
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     base = path.rstrip("/")
     if overwrite:
         for p in (
             output.FEATURES_DIR,
             output.ERRORS_DIR,
+            output.RETRIED_DIR,
             output.PRECISION_DIR,
             output.SUMMARY_FILE,
             output.SUCCESS_FILE,
             output.JOB_FILE,
+            output.ACTORS_DIR,
+            output.RUNS_FILE,
+            MANIFEST_COPY,
             "report.html",
         ):
             if fs.exists(f"{base}/{p}"):
                 fs.rm(f"{base}/{p}", recursive=True)
-        return pa.array([], pa.string()), None
+        return None
     previous = _previous_identity(cfg, fs, base)
     if identity is not None:
         check_identity(cfg, previous, identity)
-    return output.done_segment_ids(cfg.output, cfg.storage_options), previous
+    return previous
 
 
 def write_job_file(cfg: ExtractConfig, identity: dict) -> None:
@@ -287,11 +288,12 @@ def _decode(batch: pa.Table, config) -> pa.Table:
     if key not in _DECODERS:
         _DECODERS.clear()
         _DECODERS[key] = DecodeStage(config)
+    batch, upstream = _upstream_retries(batch)
     before = storage.retry_count()
     t0 = time.perf_counter()
     out = _DECODERS[key](batch)
     metrics.record_decode(time.perf_counter() - t0)
-    return _with_retries_column(out, storage.retry_count() - before)
+    return _with_retries_column(out, upstream + storage.retry_count() - before)
 
 
 RETRY_MARKER = "hubert_ray: retryable model-stage failure"
@@ -307,10 +309,6 @@ tasks, ``max_task_retries=-1`` for actor pools), so a batch that kills its proce
 (a decoder crash on one file, a batch too large for the host's memory) would loop forever; with
 this bound the job fails with an error naming the stage, keeps the parts already written, and a
 rerun resumes. Actors themselves are still restarted without end (``max_restarts=-1``)."""
-
-FAIL_BATCH_ENV = "HUBERT_RAY_FAIL_BATCH"
-FAIL_MODE_ENV = "HUBERT_RAY_FAIL_MODE"
-FAIL_DIR_ENV = "HUBERT_RAY_FAIL_DIR"
 
 
 class RetryableStageError(RuntimeError):
@@ -331,71 +329,231 @@ def configure_retries() -> None:
     ctx.max_map_retries = max(ctx.max_map_retries, MAX_MODEL_RETRIES)
 
 
-def _inject_failure(call: int) -> None:
-    """Test hook: with ``$HUBERT_RAY_FAIL_BATCH=k``, the k-th model-stage call in a process
-    fails once per job (a marker file in ``$HUBERT_RAY_FAIL_DIR`` records that it did):
-    ``$HUBERT_RAY_FAIL_MODE=raise`` (default) raises, ``exit`` kills the actor process;
-    ``exit-every`` kills every process at its k-th call (a batch that always kills its actor)."""
-    k = os.environ.get(FAIL_BATCH_ENV)
-    if not k or call != int(k):
-        return
-    mode = os.environ.get(FAIL_MODE_ENV, "raise")
-    if mode != "exit-every":
-        fail_dir = os.environ.get(FAIL_DIR_ENV)
-        if not fail_dir:
-            return
-        try:
-            marker = os.path.join(fail_dir, "failed-once")
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.write(fd, f"{os.getpid()} call {call}\n".encode())
-        os.close(fd)
-    if mode.startswith("exit"):
-        os._exit(17)
-    raise RuntimeError(f"injected failure in model-stage call {call} ({FAIL_BATCH_ENV})")
+class ModelActor:
+    """The model stage as Ray runs it (and names it: ``MapBatches(ModelActor)``), around
+    :class:`hubert_ray.extractor.ModelStage`: an async UDF, so that Ray hands it the next
+    batch while the device still computes the last one.
 
+    Each call is launched on one thread, in call order (the device's queue), and finished on
+    another (waiting for the device, checks, Arrow): the launch of call k+1 does not wait for
+    call k's results. At most ``queue_depth`` calls are launched and unfinished at once, which
+    bounds the memory they hold.
 
-class HubertStage:
-    """The model stage as Ray runs it (and names it: ``MapBatches(HubertStage)``):
-    :class:`hubert_ray.extractor.HubertStage`, passing the decode stage's ``storage_retries``
-    column through and adding this actor's own retries (copying the model from S3)."""
+    A call that fails is retried once; if it fails again, the failure is isolated by bisection
+    (:meth:`_isolate`) down to the segments that cause it, which become ``model_error`` rows
+    while the rest of the call is written. A segment that kills its worker process is found the
+    same way across the process's restarts (:class:`Journal`).
 
-    def __init__(self, config: ModelConfig):
-        from hubert_ray import extractor
+    The decode stage's ``storage_retries`` column passes through, plus this actor's own retries
+    (copying the model from S3)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        queue_depth: int = 2,
+        simulate_x_realtime: float | None = None,
+    ):
+        import asyncio
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from hubert_ray import extractor, faults
 
         _trace("model")
-        before = storage.retry_count()
-        self.stage = extractor.HubertStage(config)
-        self._pending = storage.retry_count() - before
-        self._calls = 0
+        simulated = None
+        if simulate_x_realtime:  # benchmarks and tests only (pipeline.run's argument)
+            from hubert_ray.device import SimulatedDevice
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        before = storage.retry_count()
+            simulated = SimulatedDevice(simulate_x_realtime)
+        self.stage = extractor.ModelStage(config, simulated=simulated)
+        self.faults = faults.from_env()  # None unless a test set a hook
+        self.journal = Journal(config.report_uri)  # one journal per output
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="launch")
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        self._slots = asyncio.Semaphore(queue_depth)
+        self._retries_lock = threading.Lock()
+        self._retries_seen = 0  # storage retries of this process already reported
+
+    def _new_retries(self) -> int:
+        """Storage retries this process made since the last call reported them."""
+        with self._retries_lock:
+            now = storage.retry_count()
+            new, self._retries_seen = now - self._retries_seen, now
+            return new
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+
         upstream = 0
         if RETRIES_COLUMN in batch.column_names:
             upstream = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
             batch = batch.drop_columns([RETRIES_COLUMN])
+        loop = asyncio.get_running_loop()
         forward_before = self.stage.stats["forward_s"]
-        self._calls += 1
-        out = self._call_stage(batch)
+        key = output.part_key(batch.column("segment_id").to_pylist())
+        async with self._slots:
+            if self.journal.deaths(key):  # a process died on this call before: isolate
+                out = await self._run(loop, self._launcher, self._isolate, batch, key)
+            else:
+                self.journal.start(key)
+                try:
+                    launched = await self._run(loop, self._launcher, self._launch, batch)
+                    out = await self._run(loop, self._finisher, self.stage.finish, launched)
+                except RetryableStageError:
+                    self.journal.done(key)  # it raised: the process lives
+                    out = await self._run(loop, self._launcher, self._isolate, batch, key)
+                self.journal.done(key)
         metrics.record_model_batch(out, self.stage.stats["forward_s"] - forward_before)
-        own, self._pending = self._pending + storage.retry_count() - before, 0
-        return _with_retries_column(out, upstream + own)
+        return _with_retries_column(out, upstream + self._new_retries())
 
-    def _call_stage(self, batch: pa.Table) -> pa.Table:
+    def _launch(self, batch: pa.Table):
+        if self.faults:
+            self.faults.check_call()
+            self.faults.check_segments(_ok_ids(batch))
+        return self.stage.launch(batch)
+
+    def _compute(self, batch: pa.Table) -> pa.Table:
+        """One call, start to end, on the calling thread."""
+        if self.faults:
+            self.faults.check_call()
+            self.faults.check_segments(_ok_ids(batch))
+        return self.stage(batch)
+
+    def _isolate(self, batch: pa.Table, key: str) -> pa.Table:
+        """The call once more; if it fails again, bisect it to the segments that fail alone
+        (raising, or killing the process: a sub-batch the journal saw die is split without
+        being run again). Those become ``model_error`` rows and the rest is computed. When
+        more than a tenth of the rows fail alone, the fault is not the segments' (a broken
+        device, say): the call fails and Ray retries it."""
+        from hubert_ray.precision import PrecisionBreach
+
+        deterministic = (PrecisionBreach, AssertionError)
+        n = batch.num_rows
+        if not self.journal.deaths(key):
+            self.journal.start(key)
+            try:
+                out = self._compute(batch)
+                self.journal.done(key)
+                return out
+            except deterministic:
+                raise
+            except Exception:  # noqa: BLE001 - isolated below
+                pass
+        bad: dict[int, str] = {}
+
+        def probe(rows: list[int], known: str | None = None) -> None:
+            if not rows:
+                return
+            sub_key = output.part_key(batch.column("segment_id").take(rows).to_pylist())
+            if known is not None:  # the whole call: it failed already, split it
+                error = known
+            elif self.journal.deaths(sub_key):
+                error = "its worker process died while computing it"
+            else:
+                self.journal.start(sub_key)
+                try:
+                    self._compute(batch.take(rows))
+                    error = None
+                except deterministic:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - recorded as the row's error
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                self.journal.done(sub_key)
+            if error is None:
+                return
+            if len(rows) == 1:
+                bad[rows[0]] = error
+                return
+            half = len(rows) // 2
+            probe(rows[:half])
+            probe(rows[half:])
+
+        ok_rows = [i for i in range(n) if batch.column("error_reason")[i].as_py() is None]
+        probe(ok_rows, known="the call failed")
+        if len(bad) > max(1, n // 10):
+            raise RetryableStageError(
+                f"{RETRY_MARKER}: {len(bad)} of {n} segments fail alone: {next(iter(bad.values()))}"
+            )
+        for i, error in bad.items():
+            log.warning("model stage: %s failed: %s", batch.column("segment_id")[i], error)
+        out = self._compute(_mark_model_errors(batch, bad))
+        self.journal.done(key)
+        return out
+
+    @staticmethod
+    async def _run(loop, executor, fn, *args):
         from hubert_ray.precision import PrecisionBreach
 
         try:
-            _inject_failure(self._calls)
-            return self.stage(batch)
-        except (PrecisionBreach, AssertionError):
-            raise  # deterministic: retrying cannot help (exit code 3 / a bug)
+            return await loop.run_in_executor(executor, fn, *args)
+        except (PrecisionBreach, AssertionError, RetryableStageError):
+            raise  # deterministic: retrying cannot help (exit code 3 / a bug); or retried
         except Exception as exc:
             raise RetryableStageError(f"{RETRY_MARKER}: {type(exc).__name__}: {exc}") from exc
 
 
-def _make_sink(cfg: ExtractConfig, metadata: dict):
+def _ok_ids(batch: pa.Table) -> list[str]:
+    """Segment ids of the rows the model stage computes (no upstream error)."""
+    ok = batch.column("error_reason").is_null()
+    return batch.column("segment_id").filter(ok).to_pylist()
+
+
+def _mark_model_errors(batch: pa.Table, bad: dict[int, str]) -> pa.Table:
+    """``batch`` with rows ``bad`` turned into ``model_error`` rows (their messages)."""
+    from hubert_ray import errors
+    from hubert_ray.extractor import ERROR_FIELDS
+
+    cols = {name: batch.column(name).to_pylist() for name in ERROR_FIELDS}
+    for i, message in bad.items():
+        cols["error_stage"][i] = errors.STAGE_MODEL
+        cols["error_reason"][i] = errors.MODEL_ERROR
+        cols["error_message"][i] = message
+    for name, values in cols.items():
+        batch = batch.set_column(
+            batch.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
+    return batch
+
+
+class Journal:
+    """Which model calls were running when their process died, on this node: a file per
+    call in flight (its key: the hash of its segment ids), removed when the call ends. A file
+    left behind means a process died during that call; the retry then isolates it. Files
+    older than a day are ignored (an earlier job on the same output)."""
+
+    MAX_AGE_S = 86_400
+
+    def __init__(self, scope: str):
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
+        self.dir = os.path.join(tempfile.gettempdir(), "hubert-ray-inflight", digest)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def deaths(self, key: str) -> int:
+        path = os.path.join(self.dir, key)
+        try:
+            if time.time() - os.path.getmtime(path) > self.MAX_AGE_S:
+                return 0
+            with open(path) as f:
+                return sum(1 for _ in f)
+        except OSError:
+            return 0
+
+    def start(self, key: str) -> None:
+        with open(os.path.join(self.dir, key), "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def done(self, key: str) -> None:
+        try:
+            os.remove(os.path.join(self.dir, key))
+        except OSError:
+            pass
+
+
+def _make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
+    """The Parquet sink; ``tally``: a :class:`hubert_ray.progress.Tally` actor it reports to."""
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
@@ -403,13 +561,14 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
         """Writes each block's feature rows and error rows as Parquet parts."""
 
         storage_retries = 0  # summed over every write's return, on the driver
+        audio_seconds = 0.0  # audio of the feature rows this run wrote (idem)
 
         def write(self, blocks, ctx):
             before = storage.retry_count()
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0}
+                return {"ok": 0, "failed": 0, RETRIES_COLUMN: 0, "audio_seconds": 0.0}
             block = pa.concat_tables(tables)
             upstream = int(pc.sum(block.column(RETRIES_COLUMN)).as_py() or 0)
             ok, bad, checks = output.split_block(block.drop_columns([RETRIES_COLUMN]))
@@ -428,16 +587,29 @@ def _make_sink(cfg: ExtractConfig, metadata: dict):
 
             if checks.num_rows:
                 put(checks, output.PRECISION_DIR)
-            for start in range(0, ok.num_rows, cfg.rows_per_file):
-                put(ok.slice(start, cfg.rows_per_file), output.FEATURES_DIR)
+            for start, length in output.part_slices(
+                ok, cfg.rows_per_file, cfg.part_size_mb * 2**20
+            ):
+                put(ok.slice(start, length), output.FEATURES_DIR)
             if bad.num_rows:
                 put(bad, output.ERRORS_DIR)
             retries = upstream + storage.retry_count() - before
-            return {"ok": ok.num_rows, "failed": bad.num_rows, RETRIES_COLUMN: retries}
+            audio = float(
+                pc.sum(pc.subtract(ok.column("end_s"), ok.column("start_s"))).as_py() or 0
+            )
+            if tally is not None:
+                tally.add.remote(ok.num_rows, bad.num_rows, audio)
+            return {
+                "ok": ok.num_rows,
+                "failed": bad.num_rows,
+                RETRIES_COLUMN: retries,
+                "audio_seconds": audio,
+            }
 
         def on_write_complete(self, write_result):
             returns = [r for r in write_result.write_returns if r]
             self.storage_retries = sum(r.get(RETRIES_COLUMN, 0) for r in returns)
+            self.audio_seconds = sum(r.get("audio_seconds", 0.0) for r in returns)
 
         @property
         def min_rows_per_write(self):
@@ -455,13 +627,37 @@ def _spilled_mib() -> float | None:
     import re
 
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        # this job's cluster: other Ray instances may run on the same machine
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # a private API: never fail the job over a statistic
         return None
     found = re.search(r"Spilled (\d+) MiB", text)
     return float(found.group(1)) if found else 0.0
+
+
+def _quiet_ray() -> None:
+    """What Ray Data would print that does not help this job's user:
+
+    - its progress bars count blocks and rows of every operator; this job prints its own
+      progress in segments and audio hours (hubert_ray.progress). Ray logs a hint on how to
+      turn its bars back on once per process (``log_once``): marked as given here.
+    - Ray 2.60 deprecates the extra remote args of ``map_batches`` / ``write_datasink``
+      (removal planned in 2.64) but names no replacement for ``max_retries`` /
+      ``max_task_retries``, which bound the retries of a process that dies
+      (:data:`MAX_PROCESS_DEATHS`). The job pins Ray below 2.61, so that warning says nothing
+      a user could act on."""
+    import warnings
+
+    import ray.data
+    from ray.util.annotations import RayDeprecationWarning
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
+    warnings.filterwarnings("ignore", message=".*ray_remote_args", category=RayDeprecationWarning)
 
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -500,8 +696,21 @@ GPU_CALLS_PER_ACTOR = 2
 CPU_CALLS_PER_ACTOR = 1
 
 
-def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -> Placement:
-    """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU."""
+def plan_placement(
+    cfg: ExtractConfig,
+    cluster_gpus: int,
+    num_layers: int = 1,
+    node_cpus: int = 0,
+    **model_kwargs,
+) -> Placement:
+    """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU.
+
+    CPU actors run ``torch_threads`` threads, by default every core of a node shared among the
+    node's actors (``node_cpus``: the largest node's CPUs; 0 = unknown: the reserved CPUs).
+    Ray reserves only ``cpus_per_actor`` for each, so decode tasks still get scheduled next to
+    it: while decoding runs the two share the cores, and once the decoding is done (the model
+    is the slower stage on a real model) the model has them all.
+    ``model_kwargs`` go to :meth:`ExtractConfig.model_config` (sample rate, report place)."""
     if cfg.num_gpus and cfg.num_gpus > cluster_gpus:
         raise ConfigError(
             f"num_gpus={cfg.num_gpus} but the cluster has {cluster_gpus} GPU(s)", field="num_gpus"
@@ -510,15 +719,18 @@ def plan_placement(cfg: ExtractConfig, cluster_gpus: int, num_layers: int = 1) -
     rows = cfg.rows_per_call(num_layers)
     if n_gpu:
         calls = cfg.calls_per_actor or GPU_CALLS_PER_ACTOR
-        return Placement(n_gpu, True, cfg.model_config(device="auto"), rows, calls)
-    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    model = cfg.model_config("cpu", num_threads=threads)
+        return Placement(n_gpu, True, cfg.model_config("auto", **model_kwargs), rows, calls)
+    shared = node_cpus // max(1, min(cfg.num_cpu_actors, node_cpus or 1))
+    threads = cfg.torch_threads or max(1, shared, int(cfg.cpus_per_actor))
+    model = cfg.model_config("cpu", num_threads=threads, **model_kwargs)
     return Placement(
         cfg.num_cpu_actors, False, model, rows, cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
     )
 
 
-def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
+def stage_args(
+    stage: str, cfg: ExtractConfig, placement: Placement, simulate_x_realtime: float | None = None
+) -> dict:
     """The keyword arguments of every ``map_batches`` call, in one place."""
     import ray
 
@@ -540,40 +752,28 @@ def stage_args(stage: str, cfg: ExtractConfig, placement: Placement) -> dict:
     if stage == "model":
         resources = {"num_gpus": 1} if placement.gpu else {"num_cpus": cfg.cpus_per_actor}
         return dict(
-            fn_constructor_kwargs={"config": placement.model_config},
+            fn_constructor_kwargs={
+                "config": placement.model_config,
+                "queue_depth": cfg.queue_depth,
+                "simulate_x_realtime": simulate_x_realtime,
+            },
             compute=ray.data.ActorPoolStrategy(
                 size=placement.pool, max_concurrent_calls_per_actor=placement.calls_per_actor
             ),
             batch_size=placement.rows_per_call,
             batch_format="pyarrow",
-            max_task_retries=MAX_PROCESS_DEATHS,
+            # a process-killing segment is isolated across restarts: one death per halving
+            max_task_retries=MAX_PROCESS_DEATHS + math.ceil(math.log2(placement.rows_per_call)),
             **resources,
         )
     raise ValueError(f"unknown stage {stage!r}")
 
 
-# Most input blocks the driver hands to Ray. ``ray.data.from_arrow`` runs one metadata task per
-# block: 5,000 blocks of 292-segment recordings took 14.2 s on a 2-CPU machine, and
-# WenetSpeech cut into 128-segment blocks would be 50,000 (benchmarks/RESULTS.md). Larger
-# corpora get larger blocks; a decode task still decodes batches of ``decode_batch_size``
-# segments (a recording cut between two batches is decoded once: the per-process cache).
+# Most expanding tasks (and so input blocks) of a run: Ray's per-block overhead made 5,000
+# blocks take 14.2 s on 2 CPUs, and WenetSpeech cut into 128-segment blocks would be 50,000
+# (docs/performance.md). Larger corpora get larger blocks; a decode task still decodes batches
+# of ``decode_batch_size`` segments.
 MAX_INPUT_BLOCKS = 2_000
-
-
-def input_blocks(cfg: ExtractConfig, segments: pa.Table) -> list[pa.Table]:
-    """The segment table cut at recording boundaries into the dataset's input blocks: about
-    ``decode_batch_size`` segments each, larger where that would exceed MAX_INPUT_BLOCKS."""
-    rows = max(cfg.decode_batch_size, -(-segments.num_rows // MAX_INPUT_BLOCKS))
-    return segment_blocks(segments, rows)
-
-
-def build_dataset(cfg: ExtractConfig, segments: pa.Table, placement: Placement):
-    """segment rows → decode tasks → model actors (not yet executed)."""
-    import ray
-
-    ds = ray.data.from_arrow(input_blocks(cfg, segments))
-    ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
-    return ds.map_batches(HubertStage, **stage_args("model", cfg, placement))
 
 
 def _write(ds, sink) -> None:
@@ -588,22 +788,177 @@ def _write(ds, sink) -> None:
         actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
         what = "a model-stage call" if actor else "a decode or write task"
         cause = (exc.args[0] if exc.args else str(exc)).strip().splitlines()
+        tries = "its retries" if actor else f"{MAX_PROCESS_DEATHS + 1} tries"
         raise WorkerDeathError(
-            f"{what} failed {MAX_PROCESS_DEATHS + 1} times because its worker process died or "
-            "became unreachable (a crash on one batch, host or GPU memory, a lost node); the "
+            f"{what} failed {tries} because its worker process died or became unreachable "
+            "each time, on every part of it (host or GPU memory, a lost node); the "
             "parts written so far are kept and a rerun resumes. Ray: "
             f"{type(exc).__name__}: {(cause or [''])[0][:300]}"
         ) from exc
 
 
-def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
-    """Run the whole job; returns the summary (also written to ``<output>/_summary.json``)."""
+MANIFEST_COPY = "_manifest.parquet"
+"""A manifest that is not a validated canonical Parquet file (JSONL, TSV, one written by hand)
+is checked on the driver and written here as one, which the job's tasks then read."""
+
+
+def job_manifest(cfg: ExtractConfig) -> tuple[str, dict | None, pa.Table | None]:
+    """``(uri the tasks read, its footer info, segment table still to write there)``: a
+    validated canonical manifest is used as it is (its footer only is read here); any other is
+    read and checked on the driver (exit 2 on a problem, before any Ray work) and returned for
+    :func:`hubert_ray.segments.write_validated` into the output."""
+    info = segments.manifest_info(cfg.manifest, cfg.storage_options)
+    if info is not None:
+        return cfg.manifest, info, None
+    table = manifest.read_segments(cfg.manifest, cfg.storage_options)
+    return storage.join(cfg.output, MANIFEST_COPY), None, table
+
+
+def _upstream_retries(batch: pa.Table) -> tuple[pa.Table, int]:
+    """The batch without its ``storage_retries`` column, and that column's sum."""
+    if RETRIES_COLUMN not in batch.column_names:
+        return batch, 0
+    n = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
+    return batch.drop_columns([RETRIES_COLUMN]), n
+
+
+def _read_manifest(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
+    """Task UDF: these row groups of the canonical manifest (its recording rows), read through
+    the job's storage layer so its retries are counted (Ray's own Parquet reader's are not)."""
+    before = storage.retry_count()
+    rows = pa.concat_tables(
+        segments.read_row_group(uri, int(g), storage_options)
+        for g in batch.column("row_group").to_pylist()
+    )
+    return _with_retries_column(rows, storage.retry_count() - before)
+
+
+def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict, per_block: int):
+    """The manifest's recording rows (read by Ray's tasks, a row group each) in blocks of
+    ``per_block`` recordings: a streaming repartition, without which a row group's task would
+    give one large block (i.e. one decode task for ~50,000 segments)."""
+    import ray
+
+    groups = ray.data.from_items([{"row_group": g} for g in range(info["row_groups"])])
+    return groups.map_batches(
+        _read_manifest,
+        fn_kwargs={"uri": manifest_uri, "storage_options": cfg.storage_options},
+        batch_size=1,
+        batch_format="pyarrow",
+        max_retries=MAX_PROCESS_DEATHS,
+    ).repartition(target_num_rows_per_block=per_block)
+
+
+def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Table:
+    """Task UDF: manifest recordings → their segments not yet in the output (the retries of
+    reading the manifest and the part files ride on the first row)."""
+    batch, upstream = _upstream_retries(batch)
+    before = storage.retry_count()
+    out = segments.todo_segments(batch, base_dir, index, storage_options)
+    return _with_retries_column(out, upstream + storage.retry_count() - before)
+
+
+def _check(batch: pa.Table, index, storage_options: dict) -> pa.Table:
+    """Task UDF: the summary's manifest-wide counts for these recordings."""
+    batch, upstream = _upstream_retries(batch)
+    before = storage.retry_count()
+    out = segments.check_segments(batch, index, storage_options)
+    return out.append_column(
+        RETRIES_COLUMN, pa.array([upstream + storage.retry_count() - before], pa.int64())
+    )
+
+
+def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
+    """Manifest recordings per expanding task: about ``decode_batch_size`` segments, more for
+    very large corpora (at most :data:`MAX_INPUT_BLOCKS` tasks)."""
+    per_rec = max(1.0, info["segments"] / max(1, info["recordings"]))
+    rows = max(cfg.decode_batch_size, -(-info["segments"] // MAX_INPUT_BLOCKS))
+    return max(1, int(round(rows / per_rec)))
+
+
+def build_manifest_dataset(
+    cfg: ExtractConfig,
+    manifest_uri: str,
+    info: dict,
+    index,
+    placement: Placement,
+    simulate_x_realtime: float | None = None,
+):
+    """manifest recordings (read by Ray) → segments still to do → decode → model actors."""
+    ds = manifest_blocks(cfg, manifest_uri, info, recordings_per_task(cfg, info))
+    ds = ds.map_batches(
+        _todo,
+        fn_kwargs={
+            "base_dir": segments.manifest_dir(manifest_uri),
+            "index": index,
+            "storage_options": cfg.storage_options,
+        },
+        batch_size=recordings_per_task(cfg, info),
+        batch_format="pyarrow",
+        max_retries=MAX_PROCESS_DEATHS,
+    )
+    ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
+    args = stage_args("model", cfg, placement, simulate_x_realtime)
+    return ds.map_batches(ModelActor, **args)
+
+
+CHECK_TASKS = 256
+"""Most tasks of the summary's check: each reads the ids of its recordings from their part
+files, so fewer, larger tasks read a part shared by neighbouring recordings fewer times."""
+
+
+def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
+    """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
+    tasks (each reads its recordings' ids from their part files); the driver holds one row per
+    recording."""
+    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
+    counts = (
+        manifest_blocks(cfg, manifest_uri, info, per_task)
+        .map_batches(
+            _check,
+            fn_kwargs={"index": index, "storage_options": cfg.storage_options},
+            batch_size=per_task,
+            batch_format="pyarrow",
+            max_retries=MAX_PROCESS_DEATHS,
+        )
+        .sum(["segments", "written", "duplicated", "unexpected", RETRIES_COLUMN])
+    )
+    counts = counts or {}
+    total = int(counts.get("sum(segments)") or 0)
+    written = int(counts.get("sum(written)") or 0)
+    stray = segments.unexpected_recordings(index, manifest_uri, cfg.storage_options)
+    return {
+        "segments_total": total,
+        "segments_missing": total - written,
+        "segments_duplicated": int(counts.get("sum(duplicated)") or 0),
+        "segments_unexpected": int(counts.get("sum(unexpected)") or 0) + stray,
+        RETRIES_COLUMN: int(counts.get(f"sum({RETRIES_COLUMN})") or 0),
+    }
+
+
+def run(
+    cfg: ExtractConfig, overwrite: bool = False, simulate_x_realtime: float | None = None
+) -> dict:
+    """Run the whole job; returns the summary (also written to ``<output>/_summary.json``).
+
+    ``simulate_x_realtime``: model actors on a simulated accelerator of that speed instead of
+    the model (:class:`hubert_ray.device.SimulatedDevice`; benchmarks and tests only, no CLI or
+    config option selects it)."""
     t_start = time.time()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start))
     driver_retries = storage.retry_count()
-    segments = manifest.read_segments(cfg.manifest, cfg.storage_options)
-    num_recordings = pc.count_distinct(segments.column("recording_id")).as_py()
+    manifest_uri, info, to_convert = job_manifest(cfg)
     model_json = read_model_config(cfg.model, cfg.storage_options, cfg.allow_pickle_weights)
     layers = parse_layers(cfg.layers, int(model_json.get("num_hidden_layers", 12)))
+    spec, prep = models.check_run(
+        cfg.model,
+        cfg.storage_options,
+        model_json,
+        cfg.normalize,
+        cfg.model_config().chunk_samples,
+        cfg.dtype,
+    )
     fingerprint = model_fingerprint(cfg.model, cfg.storage_options)
     codebooks = units.check_files(  # a remote model's fingerprint is not its content hash
         cfg.units,
@@ -613,19 +968,33 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         storage_options=cfg.storage_options,
     )
     identity = job_identity(cfg, layers, fingerprint, codebooks)
-    done, previous = prepare_output(cfg, overwrite, identity)
-    todo = segments
-    if len(done):  # resume: skip the segments an earlier run of this job already wrote
-        ids = segments.column("segment_id")
-        todo = segments.filter(pc.invert(pc.is_in(ids, done)))
+    identity["normalize"] = prep.normalize
+    previous = prepare_output(cfg, overwrite, identity)
+    if to_convert is not None:
+        if not storage.is_remote(cfg.output):
+            os.makedirs(storage.filesystem(cfg.output)[1], exist_ok=True)
+        segments.write_validated(to_convert, manifest_uri, cfg.storage_options)
+        del to_convert
+        info = segments.manifest_info(manifest_uri, cfg.storage_options)
+    retried = (
+        output.retry_transient_errors(cfg.output, cfg.storage_options)
+        if (cfg.retry_transient and not overwrite)
+        else 0
+    )
+    if cfg.recompute_suspect and not overwrite:
+        _drop_suspect(cfg)
+    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    done_rows = index.rows
     log.info(
-        "manifest: %d recordings, %d segments (%d already in the output); layers %s",
-        num_recordings,
-        segments.num_rows,
-        segments.num_rows - todo.num_rows,
+        "manifest: %d recordings, %d segments (%d rows already in the output, %d transient "
+        "errors retried); layers %s",
+        info["recordings"],
+        info["segments"],
+        done_rows,
+        retried,
         list(layers),
     )
-    if todo.num_rows == 0:
+    if done_rows >= info["segments"] and not retried:
         finished = finished_summary(cfg)
         if finished is not None:
             log.info("nothing to do: %s is complete", cfg.output)
@@ -634,45 +1003,96 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     import ray
 
     init_ray()
-    placement = plan_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), len(layers))
+    _quiet_ray()
+    sample_rate = effective_rate(cfg.precision_sample_rate, info["segments"])
+    placement = plan_placement(
+        cfg,
+        int(ray.cluster_resources().get("GPU", 0)),
+        len(layers),
+        node_cpus=max(
+            (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0
+        ),
+        sample_rate=sample_rate,
+        report_uri=storage.join(cfg.output, output.ACTORS_DIR),
+    )
     log.info(
         "model actors: %d on %s, %d rows per call",
         placement.pool,
         "GPU" if placement.gpu else "CPU",
         placement.rows_per_call,
     )
-    planned = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+    planned = compute_dtype(cfg.dtype, placement.gpu)
     identity["compute_dtype"] = planned
     check_identity(cfg, previous, identity)
     write_job_file(cfg, identity)  # before any part file
     _clear_completion(cfg)
+    runs = output.read_runs(cfg.output, cfg.storage_options) if not overwrite else []
+    this_run = {"started_at": started_at, "wall_seconds": None, "audio_seconds": 0.0}
+    output.write_runs(cfg.output, [*runs, this_run], cfg.storage_options)
 
-    metadata = {"config": redacted(cfg), "layers": list(layers), "format_version": 1}
+    metadata = {
+        "config": redacted(cfg),
+        "layers": list(layers),
+        "format_version": 1,
+        "preprocessing": prep.to_dict(),
+        "model_family": spec.to_dict(),
+    }
     if codebooks:
         metadata["units"] = identity["units"]
     sink_retries = 0
-    if todo.num_rows:
+    run_audio = 0.0
+    if done_rows < info["segments"] or retried:
         configure_retries()
-        ds = build_dataset(cfg, todo, placement)
-        sink = _make_sink(cfg, metadata)
-        _write(ds, sink)
-        sink_retries = sink.storage_retries
+        # The decode tasks get the resolved normalisation (auto -> on / off).
+        resolved = dataclasses.replace(cfg, normalize="on" if prep.normalize else "off")
+        ds = build_manifest_dataset(
+            resolved, manifest_uri, info, index, placement, simulate_x_realtime
+        )
+        from hubert_ray.progress import Reporter, Tally
 
-    summary = output.summarize(cfg.output, segments.column("segment_id"), cfg.storage_options)
+        tally = ray.remote(num_cpus=0)(Tally).remote()
+        sink = _make_sink(cfg, metadata, tally)
+        with Reporter(tally, max(0, info["segments"] - done_rows), cfg.progress_seconds):
+            _write(ds, sink)
+        sink_retries = sink.storage_retries
+        run_audio = sink.audio_seconds
+    del index
+
+    summary = output.summarize_parts(cfg.output, cfg.storage_options)
+    checked = check_output(cfg, manifest_uri, info)
+    check_retries = checked.pop(RETRIES_COLUMN)
+    summary.update(checked)
     wall = time.time() - t_start
-    summary.update(
+    this_run.update(
         {
             "wall_seconds": round(wall, 3),
-            "x_realtime": round(summary["audio_seconds"] / wall, 2) if wall > 0 else None,
-            "recordings_total": num_recordings,
+            "audio_seconds": round(run_audio, 3),
+            "segments_retried": retried,
+            "x_realtime": round(run_audio / wall, 2) if wall > 0 else None,
+        }
+    )
+    runs = [*runs, this_run]
+    output.write_runs(cfg.output, runs, cfg.storage_options)
+    summary.update(
+        {
+            # This run: the audio it wrote (not what earlier runs into this output wrote).
+            "wall_seconds": round(wall, 3),
+            "run_audio_seconds": round(run_audio, 3),
+            "x_realtime": this_run["x_realtime"],
+            "runs": runs,
+            "cumulative": output.runs_totals(runs),
+            "recordings_total": info["recordings"],
             "layers": list(layers),
             "store": cfg.stored,
             "unit_layers": [b["layer"] for b in codebooks],
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
-            # Segments an earlier, interrupted run of this job had written (not redone).
-            "segments_resumed": segments.num_rows - todo.num_rows,
+            # Rows an earlier, interrupted run of this job had written (not redone).
+            "segments_resumed": done_rows,
+            "segments_retried_this_run": retried,
+            "preprocessing": prep.to_dict(),
+            "model_family": spec.to_dict(),
         }
     )
     # What the actors really computed in: an "auto" GPU placement whose actor found no CUDA runs
@@ -684,13 +1104,15 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     elif counts.get("float32", 0) > summary["precision"]["fallbacks"]:
         compute = "float32"
     else:
-        compute = cfg.dtype if cfg.dtype != "auto" else ("float16" if placement.gpu else "float32")
+        compute = compute_dtype(cfg.dtype, placement.gpu)
     checking = compute != "float32" and cfg.precision_sample_rate > 0
     summary["precision"].update(
         {
             "compute_dtype": compute,
             "reference_dtype": "float32",
             "sample_rate": cfg.precision_sample_rate if checking else 0.0,
+            # raised for small runs: at least MIN_CHECKED_SEGMENTS (or all) are checked
+            "effective_sample_rate": sample_rate if checking else 0.0,
             "warn": cfg.precision_warn,
             "limit": cfg.precision_limit,
             "on_breach": cfg.on_precision_breach,
@@ -702,7 +1124,9 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
         }
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
-    summary["storage_retries"] = sink_retries + storage.retry_count() - driver_retries
+    summary["storage_retries"] = (
+        sink_retries + check_retries + storage.retry_count() - driver_retries
+    )
     summary["object_store_spilled_mib"] = _spilled_mib()
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     # Serialised first, written in one call: never a half-written summary.
@@ -712,6 +1136,20 @@ def run(cfg: ExtractConfig, overwrite: bool = False) -> dict:
     storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{output.SUCCESS_FILE}", b"")
     _write_report(cfg, summary)
     return summary
+
+
+def _drop_suspect(cfg: ExtractConfig) -> None:
+    """``--recompute-suspect``: remove from the output the rows an actor wrote in its reduced
+    dtype before its checks switched it to FP32, so that this run recomputes them."""
+    reports = output.actor_reports(cfg.output, cfg.storage_options)
+    suspect = output.suspect_segment_ids(cfg.output, reports, cfg.storage_options)
+    if not len(suspect):
+        log.info("recompute-suspect: no suspect segments in %s", cfg.output)
+        return
+    dropped = output.drop_segments(
+        storage.join(cfg.output, output.FEATURES_DIR), suspect, cfg.storage_options
+    )
+    log.info("recompute-suspect: %d suspect segments removed, recomputing them", dropped)
 
 
 def finished_summary(cfg: ExtractConfig) -> dict | None:
@@ -818,6 +1256,7 @@ def run_assign(
         import ray
 
         init_ray()
+        _quiet_ray()
         gpu = bool(num_gpus) and int(ray.cluster_resources().get("GPU", 0)) > 0
         resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo))

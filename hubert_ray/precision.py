@@ -13,6 +13,17 @@ import hashlib
 import numpy as np
 
 BREACH_MARKER = "precision breach:"  # every PrecisionBreach message starts with it
+# Sampling checks at least this many segments of a run (all of a smaller one), so that a small
+# run is checked too; above 6,400 segments the 1 % default rate checks more.
+MIN_CHECKED_SEGMENTS = 64
+
+
+def effective_rate(rate: float, num_segments: int) -> float:
+    """The sample rate a run of ``num_segments`` (the manifest's, so reruns agree) uses:
+    ``rate``, raised so that about :data:`MIN_CHECKED_SEGMENTS` are checked (0 stays 0)."""
+    if rate <= 0 or num_segments <= 0:
+        return rate
+    return max(rate, min(1.0, MIN_CHECKED_SEGMENTS / num_segments))
 
 
 class PrecisionBreach(RuntimeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DESIGN = "H100, DESIGN.md reference table"
+REFERENCE = "reference measurement, H100, 16-core node"
 
 
 @dataclass(frozen=True)
@@ -21,33 +21,33 @@ class Rate:
 
 GPU_RATES: dict[str, Rate] = {
     # Model stage alone, random weights with chinese-hubert-base's architecture.
-    "fp16-batch64": Rate(9_720.0, "gpu", f"{DESIGN}: FP16, batch 64 x 10 s"),
-    "bf16-batch64": Rate(9_853.0, "gpu", f"{DESIGN}: BF16, batch 64 x 10 s"),
-    "fp32-batch1": Rate(1_315.0, "gpu", f"{DESIGN}: FP32, batch 1"),
-    "fp16-batch1": Rate(684.0, "gpu", f"{DESIGN}: FP16 .half(), batch 1"),
-    # A naive Ray Data pipeline end to end (FLAC) on one H100 node (GPUs per node not stated
-    # there): what the design improves on, not a per-GPU planning rate.
+    "fp16-batch64": Rate(9_720.0, "gpu", f"{REFERENCE}: FP16, batch 64 x 10 s"),
+    "bf16-batch64": Rate(9_853.0, "gpu", f"{REFERENCE}: BF16, batch 64 x 10 s"),
+    "fp32-batch1": Rate(1_315.0, "gpu", f"{REFERENCE}: FP32, batch 1"),
+    "fp16-batch1": Rate(684.0, "gpu", f"{REFERENCE}: FP16 .half(), batch 1"),
+    # A naive Ray Data pipeline end to end (FLAC) on one H100 node (GPUs per node not recorded):
+    # what the design improves on, not a per-GPU planning rate.
     "naive-pipeline": Rate(
-        1_080.0, "gpu", f"{DESIGN}: naive Ray Data pipeline on one H100 node, FLAC, end to end"
+        1_080.0, "gpu", f"{REFERENCE}: naive Ray Data pipeline, FLAC, end to end"
     ),
 }
-# What this job's model actor measured (benchmarks/RESULTS.md): the planning default, since it
+# What this job's model actor measured (docs/performance.md): the planning default, since it
 # is what a run achieves today; the reference rates above are what the model itself allows.
 GPU_RATES["actor-fp16-batch16"] = Rate(
     3_254.0,
     "gpu",
     "measured 2026-11-28 on an H200: hubert-ray's model actor, FP16, batch 16 x 10 s, "
-    "random weights (benchmarks/RESULTS.md)",
+    "random weights (docs/performance.md)",
 )
 DEFAULT_GPU_RATE = "actor-fp16-batch16"
 
 DECODE_RATES: dict[str, dict[str, Rate]] = {
     # ~3,500x / ~26,000x per 16-core node.
     "reference": {
-        "opus": Rate(3_500.0 / 16, "core", f"{DESIGN}: ~3,500x per 16-core node"),
-        "flac": Rate(26_000.0 / 16, "core", f"{DESIGN}: ~26,000x per 16-core node"),
+        "opus": Rate(3_500.0 / 16, "core", f"{REFERENCE}: ~3,500x per node"),
+        "flac": Rate(26_000.0 / 16, "core", f"{REFERENCE}: ~26,000x per node"),
     },
-    # python -m jobs.measure_decode (3 x 60 s, 16 kHz mono, median of 5 rounds; Opus at
+    # python -m benchmarks.measure_decode (3 x 60 s, 16 kHz mono, median of 5 rounds; Opus at
     # libsndfile's default ~28 kbit/s, like WenetSpeech's files): a decode task's whole work
     # (DecodeStage: decode, cut WenetSpeech-like segments, check, normalise, Arrow), which the
     # decode alone outruns by 5 % (Opus, 751x) and 31 % (FLAC, 5,480x).
@@ -55,14 +55,14 @@ DECODE_RATES: dict[str, dict[str, Rate]] = {
         "opus": Rate(
             713.2,
             "core",
-            "measured 2026-11-28 on this CI-class 2-core machine (x86_64), "
-            "python -m jobs.measure_decode: decode tasks, 16 kHz mono Opus ~28 kbit/s",
+            "measured 2026-11-28 on a 2-vCPU x86_64 cloud VM, "
+            "python -m benchmarks.measure_decode: decode tasks, 16 kHz mono Opus ~28 kbit/s",
         ),
         "flac": Rate(
             4_167.7,
             "core",
-            "measured 2026-11-28 on this CI-class 2-core machine (x86_64), "
-            "python -m jobs.measure_decode: decode tasks, 16 kHz mono FLAC 16-bit",
+            "measured 2026-11-28 on a 2-vCPU x86_64 cloud VM, "
+            "python -m benchmarks.measure_decode: decode tasks, 16 kHz mono FLAC 16-bit",
         ),
     },
 }
@@ -73,8 +73,8 @@ DEFAULT_DECODE_PROFILE = "reference"
 WRITE_RATE = Rate(
     2_739.0,
     "core",
-    "measured 2026-11-28 on this CI-class 2-core machine (x86_64), python "
-    "benchmarks/write_rate.py: one 768-dim float16 layer, WenetSpeech-like segments, "
+    "measured 2026-11-28 on a 2-vCPU x86_64 cloud VM, python -m "
+    "benchmarks.write_rate: one 768-dim float16 layer, WenetSpeech-like segments, "
     "median of 5 rounds",
 )
 FORMATS = ("opus", "flac")

@@ -467,7 +467,42 @@ def render(output_uri: str, summary: dict, storage_options: dict | None = None) 
             )
     else:
         parts.append('<p class="note">No sampled FP32 rechecks in this run.</p>')
-    scalars = [(k, v) for k, v in prec.items() if k != "layers" and not isinstance(v, dict)]
+    parts.append("<h3>Self-test of each model actor</h3>")
+    tests = prec.get("self_test") or []
+    if tests:
+        parts.append(
+            _table(
+                [
+                    (
+                        t["actor_id"],
+                        t["device"],
+                        t["dtype"],
+                        t["worst_layer"],
+                        t["worst_rel_l2"],
+                        t["action"],
+                        t["seconds"],
+                    )
+                    for t in tests
+                ],
+                ("actor", "device", "dtype", "worst layer", "rel_l2", "action", "seconds"),
+            )
+        )
+    else:
+        parts.append('<p class="note">No self-test: every actor computed in float32.</p>')
+    if prec.get("escalations"):
+        parts.append(
+            f'<p class="bad">{len(prec["escalations"])} model actor(s) switched to float32 '
+            "after systematic breaches of the sampled checks; "
+            f"{prec.get('suspect_segments', 0):,} segment(s) written before the switch are "
+            "suspect (rerun with --recompute-suspect)</p>"
+        )
+        parts.append(
+            _table(
+                [tuple(e.values()) for e in prec["escalations"]],
+                tuple(prec["escalations"][0]),
+            )
+        )
+    scalars = [(k, v) for k, v in prec.items() if k != "layers" and not isinstance(v, (dict, list))]
     if scalars:
         parts.append(_table(scalars, ("precision", "value")))
 

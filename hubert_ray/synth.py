@@ -235,3 +235,79 @@ def make_tiny_model(path: str, **overrides) -> str:
     model = HubertModel(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# model_type -> transformers (config class, model class)
+_FAMILY_CLASSES = {
+    "hubert": ("HubertConfig", "HubertModel"),
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"),
+    "wavlm": ("WavLMConfig", "WavLMModel"),
+    "data2vec-audio": ("Data2VecAudioConfig", "Data2VecAudioModel"),
+}
+# variant -> config overrides: base = group-norm frontend + post-LN encoder; large = layer-norm
+# frontend with conv bias + stable-layer-norm (pre-LN) encoder, as in HuBERT/wav2vec2/WavLM
+# large; posbn = HuBERT's batch norm before the positional convolution.
+FAMILY_VARIANTS = {
+    "base": {"feat_extract_norm": "group"},
+    "large": {"feat_extract_norm": "layer", "do_stable_layer_norm": True, "conv_bias": True},
+    "posbn": {"feat_extract_norm": "group", "conv_pos_batch_norm": True},
+}
+
+
+def make_tiny_family_model(
+    path: str,
+    model_type: str = "hubert",
+    variant: str = "base",
+    preprocessor: dict | None = None,
+    **overrides,
+) -> str:
+    """Save a tiny random model of ``model_type`` (``hubert``, ``wav2vec2``, ``wavlm``,
+    ``data2vec-audio``) and ``variant`` (:data:`FAMILY_VARIANTS`; data2vec-audio has one
+    architecture: layer-norm frontend, post-LN encoder, stacked positional convolutions) at
+    ``path`` (safetensors). Unlike :func:`make_tiny_model`, every norm's affine parameters,
+    running statistics and every bias are random too (the stock initialisation leaves them at
+    1 / 0, which would hide a padding effect that passes through them). ``preprocessor``: the
+    keyword arguments of a ``Wav2Vec2FeatureExtractor`` saved beside it
+    (``preprocessor_config.json``), or ``None`` for none. Returns ``path``."""
+    import torch
+    import transformers
+
+    config_cls, model_cls = _FAMILY_CLASSES[model_type]
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    if model_type == "data2vec-audio":
+        # num_conv_pos_embeddings is the number of stacked positional conv layers here
+        kwargs.update(num_conv_pos_embeddings=3, conv_pos_kernel_size=5, conv_bias=True)
+    else:
+        kwargs.update(FAMILY_VARIANTS[variant])
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def noise(t: torch.Tensor, scale: float = 0.3) -> torch.Tensor:
+        return scale * torch.randn(t.shape, generator=gen)
+
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, norms) and getattr(m, "weight", None) is not None:
+                m.weight.copy_(1.0 + noise(m.weight))
+                m.bias.copy_(noise(m.bias))
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.copy_(noise(m.running_mean))
+                m.running_var.copy_(1.0 + noise(m.running_var).abs())
+            if isinstance(m, torch.nn.Conv1d) and m.bias is not None:
+                m.bias.copy_(noise(m.bias))
+    model.save_pretrained(path, safe_serialization=True)
+    if preprocessor is not None:
+        args = {"feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0, **preprocessor}
+        transformers.Wav2Vec2FeatureExtractor(**args).save_pretrained(path)
+    return path

@@ -10,8 +10,8 @@ one object per long Opus recording::
                        "end_time": 24.4, "subsets": ["{L}", "{M}"], "text": "...", ...}]},
         ...]}
 
-``json.load`` of that file needs several times its size in memory (lhotse's recipe does this;
-DESIGN.md §4). :func:`iter_audios` instead scans to the ``audios`` array and decodes one audio
+``json.load`` of that file needs several times its size in memory (lhotse's recipe does
+this). :func:`iter_audios` instead scans to the ``audios`` array and decodes one audio
 object at a time with :meth:`json.JSONDecoder.raw_decode` over a buffered reader, so memory is
 bounded by the read buffer plus the largest single audio object, whatever the file size.
 
@@ -328,6 +328,7 @@ def prepare(
             metadata={METADATA_KEY: json.dumps(meta)},
             rows_per_group=ROWS_PER_GROUP,
             segments_per_group=SEGMENTS_PER_GROUP,
+            validated=True,  # removed below if any rule fails
         )
     except ManifestError:
         _remove(output, storage_options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from hubert_ray.config import ExtractConfig
@@ -32,79 +33,50 @@ def _json_option(text: str):
         ) from None
 
 
-# option -> (type, help); every option maps to the ExtractConfig field of the same name.
-OPTIONS: dict[str, tuple[type, str]] = {
-    "manifest": (str, "manifest: JSONL, Parquet (raw or canonical) or fairseq TSV; path or URL"),
-    "model": (str, "model directory (save_pretrained, safetensors); path or URL"),
-    "output": (str, "output directory; path or URL"),
-    "layers": (str, "layers to store: 'last' (default), 'all', or e.g. 6,9,12 (0 = CNN proj.)"),
-    "dtype": (
-        str,
-        "compute dtype: auto (float16 on GPU, float32 on CPU), float16, bfloat16, "
-        "float32, int8 (CPU dynamic quantisation)",
+# Options of the command line only (not job settings); every other option is an
+# ExtractConfig field (hubert_ray.config.option): its name, type, help and shown default.
+CLI_ONLY = {
+    "overwrite": (
+        "off",
+        "delete an existing dataset in `--output` and start over (otherwise a compatible one "
+        "is resumed)",
     ),
-    "storage_dtype": (str, "stored feature dtype: float16 (default) or float32"),
-    "chunk_seconds": (float, "split segments longer than this into chunks (default 10)"),
-    "batch_size": (int, "segments per model-actor call (default 256 // stored layers, >= 16)"),
-    "max_batch_samples": (int, "padded-sample budget of one forward micro-batch"),
-    "micro_batch_cost_seconds": (
-        float,
-        "cost of one forward micro-batch in seconds of padded audio; the packer trades "
-        "padding against micro-batches (default: 1 on CPU, 16 on GPU)",
+    "config": (
+        "—",
+        "YAML/JSON file with any of these (keys with `_` or `-`); the command line wins",
     ),
-    "pad_multiple_seconds": (
-        float,
-        "pad each forward micro-batch to a multiple of this many seconds, so shapes repeat "
-        "(default: 0 on CPU = to the longest item, 0.25 on GPU)",
-    ),
-    "compile": (
-        str,
-        "torch.compile the model actors' forward: none (default), default, reduce-overhead "
-        "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs; each actor compiles once",
-    ),
-    "num_gpus": (int, "model actors on GPUs (default: all GPUs in the cluster; 0 = CPU)"),
-    "num_cpu_actors": (int, "model actors when running on CPU (default 1)"),
-    "cpus_per_actor": (float, "Ray CPUs reserved per CPU model actor (default 1)"),
-    "torch_threads": (int, "torch threads per CPU model actor (default: cpus_per_actor)"),
-    "calls_per_actor": (
-        int,
-        "Ray tasks per model actor at once; the model runs one at a time, the others' "
-        "input/output transfers overlap it (default: 2 on GPU, 1 on CPU)",
-    ),
-    "decode_batch_size": (
-        int,
-        "segments per decode batch (default 128); decode tasks take whole recordings",
-    ),
-    "decode_memory_mb": (int, "memory reserved per decode task, MiB (default 1024)"),
-    "rows_per_file": (int, "rows per output Parquet file (default 2000)"),
-    "end_tolerance_s": (float, "clip segment ends past the audio end by at most this (0.1)"),
-    "precision_sample_rate": (float, "fraction of segments rechecked in FP32 (default 0.01)"),
-    "precision_warn": (float, "relative error that logs a warning (default 0.005)"),
-    "precision_limit": (float, "relative error that triggers --on-precision-breach (0.02)"),
-    "on_precision_breach": (str, "fallback (recompute in FP32, default), fail, warn"),
-    "units": (
-        str,
-        "centroid file (python -m jobs.kmeans learn) adding a units_<layer> column (uint16 per "
-        "frame) computed next to the forward; repeatable or comma-separated, one per layer",
-    ),
-    "store": (
-        str,
-        "what the feature parts hold: features, units (no continuous features) or both "
-        "(default: both with --units, else features)",
-    ),
-    "units_form": (
-        str,
-        "frames (units_<layer>: one id per frame, default), runs (units_<layer>_dedup + "
-        "units_<layer>_durations: run-length form) or both",
-    ),
-    "storage_options": (
-        _json_option,
-        "fsspec storage options as JSON, e.g. '{\"endpoint_url\": …}'",
-    ),
+    "quiet": ("off", "no progress lines"),
 }
 
 
-REPEATABLE = {"units"}  # options that may be given several times (their values add up)
+def options() -> dict[str, tuple[object, dict]]:
+    """``{name: (type, metadata)}`` of every job option, in ExtractConfig's order."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(ExtractConfig)
+    out = {}
+    for f in dataclasses.fields(ExtractConfig):
+        typ = hints[f.name]
+        if typing.get_origin(typ) is tuple:
+            typ = tuple
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        out[f.name] = (args[0] if args else typ, f.metadata)
+    return out
+
+
+def options_table() -> str:
+    """The README's options table, made from the same definitions as the command line."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for name, (_, meta) in options().items():
+        rows.append(f"| `--{name.replace('_', '-')}` | {meta['shown']} | {meta['help']} |")
+    for name, (shown, help_) in CLI_ONLY.items():
+        rows.append(f"| `--{name.replace('_', '-')}` | {shown} | {help_} |")
+    return "\n".join(rows)
+
+
+def _cli_help(text: str) -> str:
+    return text.replace("`", "").replace("%", "%%")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,20 +87,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jobs.extract", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML or JSON file with any of the options below")
-    for name, (typ, help_) in OPTIONS.items():
-        more = {"action": "append"} if name in REPEATABLE else {}
-        p.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_, **more
-        )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
-    p.add_argument(
-        "--allow-pickle-weights",
-        action="store_true",
-        default=None,
-        help="load pickle (.bin) model weights; they can run arbitrary code when loaded",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", help=_cli_help(CLI_ONLY["config"][1]))
+    for name, (typ, meta) in options().items():
+        flag = "--" + name.replace("_", "-")
+        help_ = _cli_help(f"{meta['help']} (default: {meta['shown']})")
+        if typ is bool:  # --flag, or --flag / --no-flag when it is on by default
+            on = ExtractConfig.__dataclass_fields__[name].default is True
+            action = argparse.BooleanOptionalAction if on else "store_true"
+            p.add_argument(flag, dest=name, action=action, default=None, help=help_)
+        elif typ is tuple:  # repeatable, values add up (e.g. --units a --units b,c)
+            p.add_argument(flag, dest=name, type=str, action="append", default=None, help=help_)
+        else:
+            kind = _json_option if typ is dict else typ
+            p.add_argument(flag, dest=name, type=kind, default=None, help=help_)
+    p.add_argument("--overwrite", action="store_true", help=_cli_help(CLI_ONLY["overwrite"][1]))
+    p.add_argument("--quiet", action="store_true", help=CLI_ONLY["quiet"][1])
+    p.add_argument("--options-table", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -143,10 +117,11 @@ def load_config_file(path: str) -> dict:
             f"config file {path!r} must hold a mapping of option: value", field="config"
         )
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(OPTIONS) - {"overwrite", "allow_pickle_weights"})
+    known = set(options())
+    unknown = sorted(set(data) - known - {"overwrite"})
     if unknown:
         raise ConfigError(
-            f"config file {path!r}: unknown option(s) {unknown}; allowed: {sorted(OPTIONS)}",
+            f"config file {path!r}: unknown option(s) {unknown}; allowed: {sorted(known)}",
             field="config",
         )
     return data
@@ -155,9 +130,7 @@ def load_config_file(path: str) -> dict:
 def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, bool]:
     values = load_config_file(args.config) if args.config else {}
     overwrite = bool(values.pop("overwrite", False)) or args.overwrite
-    values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
-    if args.allow_pickle_weights:
-        values["allow_pickle_weights"] = True
+    values.update({k: getattr(args, k) for k in options() if getattr(args, k) is not None})
     missing = [k for k in ("manifest", "model", "output") if not values.get(k)]
     if missing:
         raise ConfigError(
@@ -184,17 +157,22 @@ def _precision_breach(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "RAY_ADDRESS" not in os.environ and "ray" not in sys.modules:
+        # A local cluster with token authentication, as Ray 2.60 starts one anyway; chosen
+        # explicitly, before Ray reads its settings, so Ray does not warn that it chose it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.options_table:  # for the README: python -m jobs.extract --options-table
+        print(options_table())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg, overwrite = config_from_args(args)
         from hubert_ray import pipeline
 
         if args.quiet:
-            import ray.data
-
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("hubert_ray.progress").setLevel(logging.WARNING)
         summary = pipeline.run(cfg, overwrite=overwrite)
     except ConfigError as e:
         option = f"--{e.field.replace('_', '-')}: " if e.field else ""

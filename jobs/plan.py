@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-profile",
         choices=sorted(rates.DECODE_RATES),
         default=rates.DEFAULT_DECODE_PROFILE,
-        help="which stored decode rates: the reference node or this machine's measurement",
+        help="which stored decode rates: the reference node, or benchmarks.measure_decode's "
+        "on a 2-vCPU cloud VM",
     )
     p.add_argument("--layers", type=_positive(int), default=1, help="stored layers")
     p.add_argument(

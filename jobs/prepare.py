@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    write_canonical(recordings, args.output, storage_options)
+    write_canonical(recordings, args.output, storage_options, validated=True)
     n_segments = sum(len(r.segments) for r in recordings)
     print(f"wrote {len(recordings)} recordings, {n_segments} segments to {args.output}")
     return 0

@@ -90,8 +90,14 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     cluster.shutdown()
     os.environ.pop("HUBERT_RAY_TRACE_DIR")
     trace = _trace(trace_dir)
-    segments = manifest.segment_table(manifest.read_manifest(manifest_uri))
-    blocks = len(pipeline.segment_blocks(segments, cfg["decode_batch_size"]))
+    recordings = manifest.read_manifest(manifest_uri)
+    sizes = {
+        "recordings": len(recordings),
+        "segments": sum(len(r.segments) for r in recordings),
+    }
+    per_task = pipeline.recordings_per_task(ExtractConfig(output="-", **cfg), sizes)
+    # Blocks of whole recordings the decode tasks get (fewer tasks if Ray bundles small ones).
+    blocks = -(-sizes["recordings"] // per_task)
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t2 = time.time()

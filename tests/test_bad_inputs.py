@@ -1,4 +1,4 @@
-"""Bad-input matrix (issue #6): each generated input with its documented outcome. The decode
+"""Bad-input matrix: each generated input with its documented outcome. The decode
 stage turns every bad input into error rows (stage ``decode``) with one reason, never an
 exception; manifest problems stop the job before Ray with exit code 2."""
 
@@ -137,17 +137,17 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_model):
 
     from hubert_ray import pipeline
     from hubert_ray.errors import ConfigError
-    from hubert_ray.model import load_hubert
+    from hubert_ray.model import load_model
 
     d = tmp_path / "pickled"
     d.mkdir()
     (d / "config.json").write_text(open(os.path.join(tiny_model, "config.json")).read())
-    net = load_hubert(tiny_model, "cpu")
+    net = load_model(tiny_model, "cpu")
     torch.save(net.model.state_dict(), d / "pytorch_model.bin")
     with pytest.raises(ConfigError, match="allow-pickle-weights"):
         pipeline.read_model_config(str(d))
     assert pipeline.read_model_config(str(d), allow_pickle=True)["hidden_size"] == 32
-    load_hubert(str(d), "cpu", allow_pickle=True)
+    load_model(str(d), "cpu", allow_pickle=True)
 
 
 LONG_DECODE = """

@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m jobs.benchmark`` (tiny model, CPU, a few seconds of audio).
+"""Smoke test of ``python -m benchmarks.benchmark`` (tiny model, CPU, a few seconds of audio).
 
 No timing assertions: only that every row is there with finite numbers and that the feature
 errors against the FP32 reference are what the dtypes allow.
@@ -30,7 +30,7 @@ def test_benchmark_cli_smoke(tmp_path):
     args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2", "--pad-multiples", "0.25"]
     args += ["--compile-modes", "default", "--stock-batch", "3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.benchmark", *args],
+        [sys.executable, "-m", "benchmarks.benchmark", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -43,7 +43,7 @@ def test_benchmark_cli_smoke(tmp_path):
 
     meta = result["meta"]
     assert meta["device"] == "cpu"
-    assert meta["command"].startswith("python -m jobs.benchmark --device cpu")
+    assert meta["command"].startswith("python -m benchmarks.benchmark --device cpu")
     for mod in ("torch", "transformers", "ray"):
         assert meta["versions"][mod]
     assert meta["cpu_count"] >= 1
@@ -99,6 +99,8 @@ def test_benchmark_cli_smoke(tmp_path):
         assert "untimed" in rows[(dist, "actor_float32_b4_compile-default")]["note"]
         pad_bucketed = rows[(dist, "actor_float32_b4_pad0.25")]["real_per_padded"]
         assert pad_bucketed <= rows[(dist, "actor_float32_b4")]["real_per_padded"]
+        # Whatever this CPU's reduced-precision kernels do, the stage's self-test keeps the
+        # stored features near FP32 (within its limit on the calibration input, else FP32).
         assert rows[(dist, "actor_float16_b4")]["rel_l2_err"] < 0.05
         assert rows[(dist, "actor_bfloat16_b4")]["rel_l2_err"] < 0.05
         # loop and pipeline store float16 features: storage rounding only

@@ -84,7 +84,7 @@ def test_jsonl_without_ids_derives_them_and_resolves_relative_paths(tmp_path):
     recs = read_manifest(uri)
     assert [r.recording_id for r in recs] == ["utt1", "utt2"]
     assert recs[0].audio_uri == str(tmp_path / "audio/spk1/utt1.flac")
-    # A relative path leaving the manifest's directory is marked, never resolved (issue #6):
+    # A relative path leaving the manifest's directory is marked, never resolved:
     # the decode stage turns it into path_escape error rows.
     assert recs[1].audio_uri == "path-escape://../other/utt2.wav"
     assert recs[0].segments == (Segment("utt1", 0.0, None),)

@@ -1,4 +1,4 @@
-"""ExactHubert and HubertStage on tiny random models (CPU, no Ray)."""
+"""ExactEncoder and ModelStage on tiny random models (CPU, no Ray)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from hubert_ray.audio import DECODED_SCHEMA  # noqa: E402
 from hubert_ray.chunking import num_frames, plan_chunks  # noqa: E402
 from hubert_ray.config import ModelConfig, parse_layers  # noqa: E402
 from hubert_ray.errors import ConfigError  # noqa: E402
-from hubert_ray.extractor import HubertStage  # noqa: E402
-from hubert_ray.model import load_hubert  # noqa: E402
+from hubert_ray.extractor import ModelStage  # noqa: E402
+from hubert_ray.model import load_model  # noqa: E402
 from hubert_ray.synth import make_tiny_model  # noqa: E402
 
 HIDDEN = 32
@@ -112,7 +112,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nets(model_dirs):
-    return {name: load_hubert(path, "cpu", "float32") for name, path in model_dirs.items()}
+    return {name: load_model(path, "cpu", "float32") for name, path in model_dirs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def affine_dir(model_dirs):
     return model_dirs["affine"]
 
 
-# -- ExactHubert ------------------------------------------------------------------------------
+# -- ExactEncoder ------------------------------------------------------------------------------
 def test_affine_model_has_nontrivial_group_norm(nets):
     norm = nets["affine"].model.feature_extractor.conv_layers[0].layer_norm
     assert isinstance(norm, torch.nn.GroupNorm)
@@ -197,7 +197,7 @@ def test_padded_batch_ignores_padding_values(nets):
         assert _rel(out[k][0, : num_frames(lengths[0])].numpy(), alone[k]) < 1e-4
 
 
-# -- HubertStage --------------------------------------------------------------------------------
+# -- ModelStage --------------------------------------------------------------------------------
 def test_stage_chunk_stitching_and_passthrough(affine_dir, nets):
     net = nets["affine"]
     long_audio = _audio(32000, seed=1)  # 2 s: chunked at 0.5 s
@@ -214,7 +214,7 @@ def test_stage_chunk_stitching_and_passthrough(affine_dir, nets):
     cfg = ModelConfig(
         model_uri=affine_dir, layers="all", dtype="float32", chunk_seconds=0.5, device="cpu"
     )
-    stage = HubertStage(cfg)
+    stage = ModelStage(cfg)
     out = stage(batch)
 
     assert out.num_rows == batch.num_rows
@@ -265,7 +265,7 @@ def test_stage_chunk_stitching_and_passthrough(affine_dir, nets):
 def test_layer_selection_columns(affine_dir, spec, expected):
     batch = _decoded_batch([("a", _audio(4000, 0), None)])
     cfg = ModelConfig(model_uri=affine_dir, layers=spec, dtype="float32", device="cpu")
-    out = HubertStage(cfg)(batch)
+    out = ModelStage(cfg)(batch)
     layer_cols = [c for c in out.column_names if c.startswith("layer_")]
     assert layer_cols == [f"layer_{k}" for k in expected]
 
@@ -278,7 +278,7 @@ def test_parse_layers_rejects_too_deep(affine_dir):
         parse_layers("3", 2)
     assert info.value.field == "layers"
     with pytest.raises(ConfigError, match="layers") as info:
-        HubertStage(ModelConfig(model_uri=affine_dir, layers="0,5", dtype="float32", device="cpu"))
+        ModelStage(ModelConfig(model_uri=affine_dir, layers="0,5", dtype="float32", device="cpu"))
     assert info.value.field == "layers"
 
 
@@ -293,20 +293,20 @@ def test_small_max_batch_samples_gives_same_result(affine_dir):
         chunk_seconds=0.5,
         device="cpu",
     )
-    small = HubertStage(ModelConfig(max_batch_samples=8000, **common))
+    small = ModelStage(ModelConfig(max_batch_samples=8000, **common))
     # a forward costing more than any padding: everything in one micro-batch
-    big = HubertStage(ModelConfig(max_batch_samples=10**7, micro_batch_cost_seconds=1e3, **common))
+    big = ModelStage(ModelConfig(max_batch_samples=10**7, micro_batch_cost_seconds=1e3, **common))
 
     calls = {"small": 0, "big": 0}
 
     def counting(stage, key):
-        micro_batch = stage._micro_batch
+        micro_batch = stage.engine._micro_batch
 
         def wrapped(net, *args):
             calls[key] += 1
             return micro_batch(net, *args)
 
-        stage._micro_batch = wrapped
+        stage.engine._micro_batch = wrapped
 
     counting(small, "small")
     counting(big, "big")
@@ -328,20 +328,22 @@ def test_padding_to_a_multiple_gives_same_result(affine_dir):
     common = dict(
         model_uri=affine_dir, layers="all", dtype="float32", storage_dtype="float32", device="cpu"
     )
-    tight = HubertStage(ModelConfig(pad_multiple_seconds=0, **common))
-    bucketed = HubertStage(ModelConfig(pad_multiple_seconds=0.25, **common))
+    tight = ModelStage(ModelConfig(pad_multiple_seconds=0, **common))
+    bucketed = ModelStage(ModelConfig(pad_multiple_seconds=0.25, **common))
     shapes = []  # (rows, longest item) of each micro-batch
-    micro_batch = bucketed._micro_batch
+    micro_batch = bucketed.engine._micro_batch
 
     def recording(net, w, group, *args):
         shapes.append((len(group), max(len(w.chunks[j]) for j in group)))
         return micro_batch(net, w, group, *args)
 
-    bucketed._micro_batch = recording
+    bucketed.engine._micro_batch = recording
     a, b = tight(batch), bucketed(batch)
     # every micro-batch was padded to a whole number of 0.25 s (4000 samples)
-    assert bucketed.stats["padded_samples"] == sum(r * -(-n // 4000) * 4000 for r, n in shapes)
-    assert bucketed.stats["padded_samples"] > tight.stats["padded_samples"]
+    assert bucketed.engine.stats["padded_samples"] == sum(
+        r * -(-n // 4000) * 4000 for r, n in shapes
+    )
+    assert bucketed.engine.stats["padded_samples"] > tight.engine.stats["padded_samples"]
     for k in ALL_LAYERS:
         for i in range(len(lengths)):
             np.testing.assert_allclose(_features(a, k, i), _features(b, k, i), rtol=1e-5, atol=1e-5)
@@ -358,14 +360,14 @@ def test_compiled_stage_gives_same_result(affine_dir):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactHubert
+    torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactEncoder
 
     common = dict(
         model_uri=affine_dir, layers="all", dtype="float32", storage_dtype="float32", device="cpu"
     )
-    eager = HubertStage(ModelConfig(**common))
-    compiled = HubertStage(ModelConfig(compile="default", **common))
-    assert compiled.net.compiled == "default" and eager.net.compiled is None
+    eager = ModelStage(ModelConfig(**common))
+    compiled = ModelStage(ModelConfig(compile="default", **common))
+    assert compiled.engine.net.compiled == "default" and eager.engine.net.compiled is None
     graphs = counters["stats"]["unique_graphs"]
     for lengths in ([16_000, 16_000], [400, 7000, 16_000], [3000, 12_000, 30_000, 2000, 9000]):
         batch = _decoded_batch([(f"s{n}", _audio(n, seed=n), None) for n in lengths])
@@ -387,7 +389,7 @@ def test_storage_float32_type(affine_dir, nets):
         storage_dtype="float32",
         device="cpu",
     )
-    out = HubertStage(cfg)(_decoded_batch([("a", audio, None)]))
+    out = ModelStage(cfg)(_decoded_batch([("a", audio, None)]))
     assert out.schema.field("layer_2").type == pa.list_(pa.list_(pa.float32(), HIDDEN))
     expected = _alone(nets["affine"], audio, (2,))[2]
     np.testing.assert_allclose(_features(out, 2, 0), expected, rtol=1e-5, atol=1e-5)
@@ -433,7 +435,7 @@ def test_float16_overflow_falls_back_to_float32(overflow_dirs):
         storage_dtype="float32",
         device="cpu",
     )
-    stage = HubertStage(cfg)
+    stage = ModelStage(cfg, self_test=False)  # the per-batch guard, not the self-test
     out = stage(batch)
     assert out.num_rows == 3
     assert _all_finite(out)
@@ -451,7 +453,7 @@ def test_float16_overflow_falls_back_to_float32(overflow_dirs):
     # this model is finite in float32, so the fallback rescues every row
     assert reasons[:2] == [None, None]
     # and the rescued features equal a plain float32 run
-    ref = load_hubert(overflow_dirs["fp16_overflow"], "cpu", "float32")
+    ref = load_model(overflow_dirs["fp16_overflow"], "cpu", "float32")
     for i, n in enumerate(lengths):
         expected = _alone(ref, _audio(n, seed=i))
         for k in ALL_LAYERS:
@@ -466,7 +468,7 @@ def test_non_finite_even_in_float32_becomes_error_row(overflow_dirs, dtype):
     cfg = ModelConfig(
         model_uri=overflow_dirs["always_inf"], layers="0,2", dtype=dtype, device="cpu"
     )
-    stage = HubertStage(cfg)
+    stage = ModelStage(cfg, self_test=False)  # the per-batch guard, not the self-test
     out = stage(batch)
     assert out.num_rows == 3
     assert out.column("segment_id").to_pylist() == ["a", "bad", "b"]

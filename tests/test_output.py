@@ -34,68 +34,26 @@ def _errors(ids, reason):
     )
 
 
-def test_summarize_counts_missing_duplicated_unexpected(tmp_path):
+def test_summarize_parts_counts_part_by_part(tmp_path):
+    """Rows, errors by reason, dtypes, frames and audio, read part file by part file (the
+    manifest-wide missing / duplicated checks are the segments module's: test_segments.py)."""
     out = str(tmp_path)
     feats = f"{out}/{output.FEATURES_DIR}"
     output.write_part(_features(["a", "b", "c"]), feats, None)
-    output.write_part(_features(["c", "x"]), feats, None)  # c twice; x not in manifest
+    output.write_part(_features(["c", "x"]), feats, None)
     output.write_part(_errors(["d", "e"], "too_short"), f"{out}/{output.ERRORS_DIR}", None)
     output.write_part(_errors(["f"], "decode_failed"), f"{out}/{output.ERRORS_DIR}", None)
-    manifest_ids = ["a", "b", "c", "d", "e", "f", "g", "h"]  # g, h never written
-    for ids in (manifest_ids, pa.array(manifest_ids)):
-        s = output.summarize(out, ids)
-        assert s["segments_total"] == 8
-        assert (s["segments_ok"], s["segments_failed"]) == (5, 3)
-        assert s["segments_missing"] == 2
-        assert s["segments_duplicated"] == 1
-        assert s["segments_unexpected"] == 1
-        assert s["errors_by_reason"] == {"decode_failed": 1, "too_short": 2}
-        assert s["compute_dtype_counts"] == {"float16": 3, "float32": 2}
-        assert s["frames"] == 5 * 74 and s["audio_seconds"] == 7.5
-    done = output.done_segment_ids(out)
-    assert sorted(done.to_pylist()) == sorted(["a", "b", "c", "c", "x", "d", "e", "f"])
+    s = output.summarize_parts(out)
+    assert (s["segments_ok"], s["segments_failed"]) == (5, 3)
+    assert s["errors_by_reason"] == {"decode_failed": 1, "too_short": 2}
+    assert s["compute_dtype_counts"] == {"float16": 3, "float32": 2}
+    assert s["frames"] == 5 * 74 and s["audio_seconds"] == 7.5
+    assert s["precision"]["self_test"] == [] and s["precision"]["suspect_segments"] == 0
 
 
-def test_summarize_empty_output(tmp_path):
-    s = output.summarize(str(tmp_path), ["a"])
-    assert (s["segments_total"], s["segments_missing"], s["segments_ok"]) == (1, 1, 0)
-    assert len(output.done_segment_ids(str(tmp_path))) == 0
-
-
-def test_segment_blocks_cut_at_recording_boundaries():
-    from hubert_ray.pipeline import segment_blocks
-
-    recs = ["a"] * 3 + ["b"] * 1 + ["c"] * 5 + ["d"] * 2 + ["e"] * 1
-    table = pa.table({"recording_id": recs, "segment_id": [str(i) for i in range(len(recs))]})
-    for target in (1, 2, 4, 5, 100):
-        blocks = segment_blocks(table, target)
-        assert pa.concat_tables(blocks).equals(table)  # every row once, in order
-        for b in blocks:
-            ids = b.column("recording_id").to_pylist()
-            assert b.num_rows >= 1
-            # a block holds whole recordings; it closes at the first boundary past the target
-            assert not (
-                set(ids) & {r for o in blocks if o is not b for r in o.column(0).to_pylist()}
-            )
-            firsts = [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
-            assert all(i < target for i in firsts)
-    assert [b.num_rows for b in segment_blocks(table, 4)] == [4, 5, 3]
-    assert [b.num_rows for b in segment_blocks(table, 1)] == [3, 1, 5, 2, 1]
-    assert segment_blocks(table.slice(0, 0), 4) == []
-
-
-def test_input_blocks_are_bounded_in_number(monkeypatch):
-    from hubert_ray import pipeline
-    from hubert_ray.config import ExtractConfig
-
-    recs = [f"r{i // 3}" for i in range(300)]  # 100 recordings of 3 segments
-    table = pa.table({"recording_id": recs, "segment_id": [str(i) for i in range(300)]})
-    cfg = ExtractConfig(manifest="m.jsonl", model="m", output="o", decode_batch_size=6)
-    assert [b.num_rows for b in pipeline.input_blocks(cfg, table)] == [6] * 50
-    monkeypatch.setattr(pipeline, "MAX_INPUT_BLOCKS", 8)  # 300 rows: blocks of >= 38 rows
-    blocks = pipeline.input_blocks(cfg, table)
-    assert len(blocks) <= 8 and pa.concat_tables(blocks).equals(table)
-    assert all(b.num_rows % 3 == 0 for b in blocks)  # whole recordings
+def test_summarize_parts_of_an_empty_output(tmp_path):
+    s = output.summarize_parts(str(tmp_path))
+    assert (s["segments_ok"], s["segments_failed"], s["audio_seconds"]) == (0, 0, 0.0)
 
 
 def test_feature_columns_written_without_dictionary_or_statistics(tmp_path):
@@ -123,11 +81,10 @@ def test_feature_columns_written_without_dictionary_or_statistics(tmp_path):
 
 def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
     """A model-stage output block of ``n`` rows (4 frames of 2 values each)."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from hubert_ray.extractor import HubertStage, features_array
+    from hubert_ray.engine import Result
+    from hubert_ray.extractor import assemble, features_array
 
     values = np.arange(n * 8, dtype=np.float16).reshape(-1, 2)
     valid = [i not in failed for i in range(n)]
@@ -145,19 +102,17 @@ def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
     )
     check = {"layer": 1, "checked_dtype": "float16", "cos_mean": 1.0, "cos_min": 1.0}
     check.update({"rel_l2": 1e-3, "max_abs": 0.1, "action": "none"})
-    stage = SimpleNamespace(
-        layers=[1], model_name="m", revision="r", config=SimpleNamespace(storage_dtype="float16")
+    res = Result(
+        features={},
+        frames=[0 if i in failed else 4 for i in range(n)],
+        valid=valid,
+        compute_dtype=[None if i in failed else "float16" for i in range(n)],
+        fallback=[None] * n,
+        precision=[[check] if i in checked else None for i in range(n)],
+        errors={},
     )
-    return HubertStage._assemble(
-        stage,
-        batch,
-        {1: layer},
-        [0 if i in failed else 4 for i in range(n)],
-        {i: "float16" for i in range(n) if i not in failed},
-        set(),
-        {},
-        [[check] if i in checked else None for i in range(n)],
-    )
+    identity = {"model": "m", "model_revision": "r", "actor_id": "a"}
+    return assemble(batch, {"layer_1": layer}, res.frames, res, identity)
 
 
 def test_split_block_rows_and_no_copy_without_failures():
@@ -180,3 +135,21 @@ def test_split_block_rows_and_no_copy_without_failures():
         leaf.buffers()[1].address
         == clean.column("layer_1").chunk(0).values.values.buffers()[1].address
     )
+
+
+def test_part_slices_bound_rows_and_feature_bytes():
+    import numpy as np
+
+    from hubert_ray.extractor import features_array
+
+    frames = [10, 10, 40, 5, 5, 5]
+    values = np.zeros((sum(frames), 4), dtype=np.float16)  # 8 bytes per frame and layer
+    layer = features_array(values, frames, [True] * 6, "float16")
+    table = pa.table(
+        {"segment_id": [f"s{i}" for i in range(6)], "layer_1": layer, "layer_2": layer}
+    )
+    # 16 bytes per frame over both layers: rows of 160, 160, 640, 80, 80, 80 bytes
+    assert output.part_slices(table, max_rows=100, max_bytes=400) == [(0, 2), (2, 1), (3, 3)]
+    assert output.part_slices(table, max_rows=2, max_bytes=10**9) == [(0, 2), (2, 2), (4, 2)]
+    # a single row larger than the bound still gets its own part
+    assert output.part_slices(table, max_rows=100, max_bytes=100) == [(i, 1) for i in range(6)]

@@ -68,16 +68,16 @@ def test_error_rows_carry_expected_reasons(job, corpus):
 
 
 def test_features_equal_direct_model_call(job, corpus, tiny_model):
-    """Pipeline features == decoding the same audio and running ExactHubert on each alone."""
+    """Pipeline features == decoding the same audio and running ExactEncoder on each alone."""
     import torch
 
     from hubert_ray import manifest
     from hubert_ray.audio import cut_segment, normalise, read_audio, to_mono_16k
     from hubert_ray.chunking import plan_chunks
-    from hubert_ray.model import load_hubert
+    from hubert_ray.model import load_model
 
     cfg, _ = job
-    net = load_hubert(tiny_model, "cpu", "float32")
+    net = load_model(tiny_model, "cpu", "float32")
     got = read_features(cfg.output, layer=2)
     got0 = read_features(cfg.output, layer=0)
     checked = 0
@@ -188,6 +188,13 @@ def test_summary_file(job):
         assert key in on_disk
     assert on_disk["segments_ok"] + on_disk["segments_failed"] == on_disk["segments_total"]
     assert on_disk["audio_seconds"] > 60 and on_disk["x_realtime"] > 0
+    # One run: it wrote all the audio; its x-realtime is the cumulative one.
+    assert len(on_disk["runs"]) == 1 and on_disk["runs"][0]["wall_seconds"] > 0
+    assert on_disk["run_audio_seconds"] == pytest.approx(on_disk["audio_seconds"], abs=1e-2)
+    cumulative = on_disk["cumulative"]
+    assert cumulative["runs"] == 1 and cumulative["runs_interrupted"] == 0
+    assert cumulative["audio_seconds"] == pytest.approx(on_disk["audio_seconds"], abs=1e-2)
+    assert cumulative["x_realtime"] == pytest.approx(on_disk["x_realtime"], rel=1e-2)
 
 
 def test_existing_output_resumed_then_overwritten(job, ray_session):
@@ -203,16 +210,20 @@ def test_existing_output_resumed_then_overwritten(job, ray_session):
 
 def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_path):
     """Decode must stay CPU tasks (placeable on CPU-only nodes), not run inside model actors."""
-    from hubert_ray import manifest, pipeline
+    from hubert_ray import manifest, pipeline, segments
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
-    recs = manifest.read_manifest(corpus)[:3]
+    uri, _, table = pipeline.job_manifest(cfg)
+    (tmp_path / "o").mkdir()
+    segments.write_validated(table, uri)
+    info = segments.manifest_info(uri)
+    index = segments.build_done_index(cfg.output)
     placement = pipeline.plan_placement(cfg, cluster_gpus=0)
-    ds = pipeline.build_dataset(cfg, manifest.segment_table(recs), placement).materialize()
+    ds = pipeline.build_manifest_dataset(cfg, uri, info, index, placement).materialize()
     stats = ds.stats()
-    assert "MapBatches(_decode)->MapBatches(HubertStage)" not in stats
-    assert "MapBatches(_decode)" in stats and "MapBatches(HubertStage)" in stats
-    assert ds.count() == sum(len(r.segments) for r in recs)
+    assert "MapBatches(_decode)->MapBatches(ModelActor)" not in stats
+    assert "MapBatches(_decode)" in stats and "MapBatches(ModelActor)" in stats
+    assert ds.count() == sum(len(r.segments) for r in manifest.read_manifest(corpus))
 
 
 def test_placement_plan():
@@ -239,12 +250,16 @@ def test_placement_plan():
     ]
     fixed = ExtractConfig(manifest="m.jsonl", model="m", output="o", batch_size=7)
     assert pipeline.plan_placement(fixed, 1, 13).rows_per_call == 7
-    # CPU actors: torch threads = reserved CPUs unless torch_threads says
+    # CPU actors: torch threads = the node's cores shared among its actors (unknown: the
+    # reserved CPUs) unless torch_threads says
     assert cpu.model_config.num_threads == 1
+    assert pipeline.plan_placement(cfg, 0, node_cpus=16).model_config.num_threads == 16
+    four = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_cpu_actors=4)
+    assert pipeline.plan_placement(four, 0, node_cpus=16).model_config.num_threads == 4
     more = ExtractConfig(manifest="m.jsonl", model="m", output="o", cpus_per_actor=3.0)
     assert pipeline.plan_placement(more, 0).model_config.num_threads == 3
-    lent = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
-    assert pipeline.plan_placement(lent, 0).model_config.num_threads == 2
+    given = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
+    assert pipeline.plan_placement(given, 0).model_config.num_threads == 2
     # calls in flight per model actor: by device unless calls_per_actor says
     assert pipeline.plan_placement(cfg, 1).calls_per_actor == pipeline.GPU_CALLS_PER_ACTOR
     assert cpu.calls_per_actor == pipeline.CPU_CALLS_PER_ACTOR

@@ -46,7 +46,7 @@ def test_gpu_bound_and_overrides():
 
 def test_decode_profiles_and_formats():
     ref = planner.plan(1, 1, 16, fmt="flac")
-    assert ref["decode_stage_x_realtime"] == pytest.approx(26_000)  # DESIGN: per 16-core node
+    assert ref["decode_stage_x_realtime"] == pytest.approx(26_000)  # reference: per 16-core node
     measured = planner.plan(1, 1, 1, fmt="opus", decode_profile="measured")
     assert measured["decode_rate_per_core"] == rates.DECODE_RATES["measured"]["opus"].x_realtime
     assert "measured" in measured["decode_rate_source"]
@@ -55,22 +55,23 @@ def test_decode_profiles_and_formats():
 def test_every_rate_says_where_it_was_measured():
     for rate in rates.GPU_RATES.values():
         assert rate.unit == "gpu"
-        assert "H100, DESIGN.md reference table" in rate.source or "measured" in rate.source
+        assert rates.REFERENCE in rate.source or "measured" in rate.source
     default = planner.plan(1, 1, 1)
     assert default["gpu_rate"] == 3_254 and "H200" in default["gpu_rate_source"]
     for profile in rates.DECODE_RATES.values():
         assert set(profile) == set(rates.FORMATS)
         for rate in profile.values():
             assert rate.unit == "core" and rate.x_realtime > 0 and rate.source
-    assert all("2-core machine" in r.source for r in rates.DECODE_RATES["measured"].values())
+    assert all("2-vCPU" in r.source for r in rates.DECODE_RATES["measured"].values())
 
 
 def test_cli(capsys):
     assert planner.main(["--hours", "10000", "--gpus", "8", "--decode-cores", "128"]) == 0
     out = capsys.readouterr().out
     assert "wall time   : 23.0 min" in out and "bottleneck: gpu" in out
-    assert "H200" in out and "H100, DESIGN.md reference table" in out
-    assert "write tasks : 10 core(s) for 1 stored layer(s)" in out and "write_rate.py" in out
+    assert "H200" in out and rates.REFERENCE in out
+    assert "write tasks : 10 core(s) for 1 stored layer(s)" in out
+    assert "benchmarks.write_rate" in out
     assert planner.main(["--hours", "5", "--gpus", "1", "--decode-cores", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hours"] == 5
 
@@ -91,9 +92,9 @@ def test_bad_options_exit_2(args):
 
 
 def test_measure_decode_times_decode_and_decode_tasks(capsys):
-    """``python -m jobs.measure_decode`` on short recordings: both formats, the decode alone and
-    a decode task's whole work (cut into segments, normalised), as positive rates."""
-    from jobs import measure_decode
+    """``python -m benchmarks.measure_decode`` on short recordings: both formats, the decode
+    alone and a decode task's whole work (cut into segments, normalised), as positive rates."""
+    from benchmarks import measure_decode
 
     table = measure_decode.segment_table(["a.flac", "b.flac"], 10.0)
     for rec in ("r0", "r1"):  # back to back, covering each recording

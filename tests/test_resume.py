@@ -1,4 +1,4 @@
-"""Resume, completion marker and crash recovery (issue #6): SIGKILL a real
+"""Resume, completion marker and crash recovery: SIGKILL a real
 ``python -m jobs.extract`` run, rerun it, and compare with an uninterrupted run.
 
 The killed run's whole process group (driver, local Ray, its workers) is SIGKILLed once the
@@ -17,6 +17,7 @@ import time
 import warnings
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from hubert_ray import output, read_features
@@ -188,6 +189,13 @@ def test_killed_run_resumes_exactly(
     summary = json.load(open(os.path.join(out, output.SUMMARY_FILE)))
     assert os.path.exists(os.path.join(out, output.SUCCESS_FILE))
     assert summary["segments_resumed"] >= len(partial) > 0
+    # Per run and across runs: the killed run has no wall time; this run wrote the rest.
+    assert [r["wall_seconds"] is None for r in summary["runs"]] == [True, False]
+    assert summary["cumulative"]["runs_interrupted"] == 1
+    assert 0 < summary["run_audio_seconds"] < summary["audio_seconds"]
+    assert summary["x_realtime"] == pytest.approx(
+        summary["run_audio_seconds"] / summary["wall_seconds"], rel=1e-2
+    )
     assert summary["segments_missing"] == summary["segments_duplicated"] == 0
     ids, got1, got2 = _outcome(out)
     assert len(ids) == len(set(ids))  # each segment exactly once across features + errors
@@ -268,9 +276,9 @@ def test_other_model_refused(reference, resume_corpus, tiny_model, tmp_path):
 
 # -- crash recovery ------------------------------------------------------------------------
 # A model actor that raises or whose process dies mid-batch is retried / restarted and the job
-# still writes exactly the uninterrupted run's output. The test hook HUBERT_RAY_FAIL_BATCH=k
-# (hubert_ray.pipeline._inject_failure) fails the k-th model-stage call once per job; the local
-# Ray the subprocess starts inherits the environment, so the actor sees it.
+# still writes exactly the uninterrupted run's output. The test hooks (hubert_ray.faults) are
+# environment variables; the local Ray the subprocess starts inherits them, so the actor sees
+# them.
 
 
 @pytest.mark.parametrize("mode", ["raise", "exit"])
@@ -296,16 +304,46 @@ def test_failed_model_batch_is_retried(reference, resume_corpus, tiny_model, tmp
 
 
 def test_batch_that_always_kills_its_actor_fails_the_job(resume_corpus, tiny_model, tmp_path):
-    """Every model-actor process dies at its first call: Ray restarts the actor and retries the
-    call MAX_PROCESS_DEATHS times, then the job exits 4 with an error naming the stage (with
-    Ray Data's defaults it restarted actors until killed: 18 processes in 120 s, by hand), and
-    leaves no completion marker."""
-    from hubert_ray.pipeline import MAX_PROCESS_DEATHS
-
+    """Every model-actor process dies at its first call, whatever part of the call it runs:
+    Ray restarts the actor and retries the call a bounded number of times, then the job exits
+    4 with an error naming the stage (with Ray Data's defaults it restarted actors until
+    killed: 18 processes in 120 s, by hand), and leaves no completion marker."""
     out = str(tmp_path / "out")
     env = {"HUBERT_RAY_FAIL_BATCH": "1", "HUBERT_RAY_FAIL_MODE": "exit-every"}
     res = _run(_args(resume_corpus, tiny_model, out), env)
     assert res.returncode == 4, res.stderr[-4000:]
     message = next(line for line in res.stderr.splitlines() if line.startswith("error: "))
-    assert f"a model-stage call failed {MAX_PROCESS_DEATHS + 1} times" in message
+    assert "a model-stage call failed its retries" in message
     assert not os.path.exists(os.path.join(out, output.SUCCESS_FILE))
+
+
+def test_poisoned_and_process_killing_segments_cost_one_row_each(
+    reference, resume_corpus, tiny_model, tmp_path
+):
+    """A segment on which the model raises every time and one that kills its worker process
+    every time: the job completes (exit 0), exactly those two are ``model_error`` rows, every
+    other segment is written once with the uninterrupted run's features."""
+    ref_out, (ref_ids, ref1, ref2) = reference
+    poisoned, killer = sorted(ref1)[5], sorted(ref1)[-7]
+    out = str(tmp_path / "out")
+    env = {"HUBERT_RAY_FAULT_SEGMENTS": f"raise:{poisoned};exit:{killer}"}
+    res = _run(_args(resume_corpus, tiny_model, out), env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.load(open(os.path.join(out, output.SUMMARY_FILE)))
+    assert summary["segments_missing"] == summary["segments_duplicated"] == 0
+    assert summary["errors_by_reason"].get("model_error") == 2
+    errs = output.read_table(os.path.join(out, output.ERRORS_DIR))
+    model = errs.filter(pc.equal(errs.column("reason"), "model_error"))
+    assert sorted(model.column("segment_id").to_pylist()) == sorted([poisoned, killer])
+    messages = dict(
+        zip(
+            model.column("segment_id").to_pylist(), model.column("message").to_pylist(), strict=True
+        )
+    )
+    assert "injected failure" in messages[poisoned]
+    assert "worker process died" in messages[killer]
+    ids, got1, got2 = _outcome(out)
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(ref_ids)
+    assert sorted(got1) == sorted(set(ref1) - {poisoned, killer})
+    for sid in got1:
+        assert np.array_equal(got1[sid], ref1[sid]) and np.array_equal(got2[sid], ref2[sid])

@@ -1,0 +1,115 @@
+"""Device clocks: how the engine knows queued work has finished, without Ray (torch inside).
+
+The engine queues work and later waits for it through a clock: ``record()`` returns an event
+for everything queued so far, ``wait(event)`` blocks until it is done.
+
+- :class:`CudaClock`: CUDA events on the current stream (the launch returns at once).
+- :class:`HostClock`: CPU tensors are computed when the call returns; nothing to wait for.
+- :class:`SimulatedDevice`: an accelerator for machines without one, for benchmarks and tests
+  of the engine's overlap (never chosen by a job's configuration): a launch returns at once,
+  the device is busy ``padded samples / (x_realtime * 16 kHz)`` seconds per forward, in order,
+  a wait sleeps until the work is done (no host CPU while it "computes"), and the model returns
+  zeros of the right shape.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+SAMPLE_RATE_HZ = 16_000
+
+
+class HostClock:
+    def record(self):
+        return None
+
+    def wait(self, event) -> None:
+        return None
+
+
+class CudaClock:
+    def record(self):
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def wait(self, event) -> None:
+        if event is not None:
+            event.synchronize()  # releases the GIL while it waits
+
+
+class SimulatedDevice:
+    """A stream of work ``x_realtime`` times faster than real time (see the module docstring).
+    ``busy_s`` totals the simulated device time, ``idle_s`` the gaps between its work."""
+
+    def __init__(self, x_realtime: float, hidden: int = 768):
+        self.x_realtime = float(x_realtime)
+        self.hidden = hidden
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # when the queued work ends (time.monotonic)
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self.first_start: float | None = None
+
+    def enqueue(self, padded_samples: int) -> float:
+        """Queue a forward over ``padded_samples``; returns when it will be done."""
+        seconds = padded_samples / (self.x_realtime * SAMPLE_RATE_HZ)
+        with self._lock:
+            now = time.monotonic()
+            if self.first_start is None:
+                self.first_start = now
+            elif now > self._free_at:
+                self.idle_s += now - self._free_at
+            self._free_at = max(now, self._free_at) + seconds
+            self.busy_s += seconds
+            return self._free_at
+
+    def record(self) -> float:
+        with self._lock:
+            return self._free_at
+
+    def report(self) -> dict:
+        """Device time so far: busy seconds and the span from its first to its last work."""
+        with self._lock:
+            return {
+                "x_realtime": self.x_realtime,
+                "busy_s": round(self.busy_s, 4),
+                "idle_s": round(self.idle_s, 4),
+                "first_start": self.first_start or 0.0,
+                "last_end": self._free_at,
+            }
+
+    def wait(self, event) -> None:
+        if event is not None:
+            delay = event - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    def model(self, num_hidden_layers: int):
+        """The simulated model: ``net(x, lengths, layers)`` like the real wrapper, zeros out."""
+        import torch
+        from torch import nn
+
+        from hubert_ray.chunking import HUBERT, num_frames
+
+        device = self
+
+        class SimulatedModel(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = nn.Parameter(torch.zeros(1))
+                self.num_hidden_layers = num_hidden_layers
+                self.compiled = None
+                self.geometry = HUBERT
+
+            def forward(self, x, lengths, layers):
+                device.enqueue(x.numel())
+                frames = [num_frames(int(n)) for n in lengths]
+                shape = (x.shape[0], num_frames(x.shape[1]), device.hidden)
+                out = {k: torch.zeros(shape, dtype=x.dtype) for k in layers}
+                return out, torch.tensor(frames)
+
+        return SimulatedModel()

@@ -1,0 +1,344 @@
+"""Segment rows made in tasks from the canonical manifest, and what an output already holds,
+per recording: the pieces that let the job's driver run a corpus it never holds.
+
+* :func:`manifest_info` reads a canonical manifest's footer only: whether ``jobs.prepare``
+  validated it (a key in its Parquet metadata) and how many recordings and segments it holds.
+* :class:`DoneIndex` lists, per recording, how many rows ``features/`` and ``errors/`` hold for
+  it and in which part files: one small row per recording (the driver holds this, never a
+  segment id).
+* :func:`todo_segments` (a task over manifest rows) expands recordings into segment rows and
+  drops the segments already written: a recording with as many rows as segments is skipped
+  without reading anything; one with some rows has its ids read from its own part files.
+* :func:`check_segments` (a task over manifest rows) counts, for the summary, which of its
+  recordings' segments are written once, missing or written twice.
+
+Imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hubert_ray import output, storage
+from hubert_ray.manifest import CANONICAL_SCHEMA, SEGMENT_SCHEMA, _resolve_within
+
+VALIDATED_KEY = b"hubert_ray.validated"
+"""Parquet metadata key of a canonical manifest whose every rule (unique ids, valid times,
+non-empty segment lists) was checked when it was written (``jobs.prepare``)."""
+
+
+def manifest_info(uri: str, storage_options: dict | None = None) -> dict | None:
+    """``{"recordings", "segments", "row_groups"}`` of a validated canonical manifest, from its
+    footer alone; ``None`` for any other file (not Parquet, not canonical, not validated)."""
+    fs, path = storage.filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            meta = pf.metadata
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    if VALIDATED_KEY not in (schema.metadata or {}):
+        return None
+    for field in CANONICAL_SCHEMA:
+        if field.name not in schema.names or not schema.field(field.name).type.equals(field.type):
+            return None
+    leaf = next(
+        i
+        for i in range(meta.num_columns)
+        if meta.schema.column(i).path.startswith("segments.")
+        and meta.schema.column(i).path.endswith(".segment_id")
+    )
+    segments = sum(meta.row_group(g).column(leaf).num_values for g in range(meta.num_row_groups))
+    return {
+        "recordings": meta.num_rows,
+        "segments": int(segments),
+        "row_groups": meta.num_row_groups,
+    }
+
+
+MANIFEST_COLUMNS = ["recording_id", "audio_uri", "segments"]
+
+
+def read_row_group(uri: str, group: int, storage_options: dict | None = None) -> pa.Table:
+    """One row group of a canonical manifest (its recording rows; retried while the storage
+    fails transiently)."""
+
+    def read() -> pa.Table:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=MANIFEST_COLUMNS)
+
+    return storage.with_retries(read)
+
+
+def expand(recordings: pa.Table, base_dir: str) -> pa.Table:
+    """Canonical manifest rows as segment rows (:data:`SEGMENT_SCHEMA`), recording by
+    recording in manifest order; relative audio paths resolved against ``base_dir`` (the
+    manifest's directory), as :func:`hubert_ray.manifest.read_segments` does."""
+    segs = recordings.column("segments").combine_chunks()
+    if isinstance(segs, pa.ChunkedArray):
+        segs = segs.chunk(0) if segs.num_chunks else pa.array([], segs.type)
+    flat = segs.flatten()
+    audio = [
+        _resolve_within(base_dir, a.strip()) for a in recordings.column("audio_uri").to_pylist()
+    ]
+    owner = pc.list_parent_indices(segs)
+    return pa.table(
+        {
+            "segment_id": flat.field("segment_id"),
+            "recording_id": recordings.column("recording_id").combine_chunks().take(owner),
+            "audio_uri": pa.array(audio, pa.string()).take(owner),
+            "start_s": flat.field("start_s"),
+            "end_s": flat.field("end_s"),
+        },
+        schema=SEGMENT_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class DoneIndex:
+    """Rows already in an output, per recording: ``table`` has ``recording_id``, ``rows``
+    (feature and error rows for it) and ``parts`` (indices into ``files``, the part files
+    holding them). One small row per recording; no segment id."""
+
+    uri: str
+    files: tuple[str, ...]
+    table: pa.Table
+
+    @property
+    def rows(self) -> int:
+        return int(pc.sum(self.table.column("rows")).as_py() or 0) if self.table.num_rows else 0
+
+    def lookup(self, recording_ids: pa.Array) -> tuple[np.ndarray, list]:
+        """Per recording id: rows written (0 if none) and the part indices holding them."""
+        pos = pc.index_in(recording_ids, value_set=self.table.column("recording_id"))
+        rows = np.zeros(len(recording_ids), np.int64)
+        parts: list = [()] * len(recording_ids)
+        valid = np.asarray(pos.is_valid())
+        if valid.any():
+            idx = pos.filter(pos.is_valid())
+            rows[valid] = self.table.column("rows").take(idx).to_numpy()
+            got = self.table.column("parts").take(idx).to_pylist()
+            for k, i in enumerate(np.flatnonzero(valid)):
+                parts[i] = got[k]
+        return rows, parts
+
+
+INDEX_THREADS = 8
+INDEX_CHUNK = 512  # part files whose per-part tables are combined at once
+
+
+def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex:
+    """Read the ``recording_id`` column of every part under ``features/`` and ``errors/``
+    (a few threads) into a :class:`DoneIndex`; holds one row per (part, recording)."""
+    files: list[str] = []
+    fs = None
+    for sub in (output.FEATURES_DIR, output.ERRORS_DIR):
+        fs, found = output._part_files(storage.join(uri, sub), storage_options)
+        files.extend(found)
+    empty = pa.table(
+        {
+            "recording_id": pa.array([], pa.string()),
+            "rows": pa.array([], pa.int64()),
+            "parts": pa.array([], pa.list_(pa.int32())),
+        }
+    )
+    if not files:
+        return DoneIndex(uri, (), empty)
+
+    def per_part(i: int) -> pa.Table:
+        t = storage.with_retries(pq.read_table, files[i], columns=["recording_id"], filesystem=fs)
+        g = t.group_by("recording_id").aggregate([("recording_id", "count")])
+        n = g.num_rows
+        return pa.table(
+            {
+                "recording_id": g.column("recording_id"),
+                "rows": g.column("recording_id_count").cast(pa.int64()),
+                "part": pa.array(np.full(n, i, np.int32)),
+            }
+        )
+
+    chunks = []
+    with ThreadPoolExecutor(INDEX_THREADS) as pool:
+        for lo in range(0, len(files), INDEX_CHUNK):  # bounded: one chunk's tables at a time
+            hi = min(len(files), lo + INDEX_CHUNK)
+            chunks.append(pa.concat_tables(pool.map(per_part, range(lo, hi))).combine_chunks())
+    pairs = pa.concat_tables(chunks)
+    table = pairs.group_by("recording_id").aggregate([("rows", "sum"), ("part", "list")])
+    table = pa.table(
+        {
+            "recording_id": table.column("recording_id"),
+            "rows": table.column("rows_sum"),
+            "parts": table.column("part_list").cast(pa.list_(pa.int32())),
+        }
+    )
+    return DoneIndex(uri, tuple(files), table)
+
+
+def written_ids(
+    index: DoneIndex, recording_ids: list[str], parts: list, storage_options: dict | None
+) -> pa.Table:
+    """``segment_id, recording_id`` of every row the output holds for ``recording_ids`` (whose
+    part indices are ``parts``), read from those parts only."""
+    by_part: dict[int, list[str]] = {}
+    for rid, ps in zip(recording_ids, parts, strict=True):
+        for p in ps:
+            by_part.setdefault(p, []).append(rid)
+    fs, _ = storage.filesystem(index.uri, storage_options)
+    tables = []
+    for p, rids in sorted(by_part.items()):
+        t = storage.with_retries(
+            pq.read_table,
+            index.files[p],
+            columns=["segment_id", "recording_id"],
+            filesystem=fs,
+            filters=[("recording_id", "in", rids)],
+        )
+        tables.append(t.select(["segment_id", "recording_id"]))
+    if not tables:
+        return pa.table({"segment_id": pa.array([], pa.string()), "recording_id": []})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def todo_segments(
+    batch: pa.Table, base_dir: str, index: DoneIndex | None, storage_options: dict | None = None
+) -> pa.Table:
+    """Task: canonical manifest rows → the segment rows still to do (:data:`SEGMENT_SCHEMA`).
+    A recording with as many rows written as it has segments is skipped unread; one with some
+    rows written has them read from its part files and dropped by id."""
+    if not isinstance(batch, pa.Table):
+        batch = pa.table(batch)
+    if index is None or not index.table.num_rows or batch.num_rows == 0:
+        return expand(batch, base_dir)
+    rec_ids = batch.column("recording_id").combine_chunks()
+    n_segs = pc.list_value_length(batch.column("segments").combine_chunks()).to_numpy()
+    rows, parts = index.lookup(rec_ids)
+    whole = rows >= n_segs  # every segment written: skipped without reading its ids
+    keep = batch.filter(pa.array(~whole))
+    segs = expand(keep, base_dir)
+    partial = np.flatnonzero((rows > 0) & ~whole)
+    if partial.size:
+        ids = rec_ids.to_pylist()
+        done = written_ids(
+            index, [ids[i] for i in partial], [parts[i] for i in partial], storage_options
+        )
+        segs = segs.filter(pc.invert(pc.is_in(segs.column("segment_id"), done.column(0))))
+    return segs
+
+
+CHECK_SCHEMA = pa.schema(
+    [
+        ("segments", pa.int64()),
+        ("written", pa.int64()),
+        ("duplicated", pa.int64()),
+        ("unexpected", pa.int64()),
+    ]
+)
+
+
+def check_segments(
+    batch: pa.Table, index: DoneIndex, storage_options: dict | None = None
+) -> pa.Table:
+    """Task for the summary: one row of counts for these manifest recordings: their segments,
+    how many of those the output holds, ids it holds more than once, and rows it holds under
+    these recordings' ids that are not among their segments."""
+    if not isinstance(batch, pa.Table):
+        batch = pa.table(batch)
+    rec_ids = batch.column("recording_id").combine_chunks()
+    segs = batch.column("segments").combine_chunks()
+    manifest_ids = segs.flatten().field("segment_id")
+    rows, parts = index.lookup(rec_ids)
+    have = np.flatnonzero(rows > 0)
+    written = written_ids(
+        index,
+        [rec_ids[int(i)].as_py() for i in have],
+        [parts[i] for i in have],
+        storage_options,
+    ).column("segment_id")
+    vc = pc.value_counts(written) if len(written) else None
+    distinct = vc.field("values") if vc is not None else pa.array([], pa.string())
+    duplicated = int(pc.sum(pc.greater(vc.field("counts"), 1)).as_py() or 0) if vc else 0
+    found = int(pc.sum(pc.is_in(manifest_ids, distinct)).as_py() or 0)
+    return pa.table(
+        {
+            "segments": [len(manifest_ids)],
+            "written": [found],
+            "duplicated": [duplicated],
+            "unexpected": [len(distinct) - found],
+        },
+        schema=CHECK_SCHEMA,
+    )
+
+
+def unexpected_recordings(index: DoneIndex, manifest_uri: str, storage_options) -> int:
+    """Rows the output holds under recording ids the manifest does not have (read column-wise
+    from the manifest: one id per recording)."""
+    if not index.table.num_rows:
+        return 0
+    fs, path = storage.filesystem(manifest_uri, storage_options)
+    known = []
+    with fs.open(path, "rb") as f:
+        for b in pq.ParquetFile(f).iter_batches(columns=["recording_id"], batch_size=65536):
+            known.append(b.column(0))
+    known_ids = pa.chunked_array(known, pa.string()).combine_chunks() if known else None
+    if known_ids is None:
+        return index.rows
+    stray = pc.invert(pc.is_in(index.table.column("recording_id"), known_ids))
+    return int(pc.sum(index.table.column("rows").filter(stray)).as_py() or 0)
+
+
+def stamp(metadata: dict | None = None) -> dict:
+    """Parquet key-value metadata marking a canonical manifest as validated."""
+    out = {k: v for k, v in (metadata or {}).items()}
+    out[VALIDATED_KEY.decode()] = json.dumps({"format_version": 1})
+    return out
+
+
+def manifest_dir(uri: str) -> str:
+    """The directory relative audio paths of a manifest resolve against."""
+    return storage.parent(uri)
+
+
+def write_validated(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
+    """A validated segment table (:data:`SEGMENT_SCHEMA`, each recording's rows contiguous, as
+    :func:`hubert_ray.manifest.read_segments` returns) written as a validated canonical
+    manifest: how a JSONL / TSV / unmarked Parquet manifest reaches the job's tasks."""
+    rec = table.column("recording_id").combine_chunks()
+    n = len(rec)
+    change = np.asarray(pc.not_equal(rec.slice(1), rec.slice(0, n - 1)), bool) if n > 1 else []
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int32)
+    offsets = pa.array(np.append(starts, n).astype(np.int32))
+    struct = pa.StructArray.from_arrays(
+        [
+            table.column("segment_id").combine_chunks(),
+            table.column("start_s").combine_chunks(),
+            table.column("end_s").combine_chunks(),
+        ],
+        fields=list(CANONICAL_SCHEMA.field("segments").type.value_type),
+    )
+    idx = pa.array(starts)
+    canonical = pa.table(
+        {
+            "recording_id": rec.take(idx),
+            "audio_uri": table.column("audio_uri").combine_chunks().take(idx),
+            "duration_s": pa.nulls(len(starts), pa.float64()),
+            "segments": pa.ListArray.from_arrays(
+                offsets, struct, type=CANONICAL_SCHEMA.field("segments").type
+            ),
+        },
+        schema=CANONICAL_SCHEMA.with_metadata(stamp()),
+    )
+    fs, path = storage.filesystem(uri, storage_options)
+    if not storage.is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(canonical, f, row_group_size=10_000)
