@@ -338,6 +338,41 @@ def _counts(values) -> dict:
     return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
 
 
+def _transient_mask(table: pa.Table) -> pa.Array:
+    """Which error rows are transient: the ``transient`` column, or (parts written before it
+    existed) their reason."""
+    if TRANSIENT_COLUMN in table.column_names:
+        return pc.fill_null(table.column(TRANSIENT_COLUMN), False)
+    return transient(table.column("reason"))
+
+
+def retry_transient_errors(uri: str, storage_options: dict | None = None) -> int:
+    """Take the transient error rows out of ``<uri>/errors`` so this run decodes their segments
+    again; returns how many. Part by part: the rows go to ``<uri>/retried`` first (a part of
+    the same name), then the error part is rewritten without them (same name: replaced whole)
+    or removed. A kill in between leaves both; the next run moves the rows again (replacing
+    the same retried part), so no row is lost or counted twice."""
+    fs, files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
+    moved = 0
+    for path in files:
+        table = storage.with_retries(pq.read_table, path, filesystem=fs)
+        mask = _transient_mask(table)
+        n = int(pc.sum(mask).as_py() or 0)
+        if not n:
+            continue
+        key = os.path.basename(path)[len("part-") : -len(".parquet")]
+        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}")) or None
+        plain = table.replace_schema_metadata(None)
+        write_part(plain.filter(mask), storage.join(uri, RETRIED_DIR), meta, storage_options, key)
+        rest = plain.filter(pc.invert(mask))
+        if rest.num_rows:
+            write_part(rest, storage.join(uri, ERRORS_DIR), meta, storage_options, key)
+        else:
+            storage.with_retries(fs.rm, path)
+        moved += n
+    return moved
+
+
 def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
     """What the output holds, counted part file by part file (never the whole output at
     once): rows, errors by reason, audio seconds, frames, compute dtypes, precision, and the
