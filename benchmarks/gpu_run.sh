@@ -14,6 +14,7 @@
 #    9,720x on an H100) vs the job's engine FP16 (exact padded batching, chunking, checks),
 #    peak GPU memory per row; the engine without the model (the host's ceiling)     <= 150 s
 # 4. the large architecture, model only                                             <= 60 s
+#    and the unit assignment's share of a model-stage call (K = 500, 64 x 10 s)     <= 45 s
 # 5. end to end on 1 h of FLAC per length distribution with the job's defaults (decode tasks,
 #    the async model actor, Parquet), against the same model-only rows             <= 150 s
 # A dry run of the same steps on a CPU (checks the options, not the numbers):
@@ -49,6 +50,10 @@ timeout 60 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$LARGE" \
   --stock-batch 64 --micro-batch-costs "" --pad-multiples "" --compile-modes "" \
   --skip-pipeline --max-row-seconds 6 --out "$OUT/large" > "$OUT/large.log" 2>&1
 grep "^\[bench\]" "$OUT/large.log" | tail -6
+
+timeout 45 python3 -m benchmarks.units_cost --device "$DEVICE" --rows 64 --repeats 3 \
+  > "$OUT/units_cost.txt" 2>&1
+grep "^|" "$OUT/units_cost.txt"
 
 timeout 150 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$ARCH" \
   --utt-seconds 10,mixed --seconds 60 --batch-sizes "" --dtypes float16 --stock-batch 0 \

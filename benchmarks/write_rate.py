@@ -51,7 +51,7 @@ def model_block(rows: int, layers: list[int], seed: int = 0) -> tuple[pa.Table, 
     frames = [num_frames(n) for n in lengths]
     rng = np.random.default_rng(seed)
     columns = {
-        k: features_array(
+        f"layer_{k}": features_array(
             rng.standard_normal((sum(frames), HIDDEN), dtype=np.float32).astype(np.float16),
             frames,
             [True] * rows,

@@ -13,6 +13,7 @@ __all__ = [
     "ManifestError",
     "ModelConfig",
     "read_features",
+    "read_units",
 ]
 __version__ = "0.1.0"
 
@@ -22,3 +23,12 @@ def read_features(uri, segment_ids=None, layer=None, storage_options=None):
     from hubert_ray.output import read_features as _read
 
     return _read(uri, segment_ids=segment_ids, layer=layer, storage_options=storage_options)
+
+
+def read_units(uri, layer=None, storage_options=None):
+    """Units written by ``jobs.extract --units`` or ``jobs.kmeans assign`` as a table of
+    ``segment_id, start_s, end_s, num_frames, units_<layer>``; see
+    :func:`hubert_ray.kmeans.read_units`."""
+    from hubert_ray.kmeans import read_units as _read
+
+    return _read(uri, layer=layer, storage_options=storage_options)

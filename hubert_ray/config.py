@@ -36,6 +36,24 @@ def _require_storage_options(value: Any) -> None:
     )
 
 
+STORE_CHOICES = ("features", "units", "both")
+UNITS_FORMS = ("frames", "runs", "both")  # one id per frame and/or run-length form
+
+
+def unit_files(value: Any) -> tuple[str, ...]:
+    """Centroid files from a list and/or comma-separated strings (``--units a,b --units c``)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    _require(
+        all(isinstance(v, str) for v in items),
+        "units",
+        value,
+        "centroid file paths or URLs (a list, or comma-separated)",
+    )
+    return tuple(p.strip() for v in items for p in v.split(",") if p.strip())
+
+
 def compute_dtype(dtype: str, gpu: bool) -> str:
     """The dtype ``dtype`` means on a GPU or a CPU: ``auto`` is float16 on GPUs, float32 on
     CPUs (the one place this default lives)."""
@@ -172,6 +190,10 @@ class ModelConfig:
     num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
     allow_pickle_weights: bool = False
+    # Centroid files (hubert_ray.units): units_<layer> columns computed next to the forward.
+    units: tuple[str, ...] = ()
+    store: str = "features"  # features | units | both: which columns the stage emits
+    units_form: str = "frames"  # frames | runs | both (UNITS_FORMS)
     # Where the actor writes its precision record (<output>/actors); empty: nowhere.
     report_uri: str = ""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -234,6 +256,10 @@ class ModelConfig:
         )
         _require(self.compile in COMPILE_MODES, "compile", self.compile, ", ".join(COMPILE_MODES))
         _require(self.device in ("auto", "cuda", "cpu"), "device", self.device, "auto, cuda, cpu")
+        _require(self.store in STORE_CHOICES, "store", self.store, ", ".join(STORE_CHOICES))
+        _require(
+            self.units_form in UNITS_FORMS, "units_form", self.units_form, ", ".join(UNITS_FORMS)
+        )
         _require(
             isinstance(self.num_threads, int) and self.num_threads >= 0,
             "num_threads",
@@ -459,6 +485,31 @@ class ExtractConfig:
         ),
         shown="off",
     )
+    # Centroid files (``jobs.kmeans learn``), one per layer: adds units_<layer> columns.
+    units: tuple[str, ...] = option(
+        (),
+        help=(
+            "centroid file (`python -m jobs.kmeans learn`) adding a `units_<layer>` column "
+            "computed next to the forward; repeatable or comma-separated, one per layer (see "
+            "Units)"
+        ),
+        shown="—",
+    )
+    # features | units | both; unset: both with --units, else features.
+    store: str | None = option(
+        None,
+        help=("what feature parts hold: `features`, `units` (no continuous features) or `both`"),
+        shown="`features` (`both` with `--units`)",
+    )
+    # frames: units_<layer> (one id per frame); runs: units_<layer>_dedup + _durations; both.
+    units_form: str = option(
+        "frames",
+        help=(
+            "`frames` (`units_<layer>`, one id per frame), `runs` (`units_<layer>_dedup` + "
+            "`units_<layer>_durations`: run-length form) or `both`"
+        ),
+        shown="`frames`",
+    )
     # load pickle (.bin) weights; they can run code
     allow_pickle_weights: bool = option(
         False,
@@ -476,6 +527,22 @@ class ExtractConfig:
     )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "units", unit_files(self.units))
+        _require(
+            self.store is None or self.store in STORE_CHOICES,
+            "store",
+            self.store,
+            ", ".join(STORE_CHOICES),
+        )
+        _require(
+            bool(self.units) or self.store in (None, "features"),
+            "store",
+            self.store,
+            "features unless --units names centroid files",
+        )
+        _require(
+            self.units_form in UNITS_FORMS, "units_form", self.units_form, ", ".join(UNITS_FORMS)
+        )
         for name in ("manifest", "model", "output"):
             value = getattr(self, name)
             _require(
@@ -574,6 +641,11 @@ class ExtractConfig:
         self.decode_config()
         self.model_config()
 
+    @property
+    def stored(self) -> str:
+        """What the feature parts hold: features, units or both."""
+        return self.store or ("both" if self.units else "features")
+
     def rows_per_call(self, num_layers: int) -> int:
         """Model-actor batch size: ``batch_size``, else 256 rows for one stored layer, fewer
         for more layers (at least 16), so one call's output stays ~200 MB at 10 s rows."""
@@ -608,6 +680,9 @@ class ExtractConfig:
             device=device,
             num_threads=num_threads,
             allow_pickle_weights=self.allow_pickle_weights,
+            units=self.units,
+            store=self.stored,
+            units_form=self.units_form,
             report_uri=report_uri,
             precision=self.precision_config(sample_rate),
             storage_options=dict(self.storage_options),

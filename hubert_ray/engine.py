@@ -96,6 +96,7 @@ class Result:
     fallback: list[str | None]
     precision: list[list[dict] | None]
     errors: dict[int, tuple[str, str]]  # row -> (reason, message) for rows the model failed
+    units: dict = field(default_factory=dict)  # layer with centroids -> [N] int32 host tensor
 
 
 @dataclass
@@ -127,6 +128,7 @@ class _Features:
     host: dict  # layer -> [N, H] CPU tensor
     finite: np.ndarray  # per chunk (position in js): every stored value finite in every layer
     groups: list[list[int]]  # the micro-batches that computed them (chunk indices)
+    units: dict = field(default_factory=dict)  # layer with centroids -> [N] int32 host tensor
 
     @cached_property
     def pos(self) -> dict[int, int]:
@@ -152,6 +154,7 @@ class _Launched:
     ok: object  # per frame: finite once stored (bool tensor)
     groups: list[list[int]]
     done: object  # the clock's event: results on the host
+    units: dict  # layer with centroids -> [N] int32 tensor (host memory once ``done``)
 
 
 @dataclass
@@ -231,6 +234,7 @@ class Engine:
             self.net.compile_layers(config.compile)
             log.info("model forward compiled with torch.compile mode %s", config.compile)
         self.layers = parse_layers(config.layers, self.net.num_hidden_layers)
+        self.codebooks = self._load_codebooks(config) if config.units and not simulated else {}
         self.precision = config.precision
         self.store = torch.float16 if config.storage_dtype == "float16" else torch.float32
         self.stats = {"batches": 0, "forward_s": 0.0, "samples": 0, "padded_samples": 0}
@@ -251,6 +255,33 @@ class Engine:
         # the first non-finite fallback otherwise).
         if not self.checking and self._fp32 is not self.net:
             self._fp32 = None
+
+    # -- units -----------------------------------------------------------------------------
+    def _load_codebooks(self, config: ModelConfig) -> dict:
+        """``{layer: (centroids, ||c||^2)}`` on the device, from ``config.units``."""
+        from hubert_ray import model as hm
+        from hubert_ray import units
+
+        revision = hm.model_revision(self.model_dir)
+        books = {}
+        for uri in config.units:
+            book = units.load(uri, config.storage_options)
+            units.check_codebook(
+                book.provenance,
+                uri,
+                model_revision=revision,
+                hidden_size=self.hidden,
+                layers=self.layers,
+            )
+            books[book.layer] = units.prepare(book.centroids, self.device)
+        return books
+
+    def units_of(self, feats: dict) -> dict:
+        """Unit ids (int32 [frames] tensors on the device) of the feature tensors
+        ``feats[layer]`` [frames, hidden], for every layer with centroids."""
+        from hubert_ray import units
+
+        return {k: units.assign(feats[k], c, c_sq) for k, (c, c_sq) in self.codebooks.items()}
 
     @property
     def checking(self) -> bool:
@@ -369,9 +400,11 @@ class Engine:
         # A frame is finite once stored if no layer has NaN or a magnitude that overflows the
         # storage dtype (float16 rounds |x| >= 65520 to inf).
         ok = peak < 65520.0 if store == torch.float16 else torch.isfinite(peak)
+        units = self.units_of(out)  # from the features as stored (cast to ``store``)
         if device.type == "cuda":
             out, ok = self._to_host(out), self._to_host({0: ok})[0]
-        return _Launched(js, starts, frames, out, ok, groups, self.clock.record())
+            units = self._to_host(units)
+        return _Launched(js, starts, frames, out, ok, groups, self.clock.record(), units)
 
     def _collect(self, launched: _Launched) -> _Features:
         """Wait for a launched forward's results on the host."""
@@ -381,7 +414,7 @@ class Engine:
         some = np.asarray(frames, dtype=np.int64) > 0  # (a chunk under 400 samples has none)
         if some.any():
             finite[some] = np.logical_and.reduceat(launched.ok.numpy(), starts[:-1][some])
-        return _Features(launched.js, starts, launched.out, finite, launched.groups)
+        return _Features(launched.js, starts, launched.out, finite, launched.groups, launched.units)
 
     def _micro_batch(self, net, w: _Work, group: list[int], starts: list[int], out, peak, slot):
         """One padded forward of chunks ``group``; chunk ``group[i]``'s frames go to rows
@@ -526,6 +559,7 @@ class Engine:
             fallback=[w.fallback.get(i) for i in range(n)],
             precision=precision,
             errors=errors,
+            units=feats.units,
         )
 
     def _guard(self, w: _Work, feats: _Features, dtype: str) -> set[int]:
@@ -561,6 +595,8 @@ class Engine:
             c, d = again.span(chunks_of[i])
             for k in self.layers:
                 feats.host[k][a:b] = again.host[k][c:d]
+            for k in feats.units:
+                feats.units[k][a:b] = again.units[k][c:d]
             w.row_dtype[i] = "float32"
             w.fallback.setdefault(i, why)
         return {i for i in rows if not again.all_finite(chunks_of[i])}
@@ -590,7 +626,10 @@ class Engine:
             a, b = feats.span(chunks_of[i])
             c, d = ref.span(chunks_of[i])
             metrics = {
-                k: compare(feats.host[k][a:b].numpy(), ref.host[k][c:d].numpy())
+                k: {
+                    **compare(feats.host[k][a:b].numpy(), ref.host[k][c:d].numpy()),
+                    "unit_flip_rate": _flip_rate(feats, ref, k, (a, b), (c, d)),
+                }
                 for k in self.layers
             }
             worst_layer = max(metrics, key=lambda k: metrics[k]["rel_l2"])
@@ -664,3 +703,14 @@ class Engine:
                 self.reduced_rows if self.demoted == FALLBACK_ESCALATED else 0
             ),
         }
+
+
+def _flip_rate(feats: _Features, ref: _Features, k: int, span, ref_span) -> float | None:
+    """Share of a segment's frames whose layer-``k`` unit differs from the FP32 one."""
+    if k not in feats.units:
+        return None
+    a, b = span
+    if b == a:
+        return 0.0
+    c, d = ref_span
+    return float((feats.units[k][a:b] != ref.units[k][c:d]).sum()) / (b - a)

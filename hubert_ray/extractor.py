@@ -33,6 +33,8 @@ PRECISION_TYPE = pa.list_(
             ("rel_l2", pa.float64()),
             ("max_abs", pa.float64()),
             ("action", pa.string()),  # none | warn | fallback | breach_ignored
+            # share of frames whose unit differs from FP32's (null: no centroids for the layer)
+            ("unit_flip_rate", pa.float64()),
         ]
     )
 )
@@ -50,11 +52,7 @@ def features_array(
     ``values`` [N, hidden] (in order), or null where not ``valid[i]`` (its frames, if any, are
     dropped). Zero-copy over ``values`` when no frames are dropped."""
     hidden = values.shape[1]
-    lengths = np.asarray(frames, dtype=np.int64)
-    valid_np = np.asarray(valid, dtype=bool)
-    if (lengths[~valid_np] > 0).any():  # rows that failed after their frames were computed
-        values = values[np.repeat(valid_np, lengths)]
-        lengths = np.where(valid_np, lengths, 0)
+    values, lengths, valid_np = _valid_only(values, frames, valid)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     np_dtype = np.float16 if storage_dtype == "float16" else np.float32
@@ -64,6 +62,44 @@ def features_array(
     return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=mask).cast(
         feature_type(hidden, storage_dtype)
     )
+
+
+def units_array(values: np.ndarray, frames: list[int], valid: list[bool]) -> pa.Array:
+    """``list<uint16>``: row i is the next ``frames[i]`` ids of ``values`` [N], or null
+    where not ``valid[i]`` (its ids, if any, are dropped)."""
+    values, lengths, valid_np = _valid_only(values, frames, valid)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = pa.array(np.ascontiguousarray(values, dtype=np.uint16))
+    return pa.ListArray.from_arrays(pa.array(offsets), ids, mask=pa.array(~valid_np))
+
+
+def unit_run_arrays(
+    values: np.ndarray, frames: list[int], valid: list[bool]
+) -> tuple[pa.Array, pa.Array]:
+    """Run-length form of :func:`units_array`: ``list<uint16>`` deduplicated ids and
+    ``list<uint32>`` their durations in frames, per row (null where not ``valid[i]``)."""
+    from hubert_ray import units
+
+    values, lengths, valid_np = _valid_only(values, frames, valid)
+    dedup, durations, counts = units.run_length_rows(values, lengths)
+    offsets = pa.array(np.concatenate(([0], np.cumsum(counts))).astype(np.int32))
+    mask = pa.array(~valid_np)
+    return (
+        pa.ListArray.from_arrays(offsets, pa.array(dedup.astype(np.uint16)), mask=mask),
+        pa.ListArray.from_arrays(offsets, pa.array(durations.astype(np.uint32)), mask=mask),
+    )
+
+
+def _valid_only(values: np.ndarray, frames: list[int], valid: list[bool]):
+    """``values`` without the frames of rows that are not ``valid``, the rows' frame counts
+    (0 where not valid) and the validity mask."""
+    lengths = np.asarray(frames, dtype=np.int64)
+    valid_np = np.asarray(valid, dtype=bool)
+    if (lengths[~valid_np] > 0).any():  # rows that failed after their frames were computed
+        values = values[np.repeat(valid_np, lengths)]
+        lengths = np.where(valid_np, lengths, 0)
+    return values, lengths, valid_np
 
 
 def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
@@ -143,12 +179,22 @@ class ModelStage:
         batch, pending = launched
         res = self.engine.finish(pending)
         self._write_report()
-        columns = {
-            k: features_array(
-                res.features[k].numpy(), res.frames, res.valid, self.config.storage_dtype
-            )
-            for k in self.layers
-        }
+        columns = {}
+        if self.config.store != "units":
+            for k in self.layers:
+                columns[f"layer_{k}"] = features_array(
+                    res.features[k].numpy(), res.frames, res.valid, self.config.storage_dtype
+                )
+        if self.config.store != "features":
+            form = self.config.units_form
+            for k in sorted(res.units):
+                ids = res.units[k].numpy()
+                if form != "runs":
+                    columns[f"units_{k}"] = units_array(ids, res.frames, res.valid)
+                if form != "frames":
+                    dedup, durations = unit_run_arrays(ids, res.frames, res.valid)
+                    columns[f"units_{k}_dedup"] = dedup
+                    columns[f"units_{k}_durations"] = durations
         frames = [f if ok else 0 for f, ok in zip(res.frames, res.valid, strict=True)]
         out = assemble(batch, columns, frames, res, self.identity)
         if out.num_rows != batch.num_rows or out.column("segment_id") != batch.column("segment_id"):
@@ -157,9 +203,10 @@ class ModelStage:
 
 
 def assemble(batch: pa.Table, columns: dict, frames: list[int], res, identity: dict) -> pa.Table:
-    """The model stage's output table: ``batch``'s rows with their feature ``columns``
-    (layer -> Arrow array), frame counts, the engine's per-row outcome ``res``
-    (:class:`hubert_ray.engine.Result`) and ``identity`` (model, model_revision, actor_id)."""
+    """The model stage's output table: ``batch``'s rows with their ``columns`` (name -> Arrow
+    array: ``layer_<k>``, ``units_<k>``, ...), frame counts, the engine's per-row outcome
+    ``res`` (:class:`hubert_ray.engine.Result`) and ``identity`` (model, model_revision,
+    actor_id)."""
     n = batch.num_rows
     stage = batch.column("error_stage").to_pylist()
     reason = batch.column("error_reason").to_pylist()
@@ -173,8 +220,7 @@ def assemble(batch: pa.Table, columns: dict, frames: list[int], res, identity: d
         "end_s": batch.column("end_s"),
         "num_frames": pa.array(frames, pa.int32()),
     }
-    for k, column in columns.items():
-        cols[f"layer_{k}"] = column
+    cols.update(columns)
     ok = [reason[i] is None for i in range(n)]
     cols["model"] = pa.array([identity["model"]] * n, pa.string())
     cols["model_revision"] = pa.array([identity["model_revision"]] * n, pa.string())

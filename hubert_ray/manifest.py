@@ -193,7 +193,7 @@ def read_segments(uri: str, storage_options: dict | None = None) -> pa.Table:
     A canonical Parquet manifest (what ``jobs.prepare`` writes, e.g. from WenetSpeech.json) is
     read and checked column-wise with Arrow, without a Python object per segment: at
     WenetSpeech scale (14.6 M segments) the per-segment path cost the driver 71–73 s, this
-    one 8–13 s (benchmarks/RESULTS.md). Any other format, or a canonical file that fails a check,
+    one 8–13 s (docs/performance.md). Any other format, or a canonical file that fails a check,
     goes through :func:`read_manifest`, which reports every problem by line."""
     if _extension(uri) in PARQUET_EXTENSIONS:
         table = _canonical_segments(uri, storage_options)

@@ -2,7 +2,7 @@
 
 Layout under ``<output>/``::
 
-    features/part-*.parquet   one row per segment (DESIGN.md schema), run config in metadata
+    features/part-*.parquet   one row per segment (README: Output), run config in metadata
     errors/part-*.parquet     one row per failed segment: segment_id, recording_id, stage,
                               reason, message, transient
     retried/part-*.parquet    error rows a later run took out of errors/ to retry (transient)
@@ -33,7 +33,16 @@ from hubert_ray.errors import ERROR_COLUMNS, TRANSIENT_COLUMN, TRANSIENT_REASONS
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 PRECISION_DIR = "precision"
-PRECISION_FIELDS = ("layer", "checked_dtype", "cos_mean", "cos_min", "rel_l2", "max_abs", "action")
+PRECISION_FIELDS = (
+    "layer",
+    "checked_dtype",
+    "cos_mean",
+    "cos_min",
+    "rel_l2",
+    "max_abs",
+    "action",
+    "unit_flip_rate",  # null where the layer has no centroids
+)
 RETRIED_DIR = "retried"
 SUMMARY_FILE = "_summary.json"
 RUNS_FILE = "_runs.json"
@@ -131,7 +140,7 @@ def parquet_options(schema: pa.Schema) -> dict:
 
 # Rows per record batch handed to the Parquet writer: it builds its repetition/definition levels
 # per batch (one per feature value): one batch of 2,000 rows wrote ~2x slower than batches of
-# 16-256 rows (benchmarks/RESULTS.md, session 12). Splitting a table into batches copies nothing.
+# 16-256 rows (docs/performance.md). Splitting a table into batches copies nothing.
 WRITE_BATCH_ROWS = 64
 
 
@@ -236,6 +245,11 @@ def read_features(
         return {}
     names = pq.read_schema(files[0], filesystem=fs).names
     layers = sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("layer_"))
+    if not layers:
+        raise KeyError(
+            f"{uri} stores no features (written with --store units); "
+            "read its units with hubert_ray.read_units"
+        )
     if layer is None:
         layer = layers[-1]
     if layer not in layers:

@@ -7,7 +7,6 @@ summary pass over the written files → ``_summary.json``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, models, output, segments, storage
+from hubert_ray import manifest, metrics, models, output, segments, storage, units
 from hubert_ray.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
 from hubert_ray.errors import ConfigError, WorkerDeathError
 from hubert_ray.precision import effective_rate
@@ -81,6 +80,7 @@ def redacted(cfg: ExtractConfig) -> dict:
     """The run config as recorded in outputs: storage option values are never written."""
     d = cfg.to_dict()
     d["storage_options"] = sorted(d["storage_options"])
+    d["units"] = list(d["units"])  # as JSON reads it back
     return d
 
 
@@ -95,7 +95,7 @@ def redacted(cfg: ExtractConfig) -> dict:
 # row out), and (3) the skip is by id, so a part written just before a kill is simply not
 # redone. Ray's checkpointing (beta) needs a Read datasource and a Write datasink, while this
 # job writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU +
-# 1 GiB that stalls small clusters (DESIGN.md §3). ``tests/test_resume.py`` proves exactness
+# 1 GiB that stalls small clusters (docs/design.md). ``tests/test_resume.py`` proves exactness
 # with SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
 # markers); ``_job.json`` (the run's identity) is written before any work so a rerun with a
 # different model, layers or dtype into the same output is refused instead of mixing features.
@@ -110,6 +110,9 @@ _IDENTITY_OPTIONS = {
     "compute_dtype": "dtype",
     "storage_dtype": "storage_dtype",
     "chunk_seconds": "chunk_seconds",
+    "store": "store",
+    "units": "units",
+    "units_form": "units_form",
     "normalize": "normalize",
 }
 
@@ -137,8 +140,11 @@ def model_fingerprint(model_uri: str, storage_options: dict | None = None) -> st
     return digest.hexdigest()[:16]
 
 
-def job_identity(cfg: ExtractConfig, layers, model_revision: str) -> dict:
-    """What must match for a rerun to add to an existing output (``<output>/_job.json``)."""
+def job_identity(
+    cfg: ExtractConfig, layers, model_revision: str, codebooks: list[dict] | None = None
+) -> dict:
+    """What must match for a rerun to add to an existing output (``<output>/_job.json``):
+    ``codebooks`` are :func:`hubert_ray.units.check_files`' description of ``--units``."""
     return {
         "format_version": 1,
         "model": cfg.model,
@@ -147,6 +153,9 @@ def job_identity(cfg: ExtractConfig, layers, model_revision: str) -> dict:
         "dtype": cfg.dtype,
         "storage_dtype": cfg.storage_dtype,
         "chunk_seconds": float(cfg.chunk_seconds),
+        "store": cfg.stored,
+        "units_form": cfg.units_form,
+        "units": [{k: b[k] for k in ("layer", "k", "centroids_sha")} for b in (codebooks or [])],
     }
 
 
@@ -629,15 +638,26 @@ def _spilled_mib() -> float | None:
     return float(found.group(1)) if found else 0.0
 
 
-def _progress_in_segments() -> None:
-    """Ray Data's progress bars count blocks and rows of every operator; this job prints its
-    own progress in segments and audio hours (hubert_ray.progress) instead. Ray logs a hint
-    on how to turn its bars back on, once per process (``log_once``): marked as given here."""
+def _quiet_ray() -> None:
+    """What Ray Data would print that does not help this job's user:
+
+    - its progress bars count blocks and rows of every operator; this job prints its own
+      progress in segments and audio hours (hubert_ray.progress). Ray logs a hint on how to
+      turn its bars back on once per process (``log_once``): marked as given here.
+    - Ray 2.60 deprecates the extra remote args of ``map_batches`` / ``write_datasink``
+      (removal planned in 2.64) but names no replacement for ``max_retries`` /
+      ``max_task_retries``, which bound the retries of a process that dies
+      (:data:`MAX_PROCESS_DEATHS`). The job pins Ray below 2.61, so that warning says nothing
+      a user could act on."""
+    import warnings
+
     import ray.data
+    from ray.util.annotations import RayDeprecationWarning
     from ray.util.debug import log_once
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")
+    warnings.filterwarnings("ignore", message=".*ray_remote_args", category=RayDeprecationWarning)
 
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -756,24 +776,6 @@ def stage_args(
 MAX_INPUT_BLOCKS = 2_000
 
 
-@contextlib.contextmanager
-def _retry_bounds_without_deprecation_warning():
-    """Ray 2.60 deprecates ``map_batches``' and ``write_datasink``'s extra remote args
-    (removal planned in 2.64) but names no replacement for ``max_retries`` /
-    ``max_task_retries``, which bound the retries of a process that dies
-    (:data:`MAX_PROCESS_DEATHS`). This job pins Ray below 2.61, so the warning says nothing a
-    user could act on."""
-    import warnings
-
-    from ray.util.annotations import RayDeprecationWarning
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*ray_remote_args", category=RayDeprecationWarning
-        )
-        yield
-
-
 def _write(ds, sink) -> None:
     """Execute the dataset into ``sink`` (write tasks retried as decode tasks are); a worker
     process that died past :data:`MAX_PROCESS_DEATHS` retries becomes a
@@ -781,8 +783,7 @@ def _write(ds, sink) -> None:
     from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
     try:
-        with _retry_bounds_without_deprecation_warning():
-            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
+        ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
     except (RayActorError, WorkerCrashedError, OutOfMemoryError) as exc:
         actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
         what = "a model-stage call" if actor else "a decode or write task"
@@ -896,10 +897,9 @@ def build_manifest_dataset(
         batch_format="pyarrow",
         max_retries=MAX_PROCESS_DEATHS,
     )
-    with _retry_bounds_without_deprecation_warning():
-        ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
-        args = stage_args("model", cfg, placement, simulate_x_realtime)
-        return ds.map_batches(ModelActor, **args)
+    ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
+    args = stage_args("model", cfg, placement, simulate_x_realtime)
+    return ds.map_batches(ModelActor, **args)
 
 
 CHECK_TASKS = 256
@@ -959,7 +959,15 @@ def run(
         cfg.model_config().chunk_samples,
         cfg.dtype,
     )
-    identity = job_identity(cfg, layers, model_fingerprint(cfg.model, cfg.storage_options))
+    fingerprint = model_fingerprint(cfg.model, cfg.storage_options)
+    codebooks = units.check_files(  # a remote model's fingerprint is not its content hash
+        cfg.units,
+        layers=layers,
+        hidden_size=model_json.get("hidden_size"),
+        model_revision=None if storage.is_remote(cfg.model) else fingerprint,
+        storage_options=cfg.storage_options,
+    )
+    identity = job_identity(cfg, layers, fingerprint, codebooks)
     identity["normalize"] = prep.normalize
     previous = prepare_output(cfg, overwrite, identity)
     if to_convert is not None:
@@ -995,7 +1003,7 @@ def run(
     import ray
 
     init_ray()
-    _progress_in_segments()
+    _quiet_ray()
     sample_rate = effective_rate(cfg.precision_sample_rate, info["segments"])
     placement = plan_placement(
         cfg,
@@ -1029,6 +1037,8 @@ def run(
         "preprocessing": prep.to_dict(),
         "model_family": spec.to_dict(),
     }
+    if codebooks:
+        metadata["units"] = identity["units"]
     sink_retries = 0
     run_audio = 0.0
     if done_rows < info["segments"] or retried:
@@ -1073,6 +1083,8 @@ def run(
             "cumulative": output.runs_totals(runs),
             "recordings_total": info["recordings"],
             "layers": list(layers),
+            "store": cfg.stored,
+            "unit_layers": [b["layer"] for b in codebooks],
             "model_actors": placement.pool,
             "device": "gpu" if placement.gpu else "cpu",
             "config": redacted(cfg),
@@ -1159,3 +1171,118 @@ def _write_report(cfg: ExtractConfig, summary: dict) -> None:
         log.info("report: %s", write_report(cfg.output, summary, cfg.storage_options))
     except Exception:
         log.exception("writing %s failed", storage.join(cfg.output, "report.html"))
+
+
+# -- units of an existing feature dataset (python -m jobs.kmeans assign) -----------------------
+UNITS_JOB = {"kind": "units", "format_version": 1}
+
+
+def _assign_parts(batch: pa.Table, km: str, out_dir: str, storage_options, device) -> pa.Table:
+    """Task UDF: units of each feature part named in ``batch`` (one output part each)."""
+    from hubert_ray import kmeans
+
+    book = units.load(km, storage_options)
+    done = [
+        kmeans.assign_part(src, out_dir, book, storage_options, device)
+        for src in batch.column("path").to_pylist()
+    ]
+    return pa.Table.from_pylist(done)
+
+
+def run_assign(
+    features: str,
+    km: str,
+    out: str,
+    storage_options: dict | None = None,
+    num_gpus: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``<out>/units/part-*.parquet`` (``segment_id``, times, ``num_frames``,
+    ``units_<layer>``) for every feature part of ``features``: one Ray task per part, each
+    output part named after its input part, so a rerun skips the parts already written
+    (resume). Refuses (ConfigError) centroids of another model revision or hidden size, a layer
+    not stored, or an ``out`` holding units of other centroids."""
+    from hubert_ray import kmeans
+
+    prov = units.read_provenance(km, storage_options)
+    try:
+        info = kmeans.dataset_info(features, int(prov["layer"]), storage_options)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field="km") from None
+    units.check_codebook(
+        prov, km, model_revision=info["model_revision"], hidden_size=info["hidden_size"]
+    )
+    identity = {
+        **UNITS_JOB,
+        "features": features,
+        "layer": int(prov["layer"]),
+        "k": int(prov["k"]),
+        "centroids_sha": prov["centroids_sha"],
+        "model_revision": info["model_revision"],
+    }
+    fs, path = storage.filesystem(out, storage_options)
+    base = path.rstrip("/")
+    job_path = f"{base}/{output.JOB_FILE}"
+    if overwrite:
+        for name in (kmeans.UNITS_DIR, output.JOB_FILE, output.SUMMARY_FILE):
+            if fs.exists(f"{base}/{name}"):
+                fs.rm(f"{base}/{name}", recursive=True)
+    elif fs.exists(job_path):
+        with fs.open(job_path, "r") as f:
+            previous = json.load(f)
+        diffs = [k for k in identity if previous.get(k) != identity[k]]
+        if diffs:
+            what = "; ".join(f"{k}: was {previous.get(k)!r}, now {identity[k]!r}" for k in diffs)
+            raise ConfigError(
+                f"output={out!r} holds units of another run ({what}); use another --output or "
+                "--overwrite",
+                field="output",
+            )
+    src_dir = kmeans.features_dir(features)
+    _, src = kmeans.part_files(src_dir, storage_options)
+    out_dir = storage.join(out, kmeans.UNITS_DIR)
+    _, written = kmeans.part_files(out_dir, storage_options)
+    have = {os.path.basename(p) for p in written}
+    todo = [storage.join(src_dir, os.path.basename(p)) for p in src]
+    todo = [p for p in todo if os.path.basename(p) not in have]
+    log.info("units: %d feature parts, %d already assigned", len(src), len(src) - len(todo))
+    if not storage.is_remote(out):
+        os.makedirs(path, exist_ok=True)
+    storage.with_retries(fs.pipe_file, job_path, json.dumps(identity, indent=2).encode())
+    if fs.exists(f"{base}/{output.SUMMARY_FILE}"):
+        fs.rm(f"{base}/{output.SUMMARY_FILE}")
+    t0 = time.time()
+    if todo:
+        import ray
+
+        init_ray()
+        _quiet_ray()
+        gpu = bool(num_gpus) and int(ray.cluster_resources().get("GPU", 0)) > 0
+        resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            _assign_parts,
+            fn_kwargs={
+                "km": km,
+                "out_dir": out_dir,
+                "storage_options": storage_options,
+                "device": "cuda" if gpu else "cpu",
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            max_retries=MAX_PROCESS_DEATHS,
+            **resources,
+        )
+        ds.materialize()
+    table = output.read_table(out_dir, ["segment_id", "num_frames"], storage_options)
+    summary = {
+        **identity,
+        "parts": len(src),
+        "parts_resumed": len(src) - len(todo),
+        "segments": table.num_rows if table is not None else 0,
+        "frames": int(pc.sum(table.column("num_frames")).as_py() or 0) if table else 0,
+        "wall_seconds": round(time.time() - t0, 3),
+    }
+    data = json.dumps(summary, indent=2).encode()
+    storage.with_retries(fs.pipe_file, f"{base}/{output.SUMMARY_FILE}", data)
+    return summary

@@ -63,11 +63,27 @@ def compare(features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def summarize_layers(rows: list[dict]) -> dict:
     """Per-layer mean / p50 / p99 / max of the relative error and min cosine over rows of
-    ``{"layer", "rel_l2", "cos_min", ...}``."""
+    ``{"layer", "rel_l2", "cos_min", ...}``; with units (rows' ``unit_flip_rate`` and
+    ``num_frames``), the frame-weighted share of frames whose unit differs from FP32's and
+    the worst segment's share."""
     out: dict[str, dict] = {}
     for layer in sorted({r["layer"] for r in rows}):
-        rel = np.array([r["rel_l2"] for r in rows if r["layer"] == layer], dtype=np.float64)
-        cos = np.array([r["cos_min"] for r in rows if r["layer"] == layer], dtype=np.float64)
+        mine = [r for r in rows if r["layer"] == layer]
+        rel = np.array([r["rel_l2"] for r in mine], dtype=np.float64)
+        cos = np.array([r["cos_min"] for r in mine], dtype=np.float64)
+        flips = [r for r in mine if r.get("unit_flip_rate") is not None]
+        if flips:
+            rate = np.array([r["unit_flip_rate"] for r in flips], dtype=np.float64)
+            frames = np.array([r.get("num_frames") or 0 for r in flips], dtype=np.float64)
+            flipped = float((rate * frames).sum())
+            units = {
+                "unit_frames": int(frames.sum()),
+                "unit_flips": int(round(flipped)),
+                "unit_flip_rate": flipped / frames.sum() if frames.sum() else 0.0,
+                "unit_flip_rate_max": float(rate.max()),
+            }
+        else:
+            units = {}
         out[str(layer)] = {
             "segments": int(rel.size),
             "rel_l2_mean": float(rel.mean()),
@@ -75,5 +91,6 @@ def summarize_layers(rows: list[dict]) -> dict:
             "rel_l2_p99": float(np.percentile(rel, 99)),
             "rel_l2_max": float(rel.max()),
             "cos_min": float(cos.min()),
+            **units,
         }
     return out

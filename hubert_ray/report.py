@@ -448,6 +448,23 @@ def render(output_uri: str, summary: dict, storage_options: dict | None = None) 
                 ("layer", "segments", "rel_l2 mean", "p50", "p99", "max", "cos min"),
             )
         )
+        flips = [k for k in names if "unit_flip_rate" in layers[k]]
+        if flips:
+            parts.append(
+                _table(
+                    [
+                        (
+                            k,
+                            layers[k]["unit_frames"],
+                            layers[k]["unit_flips"],
+                            layers[k]["unit_flip_rate"],
+                            layers[k]["unit_flip_rate_max"],
+                        )
+                        for k in flips
+                    ],
+                    ("layer", "frames", "units changed", "unit flip rate", "worst segment"),
+                )
+            )
     else:
         parts.append('<p class="note">No sampled FP32 rechecks in this run.</p>')
     parts.append("<h3>Self-test of each model actor</h3>")

@@ -58,6 +58,8 @@ def options() -> dict[str, tuple[object, dict]]:
     out = {}
     for f in dataclasses.fields(ExtractConfig):
         typ = hints[f.name]
+        if typing.get_origin(typ) is tuple:
+            typ = tuple
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         out[f.name] = (args[0] if args else typ, f.metadata)
     return out
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             on = ExtractConfig.__dataclass_fields__[name].default is True
             action = argparse.BooleanOptionalAction if on else "store_true"
             p.add_argument(flag, dest=name, action=action, default=None, help=help_)
+        elif typ is tuple:  # repeatable, values add up (e.g. --units a --units b,c)
+            p.add_argument(flag, dest=name, type=str, action="append", default=None, help=help_)
         else:
             kind = _json_option if typ is dict else typ
             p.add_argument(flag, dest=name, type=kind, default=None, help=help_)

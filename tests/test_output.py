@@ -112,7 +112,7 @@ def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
         errors={},
     )
     identity = {"model": "m", "model_revision": "r", "actor_id": "a"}
-    return assemble(batch, {1: layer}, res.frames, res, identity)
+    return assemble(batch, {"layer_1": layer}, res.frames, res, identity)
 
 
 def test_split_block_rows_and_no_copy_without_failures():
