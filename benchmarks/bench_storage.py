@@ -25,6 +25,8 @@ import urllib.request
 
 import pyarrow as pa
 
+from benchmarks.workloads import recording_blocks
+
 BUCKET = "bench"
 OPTIONS = {"key": "bench", "secret": "bench"}
 
@@ -87,7 +89,6 @@ def decode_all(manifest_uri: str, storage_options: dict | None) -> tuple[float, 
     from hubert_ray import manifest, storage
     from hubert_ray.audio import DecodeStage, clear_cache
     from hubert_ray.config import DecodeConfig
-    from hubert_ray.pipeline import segment_blocks
 
     table = manifest.read_segments(manifest_uri, storage_options)
     stage = DecodeStage(DecodeConfig(storage_options=dict(storage_options or {})))
@@ -95,7 +96,7 @@ def decode_all(manifest_uri: str, storage_options: dict | None) -> tuple[float, 
     retries = storage.retry_count()
     t0 = time.perf_counter()
     samples = 0
-    for block in segment_blocks(table, 16):
+    for block in recording_blocks(table, 16):
         out = stage(block)
         ok = out.filter(pa.compute.is_null(out.column("error_reason")))
         samples += int(pa.compute.sum(ok.column("num_samples")).as_py() or 0)

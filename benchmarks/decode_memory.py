@@ -6,7 +6,7 @@ decoding:
 Generates, in a temporary directory, a 16 kHz mono FLAC of ``--hours`` cut into ``--segments``
 back-to-back segments and a 44.1 kHz stereo FLAC of ``--stereo-hours`` cut into 6 s segments
 (cheap synthetic signal: a tone plus noise, written minute by minute). Runs the job's decode
-stage on local Ray exactly as the pipeline does (``pipeline.input_blocks`` blocks,
+stage on local Ray exactly as the pipeline does (blocks of whole recordings,
 ``pipeline._decode`` tasks with ``stage_args("decode", ...)``); every task reports its worker
 process's peak resident memory (``ru_maxrss``) and a digest of each segment's samples. A fresh
 process then decodes each file whole (``read_audio`` + ``to_mono_16k`` + ``cut_segment`` +
@@ -110,7 +110,7 @@ def measure(path: str, times: list[tuple[str, float, float]], rec: str) -> dict:
     args = pipeline.stage_args("decode", cfg, placement)
     t0 = time.perf_counter()
     rows = (
-        ray.data.from_arrow(pipeline.input_blocks(cfg, segments))
+        ray.data.from_arrow([segments])  # one recording: one block, as the job's tasks give
         .map_batches(_probe, **args)
         .take_all()
     )

@@ -91,6 +91,19 @@ def make_model(arch: str, path: str) -> str:
     return path
 
 
+def recording_blocks(table, rows: int) -> list:
+    """A segment table (recording-ordered) cut at recording boundaries into blocks of about
+    ``rows`` rows, as the job's tasks hand segments to the decode stage."""
+    ids = table.column("recording_id").to_pylist()
+    blocks, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (ids[i] != ids[i - 1] and i - start >= rows):
+            if i > start:
+                blocks.append(table.slice(start, i - start))
+            start = i
+    return blocks
+
+
 def decoded_table(items: list[np.ndarray], prefix: str):
     """A pre-decoded batch in ``DECODED_SCHEMA`` (what the decode stage hands the actor)."""
     import pyarrow as pa
