@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     from hubert_ray import units
     from hubert_ray.audio import normalise
     from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import HubertStage
+    from hubert_ray.extractor import ModelStage
     from hubert_ray.model import model_revision
-    from jobs.benchmark import decoded_table, make_model, make_raw
+    from benchmarks.workloads import decoded_table, make_model, make_raw
 
     cuda = args.device == "cuda"
     dtype = args.dtype or ("float16" if cuda else "float32")
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
             device=args.device,
             precision=PrecisionConfig(precision_sample_rate=0.0),
         )
-        plain = HubertStage(ModelConfig(**common))
-        with_units = HubertStage(ModelConfig(**common, units=(km,), store="both"))
+        plain = ModelStage(ModelConfig(**common))
+        with_units = ModelStage(ModelConfig(**common, units=(km,), store="both"))
         plain(table), with_units(table)  # warm-up
         t_plain = best(lambda: plain(table))
         t_units = best(lambda: with_units(table))
