@@ -33,12 +33,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     import torch
 
+    from benchmarks.workloads import decoded_table, make_model, make_raw
     from hubert_ray import units
     from hubert_ray.audio import normalise
     from hubert_ray.config import ModelConfig, PrecisionConfig
     from hubert_ray.extractor import ModelStage
     from hubert_ray.model import model_revision
-    from benchmarks.workloads import decoded_table, make_model, make_raw
 
     cuda = args.device == "cuda"
     dtype = args.dtype or ("float16" if cuda else "float32")
