@@ -131,3 +131,31 @@ def test_benchmark_cli_smoke(tmp_path):
         "pipeline / plain loop (CPU goal >= 0.8)",
     }
     assert all(math.isfinite(r["value"]) and r["value"] > 0 for r in result["ratios"])
+
+
+@pytest.mark.ray  # starts its own local Ray (in the subprocess)
+def test_simulated_device_benchmark_smoke(tmp_path):
+    """The whole pipeline against the simulated accelerator: every figure is there and sane
+    (no timing assertions: the ratios depend on the machine)."""
+    out = tmp_path / "sim.json"
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = ["--x-realtime", "500", "--hours", "0.02", "--unique-hours", "0.01", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.simulated_device", *args, str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device_x_realtime"] == 500
+    assert result["audio_hours"] == pytest.approx(0.02, rel=0.2)
+    assert result["segments"] > 0 and result["wall_s"] > 0
+    for key in ("pipeline_x_realtime", "whole_ratio", "host_cpu_util"):
+        assert math.isfinite(result[key]) and result[key] > 0
+    # the device cannot be faster than itself
+    assert result["whole_ratio"] <= 1.0
+    assert result["steady_ratio"] is None or 0 < result["steady_ratio"] <= 1.05
