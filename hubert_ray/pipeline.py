@@ -461,9 +461,11 @@ def _spilled_mib() -> float | None:
     import re
 
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        # This job's cluster: without an address Ray refuses when the host runs several.
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # a private API: never fail the job over a statistic
         return None
     found = re.search(r"Spilled (\d+) MiB", text)
