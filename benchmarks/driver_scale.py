@@ -37,14 +37,20 @@ from hubert_ray.config import ExtractConfig
 manifest, out = sys.argv[1], sys.argv[2]
 cfg = ExtractConfig(manifest=manifest, model="-", output=out, num_gpus=0)
 times = {}
+peaks = {}
+def peak():
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+peaks["ray_started"] = peak()
 t = time.perf_counter()
 uri, info, table = pipeline.job_manifest(cfg)
 assert table is None, "expected a validated canonical manifest"
 times["manifest_footer"] = time.perf_counter() - t
+peaks["manifest_footer"] = peak()
 t = time.perf_counter()
 retried = output.retry_transient_errors(out)
 index = segments.build_done_index(out)
 times["done_index"] = time.perf_counter() - t
+peaks["done_index"] = peak()
 assert index.rows == info["segments"], (index.rows, info)
 t = time.perf_counter()
 placement = pipeline.Placement(1, False, cfg.model_config("cpu"), 16)
@@ -56,14 +62,17 @@ todo = pipeline.manifest_blocks(cfg, uri, info, per_task).map_batches(
     batch_format="pyarrow",
 ).count()
 times["resume_expand"] = time.perf_counter() - t
+peaks["resume_expand"] = peak()
 assert todo == 0, todo
 del index
 t = time.perf_counter()
 summary = output.summarize_parts(out)
 times["summary_stream"] = time.perf_counter() - t
+peaks["summary_stream"] = peak()
 t = time.perf_counter()
 summary.update(pipeline.check_output(cfg, uri, info))
 times["summary_check"] = time.perf_counter() - t
+peaks["summary_check"] = peak()
 assert summary["segments_missing"] == summary["segments_duplicated"] == 0, summary
 assert summary["segments_ok"] == info["segments"], summary
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -71,6 +80,7 @@ print("RESULT " + json.dumps({
     "segments": info["segments"], "recordings": info["recordings"],
     "driver_peak_rss_mib": round(peak, 1),
     "seconds": {k: round(v, 1) for k, v in times.items()},
+    "peak_rss_mib_after": peaks,
 }))
 """
 
@@ -150,7 +160,7 @@ def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000)
 
     path = os.path.join(work, "manifest.parquet")
     feats = os.path.join(work, "out", output.FEATURES_DIR)
-    os.makedirs(feats)
+    os.makedirs(feats, exist_ok=True)
     n_rec = -(-n_segments // per)
     jobs = [(g, n_rec, n_segments, per, feats, rows_per_part) for g in range(0, n_rec, 1000)]
     schema = CANONICAL_SCHEMA.with_metadata(stamp())
@@ -166,10 +176,14 @@ def main() -> int:
     p.add_argument("--per-recording", type=int, default=292)
     p.add_argument("--json", help="write the result (JSON) to this file")
     p.add_argument("--workdir", help="where to generate the inputs (default: a temp dir)")
+    p.add_argument("--inputs", help="keep the generated inputs in this directory; reused if there")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="driver-scale-", dir=args.workdir) as work:
+    with tempfile.TemporaryDirectory(prefix="driver-scale-", dir=args.workdir) as tmp:
+        work = args.inputs or tmp
         t = time.perf_counter()
-        path, out = make_inputs(work, args.segments, args.per_recording)
+        path, out = os.path.join(work, "manifest.parquet"), os.path.join(work, "out")
+        if not os.path.exists(path):
+            path, out = make_inputs(work, args.segments, args.per_recording)
         gen = time.perf_counter() - t
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.pop("RAY_ADDRESS", None)

@@ -198,6 +198,18 @@ def _part_files(directory: str, storage_options: dict | None) -> tuple[object, l
     return fs, files
 
 
+def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One part file (retried while the storage fails transiently). Through ``ParquetFile``:
+    ``pq.read_table`` keeps ~3 KiB per file read in the process (measured: 32 MiB after 10,000
+    parts), which a driver reading every part of a 100 M-segment output would accumulate."""
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read(columns=columns)
+
+    return storage.with_retries(read)
+
+
 def read_table(
     directory: str,
     columns: list[str] | None = None,
@@ -355,7 +367,7 @@ def retry_transient_errors(uri: str, storage_options: dict | None = None) -> int
     fs, files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
     moved = 0
     for path in files:
-        table = storage.with_retries(pq.read_table, path, filesystem=fs)
+        table = read_part(fs, path)
         mask = _transient_mask(table)
         n = int(pc.sum(mask).as_py() or 0)
         if not n:
@@ -395,7 +407,7 @@ def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
     audio = 0.0
     cols = ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"]
     for path in feature_files:
-        t = storage.with_retries(pq.read_table, path, columns=cols, filesystem=fs)
+        t = read_part(fs, path, cols)
         ok += t.num_rows
         audio += float(pc.sum(pc.subtract(t.column("end_s"), t.column("start_s"))).as_py() or 0)
         frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
@@ -404,7 +416,7 @@ def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
         if len(retried_ids):
             recovered += int(pc.sum(pc.is_in(t.column("segment_id"), retried_ids)).as_py() or 0)
     for path in error_files:
-        t = storage.with_retries(pq.read_table, path, columns=["stage", "reason"], filesystem=fs)
+        t = read_part(fs, path, ["stage", "reason"])
         failed += t.num_rows
         reasons.update(_counts(t.column("reason")))
         is_model_nf = pc.and_(
