@@ -25,7 +25,8 @@ PREFIX = "hubert_ray_"
 SEGMENTS = PREFIX + "segments_total"  # tag outcome: ok | failed
 AUDIO_SECONDS = PREFIX + "audio_seconds_total"  # seconds of audio in ok segments
 ERRORS = PREFIX + "errors_total"  # tag reason (missing_file, too_short, non_finite, ...)
-FALLBACKS = PREFIX + "fp32_fallbacks_total"  # tag reason: precision | non_finite
+# tag reason: self_test | escalated | precision | non_finite
+FALLBACKS = PREFIX + "fp32_fallbacks_total"
 BATCH_FORWARD_SECONDS = PREFIX + "batch_forward_seconds"  # histogram, per model-stage batch
 DECODE_SECONDS = PREFIX + "decode_seconds"  # histogram, per decode task call
 BATCH_ROWS = PREFIX + "batch_rows"  # gauge: rows in the model actor's latest batch
