@@ -32,14 +32,9 @@ def device_name(cuda: bool) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from hubert_ray.selftest import cpu_model
+
+    return cpu_model()
 
 
 def fmt(v, digits=3) -> str:
