@@ -40,7 +40,7 @@ _SPECS = {
                ("outcome",)),
     AUDIO_SECONDS: ("counter", "Seconds of audio in segments with features", ()),
     ERRORS: ("counter", "Error rows, by reason", ("reason",)),
-    FALLBACKS: ("counter", "Rows recomputed in FP32, by reason (precision, non_finite)",
+    FALLBACKS: ("counter", "Rows computed in FP32 instead of the compute dtype, by reason",
                 ("reason",)),
     BATCH_FORWARD_SECONDS: ("histogram", "Model-stage forward seconds per batch", ()),
     DECODE_SECONDS: ("histogram", "Seconds per decode task call (read + decode + cut)", ()),
