@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 
-SAMPLE_RATE_HZ = 16_000
+from hubert_ray.config import SAMPLE_RATE_HZ
 
 
 class HostClock:

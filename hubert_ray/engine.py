@@ -256,20 +256,25 @@ class Engine:
         if not self.checking and self._fp32 is not self.net:
             self._fp32 = None
 
+    @cached_property
+    def revision(self) -> str:
+        """The model's content hash (weights and configs; read once per engine)."""
+        from hubert_ray import model as hm
+
+        return hm.model_revision(self.model_dir)
+
     # -- units -----------------------------------------------------------------------------
     def _load_codebooks(self, config: ModelConfig) -> dict:
         """``{layer: (centroids, ||c||^2)}`` on the device, from ``config.units``."""
-        from hubert_ray import model as hm
         from hubert_ray import units
 
-        revision = hm.model_revision(self.model_dir)
         books = {}
         for uri in config.units:
             book = units.load(uri, config.storage_options)
             units.check_codebook(
                 book.provenance,
                 uri,
-                model_revision=revision,
+                model_revision=self.revision,
                 hidden_size=self.hidden,
                 layers=self.layers,
             )

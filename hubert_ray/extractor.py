@@ -113,11 +113,6 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     return views
 
 
-ACTORS_DIR = "actors"
-"""``<output>/actors/<actor_id>.json``: each model actor's precision record (self-test,
-checks, escalation), written when the actor starts and whenever the record changes."""
-
-
 class ModelStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
@@ -135,7 +130,7 @@ class ModelStage:
         self.layers = self.engine.layers
         self.identity = {
             "model": hm.model_name(model_dir),
-            "model_revision": hm.model_revision(model_dir),
+            "model_revision": self.engine.revision,
             "actor_id": self.actor_id,
         }
         self._reported = None

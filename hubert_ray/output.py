@@ -48,7 +48,9 @@ SUMMARY_FILE = "_summary.json"
 RUNS_FILE = "_runs.json"
 SUCCESS_FILE = "_SUCCESS"  # empty; written right after _summary.json (completion marker)
 JOB_FILE = "_job.json"  # the run's identity (model, layers, dtypes), written before work starts
-ACTORS_DIR = "actors"  # <actor_id>.json: each model actor's precision record (self-test, ...)
+# <actor_id>.json: each model actor's precision record (self-test, checks, escalation), written
+# when the actor starts and whenever the record changes.
+ACTORS_DIR = "actors"
 META_KEY = b"hubert_ray.run"
 ERROR_SCHEMA = pa.schema(
     [*((c, pa.string()) for c in ERROR_COLUMNS), (TRANSIENT_COLUMN, pa.bool_())]

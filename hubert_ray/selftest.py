@@ -16,9 +16,9 @@ import math
 
 import numpy as np
 
+from hubert_ray.config import SAMPLE_RATE_HZ
 from hubert_ray.precision import compare
 
-SAMPLE_RATE_HZ = 16_000
 # Short, medium and long items share micro-batches (padding); the last is 1.5 chunks (chunking).
 SHORT_SECONDS = (0.6, 1.9, 4.3)
 SEED = 20_240_601

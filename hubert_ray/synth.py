@@ -213,23 +213,25 @@ def make_corpus(root: str, seed: int = 0) -> str:
     return manifest
 
 
+# The tiny test models' size (every family): HuBERT's conv frontend geometry, 32-dim everywhere.
+_TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=(32,) * 7,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+)
+
+
 def make_tiny_model(path: str, **overrides) -> str:
     """Save a tiny random HuBERT (safetensors) at ``path``; same conv frontend geometry as the
     real model, so ``frames = floor((N - 400) / 320) + 1``. Returns ``path``."""
     import torch
     from transformers import HubertConfig, HubertModel
 
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32,) * 7,
-        feat_extract_norm="group",
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-    )
-    kwargs.update(overrides)
+    kwargs = {**_TINY, "feat_extract_norm": "group", **overrides}
     config = HubertConfig(**kwargs)
     torch.manual_seed(0)
     model = HubertModel(config).eval()
@@ -273,15 +275,7 @@ def make_tiny_family_model(
     import transformers
 
     config_cls, model_cls = _FAMILY_CLASSES[model_type]
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-    )
+    kwargs = dict(_TINY)
     if model_type == "data2vec-audio":
         # num_conv_pos_embeddings is the number of stacked positional conv layers here
         kwargs.update(num_conv_pos_embeddings=3, conv_pos_kernel_size=5, conv_bias=True)
