@@ -1,7 +1,8 @@
 """Device clocks: how the engine knows queued work has finished, without Ray (torch inside).
 
 The engine queues work and later waits for it through a clock: ``record()`` returns an event
-for everything queued so far, ``wait(event)`` blocks until it is done.
+for everything queued so far, ``wait(event)`` blocks until it is done; ``elapsed(a, b)`` is
+the device time between two ``stamp()``s (once both are done).
 
 - :class:`CudaClock`: CUDA events on the current stream (the launch returns at once).
 - :class:`HostClock`: CPU tensors are computed when the call returns; nothing to wait for.
@@ -27,6 +28,13 @@ class HostClock:
     def wait(self, event) -> None:
         return None
 
+    def stamp(self) -> float:
+        """A point in the device's timeline (:meth:`elapsed` between two, once done)."""
+        return time.perf_counter()
+
+    def elapsed(self, start, end) -> float:
+        return end - start
+
 
 class CudaClock:
     def record(self):
@@ -39,6 +47,17 @@ class CudaClock:
     def wait(self, event) -> None:
         if event is not None:
             event.synchronize()  # releases the GIL while it waits
+
+    def stamp(self):
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed(self, start, end) -> float:
+        """Seconds between two stamps (both done: the caller waited for a later event)."""
+        return start.elapsed_time(end) / 1e3
 
 
 class SimulatedDevice:
@@ -70,6 +89,13 @@ class SimulatedDevice:
     def record(self) -> float:
         with self._lock:
             return self._free_at
+
+    def stamp(self) -> float:
+        with self._lock:
+            return self.busy_s
+
+    def elapsed(self, start, end) -> float:
+        return end - start
 
     def report(self) -> dict:
         """Device time so far: busy seconds and the span from its first to its last work."""

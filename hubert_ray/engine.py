@@ -34,7 +34,7 @@ from hubert_ray.chunking import (
     plan_chunks,
 )
 from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig, compute_dtype, parse_layers
-from hubert_ray.precision import PrecisionBreach, compare, is_sampled
+from hubert_ray.precision import PrecisionBreach, is_sampled
 
 log = logging.getLogger("hubert_ray")
 
@@ -158,6 +158,17 @@ class _Launched:
 
 
 @dataclass
+class _Audit:
+    """Sampled rows' FP32 recheck, queued right behind their call's forward
+    (:meth:`Engine._launch_audit`): ``metrics`` [rows, layers, 6] (host memory once the call
+    is done) holds per row and layer ``cos_mean, cos_min, rel_l2, max_abs, unit_flips,
+    frames``, computed on the device."""
+
+    rows: list[int]
+    metrics: object
+
+
+@dataclass
 class Pending:
     """One call between :meth:`Engine.launch` and :meth:`Engine.finish`."""
 
@@ -166,6 +177,8 @@ class Pending:
     launched: _Launched
     dtype: str  # the dtype it was launched in
     t0: float
+    audit: _Audit | None = None
+    stamps: tuple = ()  # the clock's stamps before the forward, after it, after the audit
 
 
 def resolve_device(config: ModelConfig):
@@ -237,7 +250,14 @@ class Engine:
         self.codebooks = self._load_codebooks(config) if config.units and not simulated else {}
         self.precision = config.precision
         self.store = torch.float16 if config.storage_dtype == "float16" else torch.float32
-        self.stats = {"batches": 0, "forward_s": 0.0, "samples": 0, "padded_samples": 0}
+        self.stats = {
+            "batches": 0,
+            "forward_s": 0.0,
+            "samples": 0,
+            "padded_samples": 0,
+            "forward_device_s": 0.0,  # device time of the calls' forwards
+            "audit_device_s": 0.0,  # device time of their sampled FP32 rechecks
+        }
         self._local = threading.local()  # per-thread input buffers (see _staging)
         self._fp32 = self.net if self.dtype == "float32" else None
         # Why this engine computes in FP32 although a reduced dtype was asked for (None: it
@@ -377,9 +397,10 @@ class Engine:
         in packed micro-batches (waits for the device)."""
         return self._collect(self._launch(net, w, js, store))
 
-    def _launch(self, net, w: _Work, js: list[int], store) -> _Launched:
-        """Queue the forward of chunks ``js`` and the copy of its results to the host; returns
-        without waiting for the device (:meth:`_collect` waits)."""
+    def _launch(self, net, w: _Work, js: list[int], store, host: bool = True) -> _Launched:
+        """Queue the forward of chunks ``js`` and (``host``) the copy of its results to the
+        host (:meth:`_host`); returns without waiting for the device (:meth:`_collect`
+        waits)."""
         import torch
 
         frames = [self.geometry.num_frames(len(w.chunks[j])) for j in js]
@@ -406,10 +427,66 @@ class Engine:
         # storage dtype (float16 rounds |x| >= 65520 to inf).
         ok = peak < 65520.0 if store == torch.float16 else torch.isfinite(peak)
         units = self.units_of(out)  # from the features as stored (cast to ``store``)
-        if device.type == "cuda":
-            out, ok = self._to_host(out), self._to_host({0: ok})[0]
-            units = self._to_host(units)
-        return _Launched(js, starts, frames, out, ok, groups, self.clock.record(), units)
+        launched = _Launched(js, starts, frames, out, ok, groups, None, units)
+        return self._host(launched) if host else launched
+
+    def _host(self, launched: _Launched) -> _Launched:
+        """Queue the copy of a launched forward's results to pinned host memory."""
+        if self.device.type == "cuda":
+            launched.out = self._to_host(launched.out)
+            launched.ok = self._to_host({0: launched.ok})[0]
+            launched.units = self._to_host(launched.units)
+        launched.done = self.clock.record()
+        return launched
+
+    def _launch_audit(self, w: _Work, launched: _Launched, rows: list[int]) -> _Audit:
+        """Queue the FP32 forward of ``rows`` and the comparison of its features with those
+        of ``launched`` (still on the device, as stored) on the device: per row and layer the
+        metrics of :func:`hubert_ray.precision.compare` and the frames whose unit differs.
+        Nothing waits for the device; only the [rows, layers, 6] result is copied back."""
+        import torch
+
+        from hubert_ray.model import to_device
+
+        chunks_of = w.chunks_of
+        js = [j for i in rows for j in chunks_of[i]]
+        ref = self._launch(self._reference(), w, js, torch.float32, host=False)
+        # ref holds the rows' frames back to back; in ``launched`` (every chunk, in order)
+        # row i's frames are starts[first chunk] : starts[last chunk + 1]
+        starts = launched.starts
+        spans = [(starts[chunks_of[i][0]], starts[chunks_of[i][-1] + 1]) for i in rows]
+        counts = np.array([b - a for a, b in spans], dtype=np.int64)
+        mine = np.concatenate([np.arange(a, b) for a, b in spans])
+        mine = to_device(torch.from_numpy(mine), self.device)
+        seg = to_device(torch.from_numpy(np.repeat(np.arange(len(rows)), counts)), self.device)
+        frames = to_device(torch.from_numpy(counts.astype(np.float64)), self.device)
+        zeros = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+
+        def per_row(values, how="sum"):  # per-frame values -> per-row (float64)
+            values = values.double()
+            if how == "sum":
+                return zeros.index_add(0, seg, values)
+            start = zeros + (1.0 if how == "amin" else 0.0)
+            return start.scatter_reduce(0, seg, values, how)
+
+        per_layer = []
+        for k in self.layers:
+            a = launched.out[k].index_select(0, mine).float()
+            b = ref.out[k]
+            aa, bb, ab = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
+            d = a - b
+            denom = aa * bb
+            cos = torch.where(denom > 0, ab / denom.clamp(min=1e-30).sqrt(), 1.0)
+            err, norm = per_row((d * d).sum(-1)).sqrt(), per_row(bb).sqrt()
+            rel = torch.where(norm > 0, err / norm.clamp(min=1e-300), err * torch.inf)
+            rel = torch.nan_to_num(rel, nan=0.0)  # 0 / 0: both all zero
+            flips = zeros
+            if k in launched.units:
+                flips = per_row(launched.units[k].index_select(0, mine) != ref.units[k])
+            cos_mean = torch.where(frames > 0, per_row(cos) / frames.clamp(min=1), 1.0)
+            metrics = [cos_mean, per_row(cos, "amin"), rel, per_row(d.abs().amax(-1), "amax")]
+            per_layer.append(torch.stack([*metrics, flips, frames], dim=-1))
+        return _Audit(rows, torch.stack(per_layer, dim=1))
 
     def _collect(self, launched: _Launched) -> _Features:
         """Wait for a launched forward's results on the host."""
@@ -505,9 +582,10 @@ class Engine:
         return self.finish(self.launch(ids, audio))
 
     def launch(self, ids: list[str], audio: list[np.ndarray | None]) -> Pending:
-        """Chunk, pack and queue a call's forward on the device; returns at once on CUDA (the
-        host prepares the next call while the device computes this one). One thread launches,
-        in call order; :meth:`finish` may run on another."""
+        """Chunk, pack and queue a call's forward on the device, then the FP32 recheck of its
+        sampled rows; returns at once on CUDA (the host prepares the next call while the device
+        computes this one). One thread launches, in call order; :meth:`finish` may run on
+        another."""
         w = self._work(ids, audio)
         dtype = self.dtype
         for i in w.row_dtype:
@@ -515,8 +593,22 @@ class Engine:
             if self.demoted:
                 w.fallback[i] = self.demoted
         t0 = time.perf_counter()
-        launched = self._launch(self.net, w, list(range(len(w.chunks))), self.store)
-        return Pending(w, audio, launched, dtype, t0)
+        clock = self.clock
+        s0 = clock.stamp()
+        launched = self._launch(self.net, w, list(range(len(w.chunks))), self.store, host=False)
+        s1 = clock.stamp()
+        audit = None
+        if self.checking:
+            rate = self.precision.precision_sample_rate
+            sampled = [i for i in w.chunks_of if is_sampled(w.ids[i], rate)]
+            if sampled:
+                audit = self._launch_audit(w, launched, sampled)
+        stamps = (s0, s1, clock.stamp())
+        launched = self._host(launched)
+        if audit is not None and self.device.type == "cuda":
+            audit.metrics = self._to_host({0: audit.metrics})[0]
+            launched.done = clock.record()
+        return Pending(w, audio, launched, dtype, t0, audit, stamps)
 
     def finish(self, pending: Pending) -> Result:
         """Wait for a launched call's features; guard, check and fall back as needed."""
@@ -527,8 +619,9 @@ class Engine:
         with self._lock:  # the checks below may switch the engine to FP32
             bad_rows = self._guard(w, feats, pending.dtype)
             precision: list[list[dict] | None] = [None] * n
-            if self.checking and pending.dtype == self.dtype:
-                bad_rows |= self._check_precision(w, feats, bad_rows, precision)
+            if pending.audit is not None and pending.dtype == self.dtype:
+                bad_rows |= self._check_precision(w, feats, bad_rows, precision, pending.audit)
+            self._account(pending)
             if self.demoted and pending.dtype != "float32":
                 # launched before this engine switched to FP32: recompute what is left
                 reduced = {i for i, d in w.row_dtype.items() if d == pending.dtype}
@@ -606,37 +699,43 @@ class Engine:
             w.fallback.setdefault(i, why)
         return {i for i in rows if not again.all_finite(chunks_of[i])}
 
-    def _check_precision(self, w: _Work, feats: _Features, bad_rows, precision) -> set[int]:
-        """Recompute sampled rows in FP32; record metrics; warn / fall back / fail; escalate
-        when breaches are systematic. Returns rows left non-finite by a recompute."""
-        import torch
+    def _account(self, pending: Pending) -> None:
+        """Add a finished call's device time (forward, audit) to the stats."""
+        s0, s1, s2 = pending.stamps
+        self.stats["forward_device_s"] += self.clock.elapsed(s0, s1)
+        self.stats["audit_device_s"] += self.clock.elapsed(s1, s2)
 
+    def _check_precision(
+        self, w: _Work, feats: _Features, bad_rows, precision, audit: _Audit
+    ) -> set[int]:
+        """Read the sampled rows' FP32 recheck (:meth:`_launch_audit`); record metrics; warn /
+        fall back / fail; escalate when breaches are systematic. Returns rows left non-finite
+        by a recompute."""
         cfg = self.precision
+        values = audit.metrics.numpy()
         sampled = [
-            i
-            for i in w.chunks_of
-            if i not in bad_rows
-            and w.row_dtype[i] == self.dtype
-            and is_sampled(w.ids[i], cfg.precision_sample_rate)
+            (p, i)
+            for p, i in enumerate(audit.rows)
+            if i not in bad_rows and w.row_dtype[i] == self.dtype
         ]
         if not sampled:
             return set()
         chunks_of = w.chunks_of
-        ref = self._forward(
-            self._reference(), w, [j for i in sampled for j in chunks_of[i]], torch.float32
-        )
         group_of = {j: g for g, group in enumerate(w.groups) for j in group}
         breached: set[int] = set()
-        for i in sampled:
-            a, b = feats.span(chunks_of[i])
-            c, d = ref.span(chunks_of[i])
-            metrics = {
-                k: {
-                    **compare(feats.host[k][a:b].numpy(), ref.host[k][c:d].numpy()),
-                    "unit_flip_rate": _flip_rate(feats, ref, k, (a, b), (c, d)),
+        for p, i in sampled:
+            metrics = {}
+            for q, k in enumerate(self.layers):
+                cos_mean, cos_min, rel_l2, max_abs, flips, frames = values[p, q].tolist()
+                metrics[k] = {
+                    "cos_mean": cos_mean,
+                    "cos_min": cos_min,
+                    "rel_l2": rel_l2,
+                    "max_abs": max_abs,
+                    "unit_flip_rate": (
+                        (flips / frames if frames else 0.0) if k in self.codebooks else None
+                    ),
                 }
-                for k in self.layers
-            }
             worst_layer = max(metrics, key=lambda k: metrics[k]["rel_l2"])
             worst = metrics[worst_layer]["rel_l2"]
             action = "none"
@@ -695,7 +794,11 @@ class Engine:
         extra = {}
         if self.calls_log is not None:
             extra["simulated"] = self.clock.report() | {"calls": list(self.calls_log)}
+        forward, audit = self.stats["forward_device_s"], self.stats["audit_device_s"]
         return extra | {
+            # device time of the forwards and of the sampled FP32 rechecks (their share: the
+            # audit's cost)
+            "device_s": {"forward": round(forward, 3), "audit": round(audit, 3)},
             "device": selftest.device_name(self.device),
             "requested_dtype": self.requested_dtype,
             "compute_dtype": self.dtype,
@@ -708,14 +811,3 @@ class Engine:
                 self.reduced_rows if self.demoted == FALLBACK_ESCALATED else 0
             ),
         }
-
-
-def _flip_rate(feats: _Features, ref: _Features, k: int, span, ref_span) -> float | None:
-    """Share of a segment's frames whose layer-``k`` unit differs from the FP32 one."""
-    if k not in feats.units:
-        return None
-    a, b = span
-    if b == a:
-        return 0.0
-    c, d = ref_span
-    return float((feats.units[k][a:b] != ref.units[k][c:d]).sum()) / (b - a)

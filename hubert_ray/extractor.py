@@ -113,6 +113,11 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     return views
 
 
+# The actor record's device times are rewritten at most this often (the precision record, at
+# every change): one small write per call would be ~10 per second per GPU.
+REPORT_INTERVAL_S = 30.0
+
+
 class ModelStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
@@ -133,7 +138,7 @@ class ModelStage:
             "model_revision": self.engine.revision,
             "actor_id": self.actor_id,
         }
-        self._reported = None
+        self._reported, self._timing, self._reported_at = None, None, 0.0
         self._write_report()
 
     @property
@@ -141,10 +146,18 @@ class ModelStage:
         return self.engine.stats
 
     def _write_report(self) -> None:
-        """Write this actor's precision record when it changed (and there is a place)."""
+        """Write this actor's precision record when it changed (and there is a place); its
+        device times alone are rewritten at most every :data:`REPORT_INTERVAL_S`."""
         report = self.engine.report()
-        if not self.config.report_uri or report == self._reported:
+        if not self.config.report_uri:
             return
+        timing = report.pop("device_s")
+        stale = time.monotonic() - self._reported_at >= REPORT_INTERVAL_S
+        if report == self._reported and (timing == self._timing or not stale):
+            return
+        self._reported, self._timing = dict(report), timing
+        self._reported_at = time.monotonic()
+        report["device_s"] = timing
         from hubert_ray import storage
 
         report = {"actor_id": self.actor_id, **report}
@@ -153,7 +166,6 @@ class ModelStage:
             os.makedirs(path, exist_ok=True)
         data = json.dumps(report, indent=2).encode()
         storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{self.actor_id}.json", data)
-        self._reported = {k: v for k, v in report.items() if k != "actor_id"}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.finish(self.launch(batch))

@@ -476,7 +476,16 @@ def _precision_from_counts(
         # output): ``--recompute-suspect`` recomputes exactly these.
         "suspect_segments": len(suspect),
         "suspect_segment_ids": suspect.slice(0, SUSPECT_IDS_SHOWN).to_pylist(),
+        "audit_device_share": _audit_share(reports),
     }
+
+
+def _audit_share(reports: list[dict]) -> float | None:
+    """The sampled FP32 rechecks' share of the model actors' device time (their cost), from
+    the actors' records (device times rewritten every ``REPORT_INTERVAL_S``); None if none."""
+    times = [r["device_s"] for r in reports if r.get("device_s")]
+    total = sum(t["forward"] + t["audit"] for t in times)
+    return round(sum(t["audit"] for t in times) / total, 4) if total > 0 else None
 
 
 SUSPECT_IDS_SHOWN = 1000  # the summary lists at most this many suspect segment ids

@@ -51,3 +51,35 @@ def test_rows_without_audio_pass_through(tiny):
     res = engine.run(["a", "gone", "b"], [_audio(0.5, 0), None, _audio(0.3, 1)])
     assert res.valid == [True, False, True]
     assert res.frames[1] == 0 and res.compute_dtype[1] is None
+
+
+def test_sampled_checks_are_computed_on_the_device_like_the_host_metrics(tiny):
+    """The audit's on-device metrics (queued behind the call, read back with it) equal the
+    host's float64 ``compare`` of the stored reduced-dtype features with a separate FP32 run;
+    the audit's device time is accounted apart from the forward's."""
+    from hubert_ray.config import PrecisionConfig
+    from hubert_ray.precision import compare
+
+    audio = [_audio(s, i) for i, s in enumerate((0.03, 0.7, 2.3, 1.1))]  # 0.03 s: 1 frame
+    ids = [f"seg-{i}" for i in range(len(audio))]
+    every = PrecisionConfig(precision_sample_rate=1.0, precision_warn=1.0, precision_limit=1.0)
+    config = ModelConfig(
+        model_uri=tiny, layers="1,2", dtype="bfloat16", chunk_seconds=1.0, precision=every
+    )
+    engine = Engine(config, tiny, self_test=False)
+    res = engine.run(ids, audio)
+    fp32 = ModelConfig(model_uri=tiny, layers="1,2", chunk_seconds=1.0, storage_dtype="float32")
+    ref = Engine(fp32, tiny, self_test=False).run(ids, audio)
+    starts = np.concatenate([[0], np.cumsum(res.frames)])
+    for i in range(len(ids)):
+        assert res.compute_dtype[i] == "bfloat16"
+        assert [m["layer"] for m in res.precision[i]] == [1, 2]
+        for m in res.precision[i]:
+            k, (a, b) = m["layer"], starts[i : i + 2]
+            expected = compare(res.features[k][a:b].float().numpy(), ref.features[k][a:b].numpy())
+            for name, value in expected.items():
+                assert m[name] == pytest.approx(value, rel=1e-4, abs=1e-6), (i, k, name)
+            assert m["unit_flip_rate"] is None  # no centroids
+    assert res.precision[2][0]["rel_l2"] > 0  # bfloat16 differs from float32
+    assert engine.stats["audit_device_s"] > 0 and engine.stats["forward_device_s"] > 0
+    assert engine.report()["device_s"]["audit"] > 0

@@ -302,6 +302,8 @@ def test_sampled_job_reports_precision_section(ray_session, corpus, tiny_model, 
         rel = [r["rel_l2"] for r in checks.to_pylist() if r["layer"] == int(layer)]
         assert prec["layers"][layer]["rel_l2_max"] == pytest.approx(max(rel))
         assert prec["layers"][layer]["segments"] == len(ids)
+    # every segment rechecked in FP32: a real share of the device time, not all of it
+    assert 0 < prec["audit_device_share"] < 1
 
 
 @pytest.mark.ray
