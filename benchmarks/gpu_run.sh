@@ -15,6 +15,7 @@
 #    peak GPU memory per row; the engine without the model (the host's ceiling)     <= 150 s
 # 4. the large architecture, model only                                             <= 60 s
 #    and the unit assignment's share of a model-stage call (K = 500, 64 x 10 s)     <= 45 s
+#    and the sampled FP32 rechecks' share of the device time at the default 1 %      <= 45 s
 # 5. end to end on 1 h of FLAC per length distribution with the job's defaults (decode tasks,
 #    the async model actor, Parquet), against the same model-only rows             <= 150 s
 # A dry run of the same steps on a CPU (checks the options, not the numbers):
@@ -50,6 +51,9 @@ timeout 60 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$LARGE" \
   --stock-batch 64 --micro-batch-costs "" --pad-multiples "" --compile-modes "" \
   --skip-pipeline --max-row-seconds 6 --out "$OUT/large" > "$OUT/large.log" 2>&1
 grep "^\[bench\]" "$OUT/large.log" | tail -6
+
+timeout 45 python3 -m benchmarks.audit_cost --device "$DEVICE" --arch "$ARCH" \
+  --seconds "$SECS" --rows 256 --rates 0.01 --json "$OUT/audit_cost.json" 2>&1 | grep "^|"
 
 timeout 45 python3 -m benchmarks.units_cost --device "$DEVICE" --rows 64 --repeats 3 \
   > "$OUT/units_cost.txt" 2>&1
