@@ -1041,6 +1041,9 @@ def run(
         metadata["units"] = identity["units"]
     sink_retries = 0
     run_audio = 0.0
+    # Wall seconds of this run's parts: before the first segment is read (manifest, Ray, the
+    # done index), writing, and the summary's reads and checks.
+    phases: dict[str, float] = {}
     if done_rows < info["segments"] or retried:
         configure_retries()
         # The decode tasks get the resolved normalisation (auto -> on / off).
@@ -1052,17 +1055,21 @@ def run(
 
         tally = ray.remote(num_cpus=0)(Tally).remote()
         sink = _make_sink(cfg, metadata, tally)
+        t_write = time.time()
         with Reporter(tally, max(0, info["segments"] - done_rows), cfg.progress_seconds):
             _write(ds, sink)
+        phases["prepare"], phases["write"] = t_write - t_start, time.time() - t_write
         sink_retries = sink.storage_retries
         run_audio = sink.audio_seconds
     del index
 
+    t_check = time.time()
     summary = output.summarize_parts(cfg.output, cfg.storage_options)
     checked = check_output(cfg, manifest_uri, info)
     check_retries = checked.pop(RETRIES_COLUMN)
     summary.update(checked)
     wall = time.time() - t_start
+    phases["summary"] = time.time() - t_check
     this_run.update(
         {
             "wall_seconds": round(wall, 3),
@@ -1077,6 +1084,7 @@ def run(
         {
             # This run: the audio it wrote (not what earlier runs into this output wrote).
             "wall_seconds": round(wall, 3),
+            "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
             "run_audio_seconds": round(run_audio, 3),
             "x_realtime": this_run["x_realtime"],
             "runs": runs,
