@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hours", type=float, default=1.0, help="audio hours through the pipeline")
     p.add_argument("--utt-seconds", default="mixed", help="10 (fixed) or mixed[:MEAN]")
     p.add_argument("--unique-hours", type=float, default=1.0, help="distinct audio generated")
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        default=None,
+        help="model calls launched and unfinished at once (default: the job's; 1 = the device "
+        "waits while the host finishes each call and receives the next)",
+    )
     p.add_argument("--json", help="write the result here too")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
@@ -78,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(address="local", num_gpus=1, include_dashboard=False)
-    cfg = ExtractConfig(manifest=manifest, model=model, output=os.path.join(work, "out"))
+    extra = {} if args.queue_depth is None else {"queue_depth": args.queue_depth}
+    cfg = ExtractConfig(manifest=manifest, model=model, output=os.path.join(work, "out"), **extra)
     busy0, total0 = cpu_jiffies()
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, overwrite=True, simulate_x_realtime=args.x_realtime)
@@ -98,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             steady.append(audio / (calls[-1][0] - calls[0][0]))
     result = {
         "device_x_realtime": args.x_realtime,
+        "queue_depth": cfg.queue_depth,
         "audio_hours": round(summary["audio_seconds"] / 3600, 3),
         "segments": summary["segments_ok"],
         "wall_s": round(wall, 2),
@@ -107,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_cpu_util": round((busy1 - busy0) / max(1, total1 - total0), 3),
         "cpu_count": os.cpu_count(),
         "utt_seconds": args.utt_seconds,
+        "phase_seconds": summary["phase_seconds"],
     }
     print(json.dumps(result, indent=2))
     if args.json:
