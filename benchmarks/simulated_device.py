@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         help="model calls launched and unfinished at once (default: the job's; 1 = the device "
         "waits while the host finishes each call and receives the next)",
     )
+    p.add_argument(
+        "--calls-per-actor",
+        type=int,
+        default=None,
+        help="calls Ray hands the model actor at once (default: the job's)",
+    )
     p.add_argument("--json", help="write the result here too")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
@@ -85,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(address="local", num_gpus=1, include_dashboard=False)
-    extra = {} if args.queue_depth is None else {"queue_depth": args.queue_depth}
+    extra = {
+        k: v
+        for k, v in (("queue_depth", args.queue_depth), ("calls_per_actor", args.calls_per_actor))
+        if v is not None
+    }
     cfg = ExtractConfig(manifest=manifest, model=model, output=os.path.join(work, "out"), **extra)
     busy0, total0 = cpu_jiffies()
     t0 = time.perf_counter()
@@ -107,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device_x_realtime": args.x_realtime,
         "queue_depth": cfg.queue_depth,
+        "calls_per_actor": cfg.calls_per_actor,
         "audio_hours": round(summary["audio_seconds"] / 3600, 3),
         "segments": summary["segments_ok"],
         "wall_s": round(wall, 2),
