@@ -226,7 +226,8 @@ class Engine:
                 torch.set_num_threads(config.num_threads)
             log.info("model actor on CPU with %d torch threads", torch.get_num_threads())
         self.model_dir = model_dir
-        self.calls_log: list | None = [] if simulated is not None else None
+        self.simulated = simulated is not None
+        self.calls_log: list | None = [] if self.simulated else None
         if simulated is not None:
             self.clock = simulated
             self.dtype = self.requested_dtype = "float32"
@@ -415,10 +416,10 @@ class Engine:
         groups = [[js[p] for p in group] for group in packed]
         total = int(starts[-1])
         device = self.device
-        out = {
-            k: torch.empty((total, self.hidden), dtype=store, device=device) for k in self.layers
-        }
-        peak = torch.empty(total, dtype=torch.float32, device=device)
+        # (zeros on a simulated device, which writes nothing into them)
+        alloc = torch.zeros if self.simulated else torch.empty
+        out = {k: alloc((total, self.hidden), dtype=store, device=device) for k in self.layers}
+        peak = alloc(total, dtype=torch.float32, device=device)
         for n, (group, ps) in enumerate(zip(groups, packed, strict=True)):
             self._micro_batch(net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
             if not self.overlap:
@@ -520,6 +521,8 @@ class Engine:
         fl = frame_lengths.tolist()
         if fl != [self.geometry.num_frames(n) for n in lengths]:
             raise AssertionError(f"model frame counts {fl} != planned for {lengths} samples")
+        if feats is None:  # a simulated device: nothing to copy out
+            return
         # One gather per layer: the valid frames of every item (row-major in the padded batch)
         # to their rows of the call's output (index lists built on the host, no device sync).
         width = feats[self.layers[0]].shape[1]
