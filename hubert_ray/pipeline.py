@@ -858,16 +858,6 @@ def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Ta
     return _with_retries_column(out, upstream + storage.retry_count() - before)
 
 
-def _check(batch: pa.Table, index, storage_options: dict) -> pa.Table:
-    """Task UDF: the summary's manifest-wide counts for these recordings."""
-    batch, upstream = _upstream_retries(batch)
-    before = storage.retry_count()
-    out = segments.check_segments(batch, index, storage_options)
-    return out.append_column(
-        RETRIES_COLUMN, pa.array([upstream + storage.retry_count() - before], pa.int64())
-    )
-
-
 def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
     """Manifest recordings per expanding task: about ``decode_batch_size`` segments, more for
     very large corpora (at most :data:`MAX_INPUT_BLOCKS` tasks)."""
@@ -913,28 +903,47 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     recording."""
     index = segments.build_done_index(cfg.output, cfg.storage_options)
     per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
-    counts = (
-        manifest_blocks(cfg, manifest_uri, info, per_task)
-        .map_batches(
-            _check,
-            fn_kwargs={"index": index, "storage_options": cfg.storage_options},
-            batch_size=per_task,
-            batch_format="pyarrow",
-            max_retries=MAX_PROCESS_DEATHS,
-        )
-        .sum(["segments", "written", "duplicated", "unexpected", RETRIES_COLUMN])
-    )
-    counts = counts or {}
-    total = int(counts.get("sum(segments)") or 0)
-    written = int(counts.get("sum(written)") or 0)
+    counts = _check_counts(cfg, manifest_uri, index, per_task)
     stray = segments.unexpected_recordings(index, manifest_uri, cfg.storage_options)
     return {
-        "segments_total": total,
-        "segments_missing": total - written,
-        "segments_duplicated": int(counts.get("sum(duplicated)") or 0),
-        "segments_unexpected": int(counts.get("sum(unexpected)") or 0) + stray,
-        RETRIES_COLUMN: int(counts.get(f"sum({RETRIES_COLUMN})") or 0),
+        "segments_total": counts["segments"],
+        "segments_missing": counts["segments"] - counts["written"],
+        "segments_duplicated": counts["duplicated"],
+        "segments_unexpected": counts["unexpected"] + stray,
+        RETRIES_COLUMN: counts[RETRIES_COLUMN],
     }
+
+
+def _check_counts(cfg: ExtractConfig, manifest_uri: str, index, per_task: int) -> dict:
+    """The summary's counts over the whole manifest: one plain Ray task per ``per_task``
+    recordings of a row group (a Ray Data pipeline for the same work cost a few seconds of
+    start-up per run), summed as they finish; the driver holds a few integers per task."""
+    import ray
+
+    opts = cfg.storage_options
+    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(_check_slice)
+    index = ray.put(index)  # once, not with every task
+    refs = [
+        task.remote(manifest_uri, g, lo, min(n, lo + per_task), index, opts)
+        for g, n in enumerate(segments.row_group_sizes(manifest_uri, opts))
+        for lo in range(0, n, per_task)
+    ]
+    keys = ("segments", "written", "duplicated", "unexpected", RETRIES_COLUMN)
+    totals = dict.fromkeys(keys, 0)
+    while refs:
+        done, refs = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        for counts in ray.get(done):
+            for k in keys:
+                totals[k] += counts[k]
+    return totals
+
+
+def _check_slice(uri: str, group: int, lo: int, hi: int, index, storage_options: dict) -> dict:
+    """Task of :func:`_check_counts`: recordings ``lo..hi`` of row group ``group``."""
+    before = storage.retry_count()
+    rows = segments.read_row_group(uri, group, storage_options).slice(lo, hi - lo)
+    counts = segments.check_segments(rows, index, storage_options).to_pylist()[0]
+    return counts | {RETRIES_COLUMN: storage.retry_count() - before}
 
 
 def run(

@@ -68,6 +68,18 @@ def manifest_info(uri: str, storage_options: dict | None = None) -> dict | None:
 MANIFEST_COLUMNS = ["recording_id", "audio_uri", "segments"]
 
 
+def row_group_sizes(uri: str, storage_options: dict | None = None) -> list[int]:
+    """Recordings in each row group of a canonical manifest (its footer only)."""
+
+    def read() -> list[int]:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+    return storage.with_retries(read)
+
+
 def read_row_group(uri: str, group: int, storage_options: dict | None = None) -> pa.Table:
     """One row group of a canonical manifest (its recording rows; retried while the storage
     fails transiently)."""
