@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tol",
         type=float,
         default=None,
-        help="torch only: stop when the "
-        "inertia falls by less than this fraction in an iteration (1e-4)",
+        help="torch: stop when an iteration lowers the inertia by less than this fraction "
+        "(1e-4); sklearn: MiniBatchKMeans's tol (0)",
     )
 
     assign = sub.add_parser("assign", parents=[common], help="units of a feature dataset")
