@@ -48,7 +48,7 @@ def learned(ray_session, corpus, tiny_model, tmp_path_factory):
     feats = str(root / "features-run")
     pipeline.run(_cfg(corpus, tiny_model, feats))
     km2, km1 = str(root / "km2.safetensors"), str(root / "km1.safetensors")
-    kmeans.learn(feats, 2, K, 0.02, km2, seed=0, n_init=4)
+    kmeans.learn(feats, 2, K, 0.02, km2, seed=0, n_init=4, backend="sklearn")
     args = ["learn", "--features", feats, "--layer", "1", "--k", str(K), "--sample-hours"]
     assert cli.main([*args, "0.02", "--output", km1, "--seed", "1", "--backend", "torch"]) == 0
     return root, feats, km2, km1
