@@ -57,9 +57,10 @@ FAIRSEQ_PARAMS = {
 }
 BACKENDS = ("auto", "torch", "sklearn")
 DEVICES = ("auto", "cpu", "cuda")
-# What ``backend="auto"`` runs on the CPU (on CUDA: torch). Measured by
-# benchmarks/kmeans_quality.py (docs/units.md).
-CPU_BACKEND = "sklearn"
+# What ``backend="auto"`` runs on the CPU (on CUDA: torch). torch: a lower inertia than
+# MiniBatchKMeans with fairseq's parameters on the same sample, in less time and memory
+# (benchmarks/kmeans_quality.py, docs/units.md).
+CPU_BACKEND = "torch"
 _KEEP_COLUMNS = ("segment_id", "recording_id", "start_s", "end_s", "num_frames")
 
 

@@ -6,10 +6,11 @@
     python -m jobs.kmeans export --units UNITS --manifest M --output PREFIX
 
 ``learn`` reads a deterministic, recording-stratified sample of one layer (memory bounded by the
-sample, never the dataset), runs k-means (torch k-means++ and Lloyd on the GPU when there is
-one; scikit-learn MiniBatchKMeans with fairseq's simple_kmeans parameters on the CPU) and
-writes the centroids with their provenance. ``assign`` writes the units of
-every segment of a feature dataset as a Ray job (one task per part; a rerun resumes).
+sample, never the dataset), runs k-means (torch: k-means++ and Lloyd, on the GPU when there
+is one, else on the CPU; or ``--backend sklearn``: scikit-learn MiniBatchKMeans with fairseq's
+simple_kmeans parameters) and writes the centroids with their provenance. ``assign`` writes
+the units of every segment of a feature dataset as a Ray job (one task per part; a rerun
+resumes).
 ``export`` writes fairseq's label layout (``.tsv`` + ``.km``, plus ``.ids``) in the manifest's
 order. Bad input exits 2 with a message naming the option; missing segments in ``export`` exit 1.
 """
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BACKENDS,
         default="auto",
         help="k-means implementation: torch (k-means++ + Lloyd on the device) or sklearn "
-        "(MiniBatchKMeans); auto: torch on CUDA, sklearn on the CPU",
+        "(MiniBatchKMeans, CPU); auto: torch",
     )
     learn.add_argument(
         "--device",
