@@ -84,17 +84,18 @@ def _kmeans_pp(x, x_sq, k: int, uniforms, first):
     return centers
 
 
-def _assign_pass(x, x_sq, c, labels, mind, rows: int, sums=None, counts=None):
+def _assign_pass(x, x_sq, c, labels, mind, rows: int, sums=None, counts=None, onehot=None):
     """One pass over ``x``: labels and squared distance to the nearest of ``c`` per frame
     (written into ``labels``/``mind``), the number of changed labels (a device tensor), and,
-    if ``sums`` is given, the per-cluster sums and counts of the frames."""
+    if ``sums`` is given, the per-cluster sums and counts of the frames (``onehot``: sums by
+    one-hot matmul; by default off the CPU only)."""
     import torch
 
     k = c.shape[0]
     c_sq = (c * c).sum(1)
     ct = c.t()
     changed = torch.zeros((), dtype=torch.int64, device=x.device)
-    onehot_sums = x.device.type != "cpu"
+    onehot_sums = x.device.type != "cpu" if onehot is None else onehot
     for s in range(0, x.shape[0], rows):
         xb = x[s : s + rows]
         d = torch.addmm(c_sq, xb, ct, beta=1.0, alpha=-2.0)

@@ -46,6 +46,29 @@ def test_torch_kmeans_recovers_separated_clusters_as_well_as_sklearn():
     assert ours / len(x) < 1.1 * x.shape[1]  # ~ the noise variance: the clusters were found
 
 
+def test_cluster_sums_by_one_hot_matmul_equal_index_add():
+    """CUDA's path (one-hot matmul: deterministic there) run on the CPU gives the sums of the
+    CPU's path (index_add_)."""
+    import torch
+
+    x, _ = _mixture(k=6, per=100)
+    xt = torch.from_numpy(x)
+    x_sq = (xt * xt).sum(1)
+    c = xt[:6].clone()
+    out = {}
+    for onehot in (False, True):
+        labels = torch.full((len(x),), -1, dtype=torch.int32)
+        mind = torch.empty(len(x))
+        sums, counts = torch.zeros(6, x.shape[1]), torch.zeros(6, dtype=torch.int64)
+        moved = kmeans_torch._assign_pass(
+            xt, x_sq, c, labels, mind, 128, sums, counts, onehot=onehot
+        )
+        out[onehot] = (sums, counts, labels, int(moved))
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-5, atol=1e-3)
+    assert torch.equal(out[True][1], out[False][1]) and int(out[True][1].sum()) == len(x)
+    assert torch.equal(out[True][2], out[False][2]) and out[True][3] == len(x)
+
+
 def test_empty_clusters_are_refilled_not_nan():
     """Three distinct frames and K = 5: k-means++ must pick duplicates, Lloyd leaves clusters
     empty; their centroids stay finite and the inertia is zero."""
