@@ -192,7 +192,7 @@ def learn_torch(
     try:
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)).to(dev)
-            x_sq = (x * x).sum(1)
+            x_sq = torch.cat([(b * b).sum(1) for b in x.split(rows)])  # no [N, D] temporary
             gen = torch.Generator().manual_seed(int(seed))
             init_size = min(n, max(int(p["init_size"]), 3 * k))
             trials = 2 + int(math.log(k))
