@@ -1,13 +1,14 @@
 """Peak memory of ``jobs.kmeans learn`` against the size of the feature dataset:
 
     python -m benchmarks.kmeans_memory [--hidden 768] [--sample-hours 0.05] [--k 100] \
-        [--steps sample,learn] [--data DIR]
+        [--steps sample,learn] [--data DIR] [--backend auto|torch|sklearn]
 
 Writes feature datasets in the job's layout (``<dir>/features/part-*.parquet``, float16
 ``layer_9``, segments of 4-16 s, random values, 500 rows per part) holding 10x and 100x the
 sample's frames, then, each in a fresh subprocess: (a) the sample alone
-(``hubert_ray.kmeans.sample_features``) and (b) the whole ``learn`` (sample + MiniBatchKMeans
-with fairseq's parameters + the centroid file). Prints the process's peak RSS
+(``hubert_ray.kmeans.sample_features``) and (b) the whole ``learn`` (sample + k-means with
+``--backend``, ``auto`` by default, + the centroid file; docs/performance.md's figures were
+taken with MiniBatchKMeans and fairseq's parameters). Prints the process's peak RSS
 (``ru_maxrss``, which includes what its imports touched on the way), its peak RSS during the
 step (sampled every 5 ms), the RSS after its imports, and the sample's own size: bounded by the
 sample means the peak does not grow from 10x to 100x.
@@ -42,14 +43,14 @@ def watch():  # peak RSS during the step, sampled every 5 ms (no import transien
         stop.wait(0.005)
 watcher = threading.Thread(target=watch, daemon=True)
 watcher.start()
-mode, ds, out = sys.argv[1], sys.argv[2], sys.argv[5]
+mode, ds, out, backend = sys.argv[1], sys.argv[2], sys.argv[5], sys.argv[6]
 hours, k = float(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
 if mode == "sample":
     sample, info = kmeans.sample_features(ds, 9, int(hours * 3600 * 50), seed=0)
     frames, nbytes = len(sample), sample.nbytes
 else:
-    prov = kmeans.learn(ds, 9, k, hours, out, seed=0)
+    prov = kmeans.learn(ds, 9, k, hours, out, seed=0, backend=backend)
     frames, nbytes = prov["sample"]["frames"], prov["sample"]["frames"] * prov["hidden_size"] * 4
 stop.set()
 watcher.join()
@@ -108,12 +109,12 @@ def dataset_size(root: str) -> tuple[int, int]:
     return frames, sum(os.path.getsize(f) for f in files)
 
 
-def run(mode: str, ds: str, hours: float, k: int, out: str) -> dict:
+def run(mode: str, ds: str, hours: float, k: int, out: str, backend: str = "auto") -> dict:
     import json
 
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, ds, str(hours), str(k), out],
+        [sys.executable, "-c", CHILD, mode, ds, str(hours), str(k), out, backend],
         capture_output=True,
         text=True,
         env=env,
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--factors", default="10,100", help="dataset sizes, in samples")
     p.add_argument("--steps", default="sample,learn", help="sample and/or learn")
+    p.add_argument("--backend", default="auto", help="learn's k-means backend (auto)")
     p.add_argument("--work", default=None, help="directory for temporary files (default: tmp)")
     p.add_argument(
         "--data",
@@ -158,7 +160,14 @@ def main(argv=None) -> int:
                 open(marker, "w").close()
                 print(f"(wrote {ds} in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             for mode in args.steps.split(","):
-                r = run(mode, ds, args.sample_hours, args.k, os.path.join(work, "km.safetensors"))
+                r = run(
+                    mode,
+                    ds,
+                    args.sample_hours,
+                    args.k,
+                    os.path.join(work, "km.safetensors"),
+                    args.backend,
+                )
                 print(
                     f"| {factor}x sample | {frames:,} | {size / 2**20:,.0f} | {mode} "
                     f"| {r['frames']:,} | {r['sample_mib']:.1f} | {r['base']:.0f} "

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hubert_ray import output, storage, units
+from hubert_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ FAIRSEQ_PARAMS = {
     "n_init": 20,
     "reassignment_ratio": 0.0,
 }
+BACKENDS = ("auto", "torch", "sklearn")
+DEVICES = ("auto", "cpu", "cuda")
+# What ``backend="auto"`` runs on the CPU (on CUDA: torch). torch: a lower inertia than
+# MiniBatchKMeans with fairseq's parameters on the same sample, in less time and memory
+# (benchmarks/kmeans_quality.py, docs/units.md).
+CPU_BACKEND = "torch"
 _KEEP_COLUMNS = ("segment_id", "recording_id", "start_s", "end_s", "num_frames")
 
 
@@ -226,19 +233,54 @@ def _flat_frames(arr: pa.Array | pa.ChunkedArray, hidden: int) -> tuple[np.ndarr
 
 
 # -- learning ---------------------------------------------------------------------------------
-def inertia(sample: np.ndarray, centroids: np.ndarray) -> float:
+def inertia(sample: np.ndarray, centroids: np.ndarray, device: str = "cpu") -> float:
     """Sum over the sample of the squared distance to the nearest centroid (float64 sum of
-    float32 distances computed in row blocks)."""
+    float32 distances computed in row blocks on ``device``; the same for every backend)."""
     import torch
 
-    x = torch.from_numpy(sample)
-    c, c_sq = units.prepare(centroids)
-    total = 0.0
-    for s in range(0, x.shape[0], units.ASSIGN_ROWS):
-        xb = x[s : s + units.ASSIGN_ROWS]
-        d = torch.addmm(c_sq, xb, c.t(), beta=1.0, alpha=-2.0).amin(dim=1)
-        total += float((d + (xb * xb).sum(1)).clamp(min=0).double().sum())
-    return total
+    dev = torch.device(device)
+    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    c, c_sq = units.prepare(centroids, dev)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for s in range(0, x.shape[0], units.ASSIGN_ROWS):
+            xb = x[s : s + units.ASSIGN_ROWS].to(dev)
+            d = torch.addmm(c_sq, xb, c.t(), beta=1.0, alpha=-2.0).amin(dim=1)
+            total += (d + (xb * xb).sum(1)).clamp(min=0).sum(dtype=torch.float64)
+    return float(total)
+
+
+def choose_backend(backend: str = "auto", device: str = "auto", params=()) -> tuple[str, str]:
+    """(backend, device) that ``learn`` runs: ``device`` auto is CUDA when torch sees a GPU;
+    ``backend`` auto is torch on CUDA and :data:`CPU_BACKEND` on the CPU. ConfigError (naming
+    the option) for an unknown value, CUDA without a GPU, scikit-learn on CUDA, or a parameter
+    the chosen backend does not have."""
+    from hubert_ray import kmeans_torch
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"{backend!r} is not one of {', '.join(BACKENDS)}", field="backend")
+    if device not in DEVICES:
+        raise ConfigError(f"{device!r} is not one of {', '.join(DEVICES)}", field="device")
+    try:
+        device = kmeans_torch.resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field="device") from None
+    if backend == "auto":
+        backend = "torch" if device == "cuda" else CPU_BACKEND
+    if backend == "sklearn" and device == "cuda":
+        raise ConfigError(
+            "scikit-learn runs on the CPU only; use --backend torch (or auto) for CUDA",
+            field="backend",
+        )
+    allowed = set(FAIRSEQ_PARAMS if backend == "sklearn" else kmeans_torch.TORCH_PARAMS)
+    for name in params:
+        if name not in allowed:
+            raise ConfigError(
+                f"{name} is not a parameter of the {backend} backend "
+                f"(it has {', '.join(sorted(allowed))})",
+                field=name,
+            )
+    return backend, device
 
 
 def learn_sklearn(sample: np.ndarray, k: int, seed: int = 0, **params) -> tuple[np.ndarray, dict]:
@@ -251,6 +293,8 @@ def learn_sklearn(sample: np.ndarray, k: int, seed: int = 0, **params) -> tuple[
     km.fit(sample)
     algo = {
         "name": "sklearn.cluster.MiniBatchKMeans",
+        "backend": "sklearn",
+        "device": "cpu",
         "version": sklearn.__version__,
         "params": p,
         "n_steps": int(getattr(km, "n_steps_", 0)),
@@ -266,11 +310,15 @@ def learn(
     out: str,
     seed: int = 0,
     storage_options=None,
+    backend: str = "auto",
+    device: str = "auto",
     **params,
 ) -> dict:
-    """Sample, learn, write the centroid file; returns its provenance."""
+    """Sample, learn (``backend`` on ``device``, see :func:`choose_backend`), write the
+    centroid file; returns its provenance."""
     if not 1 <= k <= units.MAX_K:
         raise ValueError(f"k={k} is invalid; allowed: 1..{units.MAX_K}")
+    backend, device = choose_backend(backend, device, params)
     sample, info = sample_features(
         features, layer, int(round(sample_hours * 3600 * FRAME_RATE_HZ)), seed, storage_options
     )
@@ -280,9 +328,15 @@ def learn(
         "sample: %d frames of layer %d in %.1f s", len(sample), layer, info["sample"]["seconds"]
     )
     t0 = time.perf_counter()
-    centroids, algo = learn_sklearn(sample, k, seed, **params)
+    if backend == "torch":
+        from hubert_ray import kmeans_torch
+
+        centroids, algo = kmeans_torch.learn_torch(sample, k, seed, device, **params)
+    else:
+        centroids, algo = learn_sklearn(sample, k, seed, **params)
     algo["seconds"] = round(time.perf_counter() - t0, 3)
-    total = inertia(sample, centroids)
+    log.info("k-means: %s on %s, %.1f s", backend, device, algo["seconds"])
+    total = inertia(sample, centroids, device)
     prov = {
         "model": info["model"],
         "model_revision": info["model_revision"],

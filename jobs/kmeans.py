@@ -6,9 +6,11 @@
     python -m jobs.kmeans export --units UNITS --manifest M --output PREFIX
 
 ``learn`` reads a deterministic, recording-stratified sample of one layer (memory bounded by the
-sample, never the dataset), runs scikit-learn MiniBatchKMeans with fairseq's simple_kmeans
-parameters, and writes the centroids with their provenance. ``assign`` writes the units of
-every segment of a feature dataset as a Ray job (one task per part; a rerun resumes).
+sample, never the dataset), runs k-means (torch: k-means++ and Lloyd, on the GPU when there
+is one, else on the CPU; or ``--backend sklearn``: scikit-learn MiniBatchKMeans with fairseq's
+simple_kmeans parameters) and writes the centroids with their provenance. ``assign`` writes
+the units of every segment of a feature dataset as a Ray job (one task per part; a rerun
+resumes).
 ``export`` writes fairseq's label layout (``.tsv`` + ``.km``, plus ``.ids``) in the manifest's
 order. Bad input exits 2 with a message naming the option; missing segments in ``export`` exit 1.
 """
@@ -32,6 +34,8 @@ def _json_option(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hubert_ray.kmeans import BACKENDS, DEVICES
+
     p = argparse.ArgumentParser(prog="python -m jobs.kmeans", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -46,10 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--sample-hours", type=float, required=True, help="hours of frames")
     learn.add_argument("--output", required=True, help="centroid file (.safetensors)")
     learn.add_argument("--seed", type=int, default=0, help="sample and k-means seed (0)")
-    learn.add_argument("--batch-size", type=int, default=None, help="MiniBatchKMeans (10000)")
-    learn.add_argument("--max-iter", type=int, default=None, help="MiniBatchKMeans (100)")
-    learn.add_argument("--n-init", type=int, default=None, help="MiniBatchKMeans (20)")
-    learn.add_argument("--max-no-improvement", type=int, default=None, help="MiniBatchKMeans (100)")
+    learn.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="k-means implementation: torch (k-means++ + Lloyd on the device) or sklearn "
+        "(MiniBatchKMeans, CPU); auto: torch",
+    )
+    learn.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where k-means runs; auto: cuda when torch sees a GPU, else cpu",
+    )
+    learn.add_argument("--n-init", type=int, default=None, help="inits, best kept (20)")
+    learn.add_argument("--max-iter", type=int, default=None, help="iterations / epochs (100)")
+    learn.add_argument("--batch-size", type=int, default=None, help="sklearn only (10000)")
+    learn.add_argument("--max-no-improvement", type=int, default=None, help="sklearn only (100)")
+    learn.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="torch: stop when an iteration lowers the inertia by less than this fraction "
+        "(1e-4); sklearn: MiniBatchKMeans's tol (0)",
+    )
 
     assign = sub.add_parser("assign", parents=[common], help="units of a feature dataset")
     assign.add_argument("--features", required=True, help="output dir of jobs.extract (or URL)")
@@ -82,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
             params = {
                 k: getattr(args, k)
-                for k in ("batch_size", "max_iter", "n_init", "max_no_improvement")
+                for k in ("batch_size", "max_iter", "n_init", "max_no_improvement", "tol")
                 if getattr(args, k) is not None
             }
             prov = kmeans.learn(
@@ -93,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.output,
                 seed=args.seed,
                 storage_options=so,
+                backend=args.backend,
+                device=args.device,
                 **params,
             )
             print(json.dumps(prov, indent=2))

@@ -174,7 +174,7 @@ def test_learn_writes_provenance_and_finds_clusters(tmp_path):
     )
     output.write_part(table, str(tmp_path / "ds" / "features"), None)
     km = str(tmp_path / "km.safetensors")
-    prov = kmeans.learn(str(tmp_path / "ds"), 1, 4, 0.01, km, seed=0, n_init=3)
+    prov = kmeans.learn(str(tmp_path / "ds"), 1, 4, 0.01, km, seed=0, n_init=3, backend="sklearn")
     assert prov["model_revision"] == "revX" and prov["layer"] == 1 and prov["k"] == 4
     assert prov["features_dtype"] == "float16" and prov["seed"] == 0
     assert prov["algorithm"]["name"] == "sklearn.cluster.MiniBatchKMeans"

@@ -39,22 +39,25 @@ def _cfg(corpus, model, out, **kw):
 
 @pytest.fixture(scope="module")
 def learned(ray_session, corpus, tiny_model, tmp_path_factory):
-    """A float32 feature dataset and centroids learned on layers 2 and 1 of it."""
+    """A float32 feature dataset and centroids learned on layers 2 (scikit-learn) and 1 (the
+    torch backend, through the CLI) of it."""
     from hubert_ray import pipeline
+    from jobs import kmeans as cli
 
     root = tmp_path_factory.mktemp("units")
     feats = str(root / "features-run")
     pipeline.run(_cfg(corpus, tiny_model, feats))
     km2, km1 = str(root / "km2.safetensors"), str(root / "km1.safetensors")
-    kmeans.learn(feats, 2, K, 0.02, km2, seed=0, n_init=4)
-    kmeans.learn(feats, 1, K, 0.02, km1, seed=1, n_init=4)
+    kmeans.learn(feats, 2, K, 0.02, km2, seed=0, n_init=4, backend="sklearn")
+    args = ["learn", "--features", feats, "--layer", "1", "--k", str(K), "--sample-hours"]
+    assert cli.main([*args, "0.02", "--output", km1, "--seed", "1", "--backend", "torch"]) == 0
     return root, feats, km2, km1
 
 
 def test_learned_provenance_names_the_dataset(learned, tiny_model):
     from hubert_ray.model import model_revision
 
-    _, feats, km2, _ = learned
+    _, feats, km2, km1 = learned
     prov = units.read_provenance(km2)
     assert prov["model_revision"] == model_revision(tiny_model)
     assert (prov["layer"], prov["k"], prov["hidden_size"]) == (2, K, 32)
@@ -62,6 +65,11 @@ def test_learned_provenance_names_the_dataset(learned, tiny_model):
     s = prov["sample"]
     assert s["features"] == feats and 0 < s["frames"] <= s["dataset_frames"]
     assert prov["inertia"] > 0 and prov["algorithm"]["params"]["batch_size"] == 10_000
+    assert prov["algorithm"]["backend"] == "sklearn"
+    torch_prov = units.read_provenance(km1)
+    assert torch_prov["algorithm"]["backend"] == "torch" and torch_prov["layer"] == 1
+    assert torch_prov["algorithm"]["device"] == "cpu" and torch_prov["seed"] == 1
+    assert torch_prov["model_revision"] == prov["model_revision"] and torch_prov["inertia"] > 0
 
 
 def test_extract_units_equal_argmin_of_stored_features(learned, corpus, tiny_model):
