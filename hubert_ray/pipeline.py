@@ -86,8 +86,9 @@ def redacted(cfg: ExtractConfig) -> dict:
 
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
-# driver counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
-# small table, hubert_ray.segments.DoneIndex); the tasks that expand the manifest's recordings
+# job counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
+# small table, hubert_ray.segments.DoneIndex, built by Ray tasks and left in the object store:
+# pipeline.done_index); the tasks that expand the manifest's recordings
 # into segments skip a recording whose rows are all there and drop, by id, the written segments
 # of one partly there (read from its own part files). It is exact because (1) a part file
 # appears whole or not at all (temporary name + rename locally, one upload on object storage),
@@ -352,6 +353,7 @@ class ModelActor:
         config: ModelConfig,
         queue_depth: int = 2,
         simulate_x_realtime: float | None = None,
+        call_seconds: float | None = None,
     ):
         import asyncio
         import threading
@@ -373,6 +375,7 @@ class ModelActor:
         self._slots = asyncio.Semaphore(queue_depth)
         self._retries_lock = threading.Lock()
         self._retries_seen = 0  # storage retries of this process already reported
+        self.call_seconds = call_seconds  # most audio per call (None: no bound)
 
     def _new_retries(self) -> int:
         """Storage retries this process made since the last call reported them."""
@@ -381,7 +384,9 @@ class ModelActor:
             new, self._retries_seen = now - self._retries_seen, now
             return new
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table):
+        """One output batch per sub-call (:meth:`_sub_calls`), in order; the sub-calls are
+        launched as whole calls are (at most ``queue_depth`` at once)."""
         import asyncio
 
         upstream = 0
@@ -389,6 +394,25 @@ class ModelActor:
             upstream = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
             batch = batch.drop_columns([RETRIES_COLUMN])
         loop = asyncio.get_running_loop()
+        subs = [batch.slice(a, b - a) for a, b in self._sub_calls(batch)]
+        outs = await asyncio.gather(*(self._call(loop, sub) for sub in subs))
+        for k, out in enumerate(outs):
+            yield _with_retries_column(out, (upstream if k == 0 else 0) + self._new_retries())
+
+    def _sub_calls(self, batch: pa.Table) -> list[tuple[int, int]]:
+        """Row ranges of ``batch`` holding at most ``call_seconds`` of decoded audio each (a
+        longer segment alone): a call of a few long segments among short ones is split."""
+        from hubert_ray.chunking import split_by_seconds
+        from hubert_ray.config import SAMPLE_RATE_HZ
+
+        if not self.call_seconds or not batch.num_rows:
+            return [(0, batch.num_rows)]
+        samples = pc.fill_null(pc.list_value_length(batch.column("audio")), 0)
+        seconds = (samples.to_numpy() / SAMPLE_RATE_HZ).tolist()
+        return split_by_seconds(seconds, self.call_seconds)
+
+    async def _call(self, loop, batch: pa.Table) -> pa.Table:
+        """One (sub-)call: computed, or isolated to its failing segments."""
         forward_before = self.stage.stats["forward_s"]
         key = output.part_key(batch.column("segment_id").to_pylist())
         async with self._slots:
@@ -404,7 +428,7 @@ class ModelActor:
                     out = await self._run(loop, self._launcher, self._isolate, batch, key)
                 self.journal.done(key)
         metrics.record_model_batch(out, self.stage.stats["forward_s"] - forward_before)
-        return _with_retries_column(out, upstream + self._new_retries())
+        return out
 
     def _launch(self, batch: pa.Table):
         if self.faults:
@@ -686,6 +710,7 @@ class Placement:
     model_config: ModelConfig
     rows_per_call: int
     calls_per_actor: int = 1
+    call_seconds: float | None = None  # most audio per actor call (its sub-calls)
 
 
 # Default calls in flight per GPU model actor: Ray fetches the next call's input and ships the
@@ -701,6 +726,7 @@ def plan_placement(
     cluster_gpus: int,
     num_layers: int = 1,
     node_cpus: int = 0,
+    mean_segment_s: float | None = None,
     **model_kwargs,
 ) -> Placement:
     """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU.
@@ -716,16 +742,17 @@ def plan_placement(
             f"num_gpus={cfg.num_gpus} but the cluster has {cluster_gpus} GPU(s)", field="num_gpus"
         )
     n_gpu = cluster_gpus if cfg.num_gpus is None else cfg.num_gpus
-    rows = cfg.rows_per_call(num_layers)
+    rows = cfg.rows_per_call(num_layers, mean_segment_s)
+    seconds = cfg.call_seconds_bound(num_layers)
     if n_gpu:
         calls = cfg.calls_per_actor or GPU_CALLS_PER_ACTOR
-        return Placement(n_gpu, True, cfg.model_config("auto", **model_kwargs), rows, calls)
+        model = cfg.model_config("auto", **model_kwargs)
+        return Placement(n_gpu, True, model, rows, calls, seconds)
     shared = node_cpus // max(1, min(cfg.num_cpu_actors, node_cpus or 1))
     threads = cfg.torch_threads or max(1, shared, int(cfg.cpus_per_actor))
     model = cfg.model_config("cpu", num_threads=threads, **model_kwargs)
-    return Placement(
-        cfg.num_cpu_actors, False, model, rows, cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
-    )
+    calls = cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
+    return Placement(cfg.num_cpu_actors, False, model, rows, calls, seconds)
 
 
 def stage_args(
@@ -756,6 +783,7 @@ def stage_args(
                 "config": placement.model_config,
                 "queue_depth": cfg.queue_depth,
                 "simulate_x_realtime": simulate_x_realtime,
+                "call_seconds": placement.call_seconds,
             },
             compute=ray.data.ActorPoolStrategy(
                 size=placement.pool, max_concurrent_calls_per_actor=placement.calls_per_actor
@@ -854,7 +882,7 @@ def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Ta
     reading the manifest and the part files ride on the first row)."""
     batch, upstream = _upstream_retries(batch)
     before = storage.retry_count()
-    out = segments.todo_segments(batch, base_dir, index, storage_options)
+    out = segments.todo_segments(batch, base_dir, _resolve(index), storage_options)
     return _with_retries_column(out, upstream + storage.retry_count() - before)
 
 
@@ -862,10 +890,65 @@ def _check(batch: pa.Table, index, storage_options: dict) -> pa.Table:
     """Task UDF: the summary's manifest-wide counts for these recordings."""
     batch, upstream = _upstream_retries(batch)
     before = storage.retry_count()
-    out = segments.check_segments(batch, index, storage_options)
+    out = segments.check_segments(batch, _resolve(index), storage_options)
     return out.append_column(
         RETRIES_COLUMN, pa.array([upstream + storage.retry_count() - before], pa.int64())
     )
+
+
+INDEX_PARTS_PER_TASK = 2_000
+"""Part files each task of :func:`done_index` reads (25 tasks for the 50,000 parts of a
+100 M-segment output)."""
+
+
+def done_index(cfg: ExtractConfig):
+    """``(ref, rows)``: a :class:`hubert_ray.segments.DoneIndex` of ``cfg.output`` built by Ray
+    tasks (one lists the part files, one per :data:`INDEX_PARTS_PER_TASK` parts reads their
+    recording ids, one combines) and left in the object store, where the tasks that expand or
+    check the manifest get it; and the rows it counts. The driver holds neither the index nor
+    the part list (at 100 M segments its peak grew by ~200 MiB building them itself)."""
+    import ray
+
+    opts = cfg.storage_options
+    remote = {"num_cpus": 1, "max_retries": MAX_PROCESS_DEATHS}
+
+    def listing(uri, storage_options):
+        files = segments.done_part_files(uri, storage_options)
+        return files, len(files)
+
+    files, count = ray.remote(num_returns=2, **remote)(listing).remote(cfg.output, opts)
+    count = ray.get(count)
+    read = ray.remote(**remote)(segments.index_parts)
+    ranges = [
+        read.remote(cfg.output, files, lo, min(count, lo + INDEX_PARTS_PER_TASK), opts)
+        for lo in range(0, count, INDEX_PARTS_PER_TASK)
+    ]
+
+    def combine(uri, files, *ranges):
+        index = segments.combine_index(uri, files, list(ranges))
+        return index, index.rows
+
+    index, rows = ray.remote(num_returns=2, **remote)(combine).remote(cfg.output, files, *ranges)
+    return index, ray.get(rows)
+
+
+def mean_segment_seconds(cfg: ExtractConfig, manifest_uri: str, info: dict) -> float | None:
+    """The manifest's mean segment duration from a few of its row groups (a task: a row group
+    of a large manifest holds millions of segments); ``None`` when unknown (then the model's
+    calls are sized by the default rows)."""
+    import ray
+
+    if cfg.batch_size:  # rows set by the user: not needed
+        return None
+    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(segments.mean_segment_seconds)
+    return ray.get(task.remote(manifest_uri, info["row_groups"], cfg.storage_options))
+
+
+def _resolve(index):
+    """A done index passed to a task as an object reference (:func:`done_index`), fetched."""
+    import ray
+
+    return ray.get(index) if isinstance(index, ray.ObjectRef) else index
 
 
 def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
@@ -911,7 +994,7 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
     tasks (each reads its recordings' ids from their part files); the driver holds one row per
     recording."""
-    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    index, _ = done_index(cfg)
     per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
     counts = (
         manifest_blocks(cfg, manifest_uri, info, per_task)
@@ -927,7 +1010,13 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     counts = counts or {}
     total = int(counts.get("sum(segments)") or 0)
     written = int(counts.get("sum(written)") or 0)
-    stray = segments.unexpected_recordings(index, manifest_uri, cfg.storage_options)
+    import ray
+
+    stray = ray.get(  # a task: it reads every recording id of the manifest
+        ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(
+            segments.unexpected_recordings
+        ).remote(index, manifest_uri, cfg.storage_options)
+    )
     return {
         "segments_total": total,
         "segments_missing": total - written,
@@ -983,8 +1072,11 @@ def run(
     )
     if cfg.recompute_suspect and not overwrite:
         _drop_suspect(cfg)
-    index = segments.build_done_index(cfg.output, cfg.storage_options)
-    done_rows = index.rows
+    import ray
+
+    init_ray()
+    _quiet_ray()
+    index, done_rows = done_index(cfg)  # a reference: the index stays in the object store
     log.info(
         "manifest: %d recordings, %d segments (%d rows already in the output, %d transient "
         "errors retried); layers %s",
@@ -1000,10 +1092,6 @@ def run(
             log.info("nothing to do: %s is complete", cfg.output)
             return finished
 
-    import ray
-
-    init_ray()
-    _quiet_ray()
     sample_rate = effective_rate(cfg.precision_sample_rate, info["segments"])
     placement = plan_placement(
         cfg,
@@ -1012,14 +1100,16 @@ def run(
         node_cpus=max(
             (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0
         ),
+        mean_segment_s=mean_segment_seconds(cfg, manifest_uri, info),
         sample_rate=sample_rate,
         report_uri=storage.join(cfg.output, output.ACTORS_DIR),
     )
     log.info(
-        "model actors: %d on %s, %d rows per call",
+        "model actors: %d on %s, %d rows per call, at most %s s of audio per call",
         placement.pool,
         "GPU" if placement.gpu else "CPU",
         placement.rows_per_call,
+        "unbounded" if placement.call_seconds is None else f"{placement.call_seconds:g}",
     )
     planned = compute_dtype(cfg.dtype, placement.gpu)
     identity["compute_dtype"] = planned
