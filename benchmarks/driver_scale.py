@@ -49,7 +49,7 @@ times["manifest_footer"] = time.perf_counter() - t
 peaks["manifest_footer"] = peak()
 t = time.perf_counter()
 retried = output.retry_transient_errors(out)
-index, rows = pipeline.done_index(cfg)
+index, rows, _ = pipeline.done_index(cfg)
 times["done_index"] = time.perf_counter() - t
 peaks["done_index"] = peak()
 assert rows == info["segments"], (rows, info)
@@ -67,7 +67,7 @@ peaks["resume_expand"] = peak()
 assert todo == 0, todo
 del index
 t = time.perf_counter()
-summary = output.summarize_parts(out)
+summary, _ = pipeline.summarize_output(cfg)
 times["summary_stream"] = time.perf_counter() - t
 peaks["summary_stream"] = peak()
 t = time.perf_counter()

@@ -316,15 +316,16 @@ class ExtractConfig:
     chunk_seconds: float = option(
         10.0, help="segments longer than this are split into chunks (see below)", shown="`10`"
     )
-    # Rows (segments) per model-actor call; None = 256 // stored layers (at least 16). Larger
-    # calls pack mixed lengths with less padding; the call's output grows with the layers.
+    # Rows (segments) per model-actor call; None = the call's audio bound over the manifest's
+    # mean segment duration (rows_per_call). Larger calls pack mixed lengths with less
+    # padding; the call's output grows with the layers.
     batch_size: int | None = option(
         None,
         help=(
             "segments per model-actor call; the actor packs them into micro-batches of similar "
             "lengths"
         ),
-        shown="256 ÷ stored layers (≥ 16)",
+        shown="`--call-seconds` ÷ mean segment duration (≤ 4,096)",
     )
     # Audio per model-actor call: the row count Ray hands an actor is this over the manifest's
     # mean segment duration, and an actor splits a call holding more audio (a few long segments

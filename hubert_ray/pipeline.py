@@ -902,34 +902,66 @@ INDEX_PARTS_PER_TASK = 2_000
 
 
 def done_index(cfg: ExtractConfig):
-    """``(ref, rows)``: a :class:`hubert_ray.segments.DoneIndex` of ``cfg.output`` built by Ray
-    tasks (one lists the part files, one per :data:`INDEX_PARTS_PER_TASK` parts reads their
-    recording ids, one combines) and left in the object store, where the tasks that expand or
-    check the manifest get it; and the rows it counts. The driver holds neither the index nor
-    the part list (at 100 M segments its peak grew by ~200 MiB building them itself)."""
+    """``(ref, rows, storage retries)``: a :class:`hubert_ray.segments.DoneIndex` of
+    ``cfg.output`` built by Ray tasks (one lists the part files, one per
+    :data:`INDEX_PARTS_PER_TASK` parts reads their recording ids, one combines) and left in the
+    object store, where the tasks that expand or check the manifest get it; the rows it counts;
+    the storage retries its tasks made. The driver holds neither the index nor the part list
+    (at 100 M segments its peak grew by ~200 MiB building them itself)."""
     import ray
 
     opts = cfg.storage_options
     remote = {"num_cpus": 1, "max_retries": MAX_PROCESS_DEATHS}
-
-    def listing(uri, storage_options):
-        files = segments.done_part_files(uri, storage_options)
-        return files, len(files)
-
-    files, count = ray.remote(num_returns=2, **remote)(listing).remote(cfg.output, opts)
-    count = ray.get(count)
-    read = ray.remote(**remote)(segments.index_parts)
+    files, counts = ray.remote(num_returns=2, **remote)(_list_parts).remote(cfg.output, opts)
+    count, retries = ray.get(counts)
+    read = ray.remote(**remote)(_index_range)
     ranges = [
         read.remote(cfg.output, files, lo, min(count, lo + INDEX_PARTS_PER_TASK), opts)
         for lo in range(0, count, INDEX_PARTS_PER_TASK)
     ]
+    combine = ray.remote(num_returns=2, **remote)(_combine_index)
+    index, counts = combine.remote(cfg.output, files, *ranges)
+    rows, more = ray.get(counts)
+    return index, rows, retries + more
 
-    def combine(uri, files, *ranges):
-        index = segments.combine_index(uri, files, list(ranges))
-        return index, index.rows
 
-    index, rows = ray.remote(num_returns=2, **remote)(combine).remote(cfg.output, files, *ranges)
-    return index, ray.get(rows)
+def _list_parts(uri: str, storage_options: dict) -> tuple[list[str], tuple[int, int]]:
+    """Task of :func:`done_index`: the part files, and (their number, storage retries)."""
+    before = storage.retry_count()
+    files = segments.done_part_files(uri, storage_options)
+    return files, (len(files), storage.retry_count() - before)
+
+
+def _index_range(uri: str, files: list, lo: int, hi: int, storage_options: dict) -> tuple:
+    """Task of :func:`done_index`: parts ``lo..hi`` per recording, and the storage retries."""
+    before = storage.retry_count()
+    table = segments.index_parts(uri, files, lo, hi, storage_options)
+    return table, storage.retry_count() - before
+
+
+def _combine_index(uri: str, files: list, *ranges: tuple) -> tuple:
+    """Task of :func:`done_index`: the index, and (its rows, the range tasks' retries)."""
+    index = segments.combine_index(uri, files, [table for table, _ in ranges])
+    return index, (index.rows, sum(n for _, n in ranges))
+
+
+def summarize_output(cfg: ExtractConfig) -> tuple[dict, int]:
+    """:func:`hubert_ray.output.summarize_parts` of ``cfg.output`` in a task (it lists and
+    reads every part file: at 100 M segments the driver's peak grew ~40 MiB doing it itself),
+    and the storage retries it made."""
+    import ray
+
+    return ray.get(
+        ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(_summarize).remote(
+            cfg.output, cfg.storage_options
+        )
+    )
+
+
+def _summarize(uri: str, storage_options: dict) -> tuple[dict, int]:
+    before = storage.retry_count()
+    summary = output.summarize_parts(uri, storage_options)
+    return summary, storage.retry_count() - before
 
 
 def mean_segment_seconds(cfg: ExtractConfig, manifest_uri: str, info: dict) -> float | None:
@@ -994,7 +1026,7 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
     tasks (each reads its recordings' ids from their part files); the driver holds one row per
     recording."""
-    index, _ = done_index(cfg)
+    index, _, index_retries = done_index(cfg)
     per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
     counts = (
         manifest_blocks(cfg, manifest_uri, info, per_task)
@@ -1012,18 +1044,25 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     written = int(counts.get("sum(written)") or 0)
     import ray
 
-    stray = ray.get(  # a task: it reads every recording id of the manifest
-        ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(
-            segments.unexpected_recordings
-        ).remote(index, manifest_uri, cfg.storage_options)
-    )
+    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(_unexpected)
+    stray, stray_retries = ray.get(task.remote(index, manifest_uri, cfg.storage_options))
     return {
         "segments_total": total,
         "segments_missing": total - written,
         "segments_duplicated": int(counts.get("sum(duplicated)") or 0),
         "segments_unexpected": int(counts.get("sum(unexpected)") or 0) + stray,
-        RETRIES_COLUMN: int(counts.get(f"sum({RETRIES_COLUMN})") or 0),
+        RETRIES_COLUMN: int(counts.get(f"sum({RETRIES_COLUMN})") or 0)
+        + index_retries
+        + stray_retries,
     }
+
+
+def _unexpected(index, manifest_uri: str, storage_options: dict) -> tuple[int, int]:
+    """Task of :func:`check_output` (it reads every recording id of the manifest): rows under
+    recordings the manifest lacks, and the storage retries."""
+    before = storage.retry_count()
+    stray = segments.unexpected_recordings(index, manifest_uri, storage_options)
+    return stray, storage.retry_count() - before
 
 
 def run(
@@ -1076,7 +1115,8 @@ def run(
 
     init_ray()
     _quiet_ray()
-    index, done_rows = done_index(cfg)  # a reference: the index stays in the object store
+    # a reference: the index stays in the object store
+    index, done_rows, index_retries = done_index(cfg)
     log.info(
         "manifest: %d recordings, %d segments (%d rows already in the output, %d transient "
         "errors retried); layers %s",
@@ -1148,7 +1188,7 @@ def run(
         run_audio = sink.audio_seconds
     del index
 
-    summary = output.summarize_parts(cfg.output, cfg.storage_options)
+    summary, summary_retries = summarize_output(cfg)
     checked = check_output(cfg, manifest_uri, info)
     check_retries = checked.pop(RETRIES_COLUMN)
     summary.update(checked)
@@ -1215,7 +1255,12 @@ def run(
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
     summary["storage_retries"] = (
-        sink_retries + check_retries + storage.retry_count() - driver_retries
+        sink_retries
+        + index_retries
+        + summary_retries
+        + check_retries
+        + storage.retry_count()
+        - driver_retries
     )
     summary["object_store_spilled_mib"] = _spilled_mib()
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
