@@ -12,8 +12,10 @@ clean, once with the fault hook (``HUBERT_RAY_FAULT_SEGMENTS``, ``hubert_ray.fau
 segment that raises in the model stage and one that kills its worker process, both chosen
 inside the run (a third and two thirds of the way). Checks and prints the faulted run's exit
 code, its ``model_error`` ids, that every other segment is in ``features/`` exactly once (and
-nothing in ``errors/`` else), the summary's missing / duplicated counts, and the wall time of
-both runs with their ratio. ``--json`` writes the result. Exit status 0 when every check holds.
+nothing in ``errors/`` else), the summary's missing / duplicated counts, the model-actor
+processes each run started (one report each under ``<output>/actors/``: a process killed by
+the segment is restarted) and the wall time of both runs with their ratio. ``--json`` writes
+the result. Exit status 0 when every check holds.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def outcome(out: str) -> dict:
         "errors": {r["segment_id"]: r["reason"] for r in rows},
         "error_rows": errs.num_rows if errs is not None else 0,
         "missing": summary.get("segments_missing"),
+        # each model-actor process writes its own report: restarts after a death show here
+        "actor_processes": len(output.actor_reports(out)),
         "duplicated": summary.get("segments_duplicated"),
     }
 
@@ -130,6 +134,8 @@ def main() -> int:
         "other_segments": len(others),
         "summary_missing": got["missing"],
         "summary_duplicated": got["duplicated"],
+        "model_actor_processes_faults": got["actor_processes"],
+        "model_actor_processes_clean": clean["actor_processes"],
         "wall_seconds_faults": round(wall, 1),
         "wall_seconds_clean": round(clean_s, 1),
         "wall_ratio_faults_over_clean": round(wall / clean_s, 2),
