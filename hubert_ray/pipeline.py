@@ -340,6 +340,10 @@ class ModelActor:
     call k's results. At most ``queue_depth`` calls are launched and unfinished at once, which
     bounds the memory they hold.
 
+    A call holding more than ``call_seconds`` of audio (Ray hands an actor a number of rows
+    sized on the manifest's mean segment duration) is computed as consecutive sub-calls within
+    that bound, each yielded as its own output batch (an async generator UDF).
+
     A call that fails is retried once; if it fails again, the failure is isolated by bisection
     (:meth:`_isolate`) down to the segments that cause it, which become ``model_error`` rows
     while the rest of the call is written. A segment that kills its worker process is found the
