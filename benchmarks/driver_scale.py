@@ -7,7 +7,8 @@ WenetSpeech L) of N segments in recordings of ``--per-recording`` segments, and 
 output holding one feature row per segment (the columns the driver and the summary read, no
 features; parts of 2,000 rows, the job's ``rows_per_file``). Then, in a fresh process with
 its own local Ray, runs what the job's driver does on a rerun: read the manifest's footer,
-take transient errors out for retry, index what the output holds per recording, run the tasks
+take transient errors out for retry, index what the output holds per recording (Ray tasks,
+``pipeline.done_index``), run the tasks
 that expand the manifest (every segment already written: nothing to do), stream the summary
 and run its per-recording check; and reports that process's peak resident memory
 (``ru_maxrss``; Ray's worker processes are separate) and the wall seconds of each step.
@@ -48,10 +49,10 @@ times["manifest_footer"] = time.perf_counter() - t
 peaks["manifest_footer"] = peak()
 t = time.perf_counter()
 retried = output.retry_transient_errors(out)
-index = segments.build_done_index(out)
+index, rows, _ = pipeline.done_index(cfg)
 times["done_index"] = time.perf_counter() - t
 peaks["done_index"] = peak()
-assert index.rows == info["segments"], (index.rows, info)
+assert rows == info["segments"], (rows, info)
 t = time.perf_counter()
 placement = pipeline.Placement(1, False, cfg.model_config("cpu"), 16)
 per_task = pipeline.recordings_per_task(cfg, info)
@@ -66,7 +67,7 @@ peaks["resume_expand"] = peak()
 assert todo == 0, todo
 del index
 t = time.perf_counter()
-summary = output.summarize_parts(out)
+summary, _ = pipeline.summarize_output(cfg)
 times["summary_stream"] = time.perf_counter() - t
 peaks["summary_stream"] = peak()
 t = time.perf_counter()

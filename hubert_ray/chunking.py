@@ -149,3 +149,19 @@ def pad_batch(
         if out is not None:
             batch[i, len(x) :] = 0.0
     return batch, lengths
+
+
+def split_by_seconds(seconds: Sequence[float], bound: float) -> list[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` row ranges of a model call whose rows hold ``seconds`` of
+    audio each, every range at most ``bound`` seconds (a row longer than ``bound`` alone), in
+    order and covering every row: the sub-calls of a call that holds too much audio."""
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 0.0
+    for i, s in enumerate(seconds):
+        if i > start and total + s > bound:
+            ranges.append((start, i))
+            start, total = i, 0.0
+        total += s
+    if len(seconds):
+        ranges.append((start, len(seconds)))
+    return ranges

@@ -7,6 +7,7 @@ field, the value and what is allowed, so bad options fail before any Ray work st
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,15 @@ from typing import Any
 from hubert_ray.errors import ConfigError
 
 SAMPLE_RATE_HZ = 16_000
+
+CALL_SECONDS = 640.0
+"""Default audio seconds per model-actor call for one stored layer: the 256 rows per call
+measured against 64 (docs/performance.md, packing: 1,171x against 1,014x, tiny) on the
+WenetSpeech-like mix of mean 2.5 s, as seconds. More stored layers: divided among them."""
+MIN_CALL_SECONDS = 40.0  # 16 rows of 2.5 s: the old floor of 16 rows
+MAX_ROWS_PER_CALL = 4096
+"""Rows per call however short the segments: the per-row work of a call (ids, Arrow columns,
+the packer's dynamic programme) stays bounded."""
 MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
 DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 STORAGE_DTYPES = ("float16", "float32")
@@ -306,15 +316,27 @@ class ExtractConfig:
     chunk_seconds: float = option(
         10.0, help="segments longer than this are split into chunks (see below)", shown="`10`"
     )
-    # Rows (segments) per model-actor call; None = 256 // stored layers (at least 16). Larger
-    # calls pack mixed lengths with less padding; the call's output grows with the layers.
+    # Rows (segments) per model-actor call; None = the call's audio bound over the manifest's
+    # mean segment duration (rows_per_call). Larger calls pack mixed lengths with less
+    # padding; the call's output grows with the layers.
     batch_size: int | None = option(
         None,
         help=(
             "segments per model-actor call; the actor packs them into micro-batches of similar "
             "lengths"
         ),
-        shown="256 ÷ stored layers (≥ 16)",
+        shown="`--call-seconds` ÷ mean segment duration (≤ 4,096)",
+    )
+    # Audio per model-actor call: the row count Ray hands an actor is this over the manifest's
+    # mean segment duration, and an actor splits a call holding more audio (a few long segments
+    # among short ones) into sub-calls of at most this much (one output batch each).
+    call_seconds: float | None = option(
+        None,
+        help=(
+            "most seconds of audio per model-actor call (a longer segment is a call of its own); "
+            "segments per call follow from the manifest's mean segment duration"
+        ),
+        shown="640 ÷ stored layers (≥ 40); none with `--batch-size`",
     )
     max_batch_samples: int = option(
         64 * 10 * SAMPLE_RATE_HZ,
@@ -552,6 +574,18 @@ class ExtractConfig:
                 "a non-empty local path or URL",
             )
         _require(
+            self.call_seconds is None
+            or (
+                isinstance(self.call_seconds, (int, float))
+                and not isinstance(self.call_seconds, bool)
+                and math.isfinite(self.call_seconds)
+                and self.call_seconds > 0
+            ),
+            "call_seconds",
+            self.call_seconds,
+            "a number of seconds > 0 (unset: 640 // stored layers, at least 40)",
+        )
+        _require(
             self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
             "batch_size",
             self.batch_size,
@@ -646,10 +680,27 @@ class ExtractConfig:
         """What the feature parts hold: features, units or both."""
         return self.store or ("both" if self.units else "features")
 
-    def rows_per_call(self, num_layers: int) -> int:
-        """Model-actor batch size: ``batch_size``, else 256 rows for one stored layer, fewer
-        for more layers (at least 16), so one call's output stays ~200 MB at 10 s rows."""
-        return self.batch_size or max(16, 256 // max(1, num_layers))
+    def call_seconds_bound(self, num_layers: int) -> float | None:
+        """Most audio seconds per model-actor call: ``call_seconds``; else none when
+        ``batch_size`` sets the rows; else :data:`CALL_SECONDS` for one stored layer, less for
+        more layers (at least 40 s), as the rows were before calls were sized in audio."""
+        if self.call_seconds is not None:
+            return float(self.call_seconds)
+        if self.batch_size:
+            return None
+        return max(MIN_CALL_SECONDS, CALL_SECONDS / max(1, num_layers))
+
+    def rows_per_call(self, num_layers: int, mean_segment_s: float | None = None) -> int:
+        """Model-actor batch size (rows Ray hands an actor at once): ``batch_size``; else the
+        call's audio bound over the manifest's mean segment duration (``mean_segment_s``);
+        without it, 256 rows for one stored layer, fewer for more layers (at least 16), so one
+        call's output stays ~200 MB at 10 s rows."""
+        if self.batch_size:
+            return self.batch_size
+        seconds = self.call_seconds_bound(num_layers)
+        if mean_segment_s and mean_segment_s > 0 and seconds:
+            return max(1, min(MAX_ROWS_PER_CALL, int(math.ceil(seconds / mean_segment_s))))
+        return max(16, 256 // max(1, num_layers))
 
     def decode_config(self) -> DecodeConfig:
         """The decode stage's config; ``normalize`` as resolved by the driver (``auto`` is

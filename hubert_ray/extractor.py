@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from hubert_ray import errors
-from hubert_ray.config import ModelConfig
+from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig
 
 log = logging.getLogger("hubert_ray")
 
@@ -138,6 +138,9 @@ class ModelStage:
             "model_revision": self.engine.revision,
             "actor_id": self.actor_id,
         }
+        # The most audio (of rows to compute) and the most rows of any call this actor ran: in
+        # its report, where the bound on a call's audio (pipeline.ModelActor) can be seen.
+        self.largest_call = {"audio_seconds": 0.0, "rows": 0}
         self._reported, self._timing, self._reported_at = None, None, 0.0
         self._write_report()
 
@@ -148,7 +151,7 @@ class ModelStage:
     def _write_report(self) -> None:
         """Write this actor's precision record when it changed (and there is a place); its
         device times alone are rewritten at most every :data:`REPORT_INTERVAL_S`."""
-        report = self.engine.report()
+        report = self.engine.report() | {"largest_call": dict(self.largest_call)}
         if not self.config.report_uri:
             return
         timing = report.pop("device_s")
@@ -176,9 +179,12 @@ class ModelStage:
         reasons = batch.column("error_reason").to_pylist()
         audio = audio_views(batch.column("audio"))  # views: ``batch`` stays referenced
         ids = batch.column("segment_id").to_pylist()
-        pending = self.engine.launch(
-            ids, [audio[i] if reasons[i] is None else None for i in range(n)]
-        )
+        todo = [audio[i] if reasons[i] is None else None for i in range(n)]
+        seconds = sum(len(a) for a in todo if a is not None) / SAMPLE_RATE_HZ
+        if seconds > self.largest_call["audio_seconds"]:
+            self.largest_call["audio_seconds"] = round(seconds, 3)
+        self.largest_call["rows"] = max(self.largest_call["rows"], n)
+        pending = self.engine.launch(ids, todo)
         return batch, pending
 
     def finish(self, launched) -> pa.Table:

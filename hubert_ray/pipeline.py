@@ -86,8 +86,9 @@ def redacted(cfg: ExtractConfig) -> dict:
 
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
-# driver counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
-# small table, hubert_ray.segments.DoneIndex); the tasks that expand the manifest's recordings
+# job counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
+# small table, hubert_ray.segments.DoneIndex, built by Ray tasks and left in the object store:
+# pipeline.done_index); the tasks that expand the manifest's recordings
 # into segments skip a recording whose rows are all there and drop, by id, the written segments
 # of one partly there (read from its own part files). It is exact because (1) a part file
 # appears whole or not at all (temporary name + rename locally, one upload on object storage),
@@ -339,6 +340,10 @@ class ModelActor:
     call k's results. At most ``queue_depth`` calls are launched and unfinished at once, which
     bounds the memory they hold.
 
+    A call holding more than ``call_seconds`` of audio (Ray hands an actor a number of rows
+    sized on the manifest's mean segment duration) is computed as consecutive sub-calls within
+    that bound, each yielded as its own output batch (an async generator UDF).
+
     A call that fails is retried once; if it fails again, the failure is isolated by bisection
     (:meth:`_isolate`) down to the segments that cause it, which become ``model_error`` rows
     while the rest of the call is written. A segment that kills its worker process is found the
@@ -352,6 +357,7 @@ class ModelActor:
         config: ModelConfig,
         queue_depth: int = 2,
         simulate_x_realtime: float | None = None,
+        call_seconds: float | None = None,
     ):
         import asyncio
         import threading
@@ -373,6 +379,7 @@ class ModelActor:
         self._slots = asyncio.Semaphore(queue_depth)
         self._retries_lock = threading.Lock()
         self._retries_seen = 0  # storage retries of this process already reported
+        self.call_seconds = call_seconds  # most audio per call (None: no bound)
 
     def _new_retries(self) -> int:
         """Storage retries this process made since the last call reported them."""
@@ -381,7 +388,9 @@ class ModelActor:
             new, self._retries_seen = now - self._retries_seen, now
             return new
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table):
+        """One output batch per sub-call (:meth:`_sub_calls`), in order; the sub-calls are
+        launched as whole calls are (at most ``queue_depth`` at once)."""
         import asyncio
 
         upstream = 0
@@ -389,6 +398,25 @@ class ModelActor:
             upstream = int(pc.sum(batch.column(RETRIES_COLUMN)).as_py() or 0)
             batch = batch.drop_columns([RETRIES_COLUMN])
         loop = asyncio.get_running_loop()
+        subs = [batch.slice(a, b - a) for a, b in self._sub_calls(batch)]
+        outs = await asyncio.gather(*(self._call(loop, sub) for sub in subs))
+        for k, out in enumerate(outs):
+            yield _with_retries_column(out, (upstream if k == 0 else 0) + self._new_retries())
+
+    def _sub_calls(self, batch: pa.Table) -> list[tuple[int, int]]:
+        """Row ranges of ``batch`` holding at most ``call_seconds`` of decoded audio each (a
+        longer segment alone): a call of a few long segments among short ones is split."""
+        from hubert_ray.chunking import split_by_seconds
+        from hubert_ray.config import SAMPLE_RATE_HZ
+
+        if not self.call_seconds or not batch.num_rows:
+            return [(0, batch.num_rows)]
+        samples = pc.fill_null(pc.list_value_length(batch.column("audio")), 0)
+        seconds = (samples.to_numpy() / SAMPLE_RATE_HZ).tolist()
+        return split_by_seconds(seconds, self.call_seconds)
+
+    async def _call(self, loop, batch: pa.Table) -> pa.Table:
+        """One (sub-)call: computed, or isolated to its failing segments."""
         forward_before = self.stage.stats["forward_s"]
         key = output.part_key(batch.column("segment_id").to_pylist())
         async with self._slots:
@@ -404,7 +432,7 @@ class ModelActor:
                     out = await self._run(loop, self._launcher, self._isolate, batch, key)
                 self.journal.done(key)
         metrics.record_model_batch(out, self.stage.stats["forward_s"] - forward_before)
-        return _with_retries_column(out, upstream + self._new_retries())
+        return out
 
     def _launch(self, batch: pa.Table):
         if self.faults:
@@ -686,6 +714,7 @@ class Placement:
     model_config: ModelConfig
     rows_per_call: int
     calls_per_actor: int = 1
+    call_seconds: float | None = None  # most audio per actor call (its sub-calls)
 
 
 # Default calls in flight per GPU model actor: Ray fetches the next call's input and ships the
@@ -701,6 +730,7 @@ def plan_placement(
     cluster_gpus: int,
     num_layers: int = 1,
     node_cpus: int = 0,
+    mean_segment_s: float | None = None,
     **model_kwargs,
 ) -> Placement:
     """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU.
@@ -716,16 +746,17 @@ def plan_placement(
             f"num_gpus={cfg.num_gpus} but the cluster has {cluster_gpus} GPU(s)", field="num_gpus"
         )
     n_gpu = cluster_gpus if cfg.num_gpus is None else cfg.num_gpus
-    rows = cfg.rows_per_call(num_layers)
+    rows = cfg.rows_per_call(num_layers, mean_segment_s)
+    seconds = cfg.call_seconds_bound(num_layers)
     if n_gpu:
         calls = cfg.calls_per_actor or GPU_CALLS_PER_ACTOR
-        return Placement(n_gpu, True, cfg.model_config("auto", **model_kwargs), rows, calls)
+        model = cfg.model_config("auto", **model_kwargs)
+        return Placement(n_gpu, True, model, rows, calls, seconds)
     shared = node_cpus // max(1, min(cfg.num_cpu_actors, node_cpus or 1))
     threads = cfg.torch_threads or max(1, shared, int(cfg.cpus_per_actor))
     model = cfg.model_config("cpu", num_threads=threads, **model_kwargs)
-    return Placement(
-        cfg.num_cpu_actors, False, model, rows, cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
-    )
+    calls = cfg.calls_per_actor or CPU_CALLS_PER_ACTOR
+    return Placement(cfg.num_cpu_actors, False, model, rows, calls, seconds)
 
 
 def stage_args(
@@ -756,6 +787,7 @@ def stage_args(
                 "config": placement.model_config,
                 "queue_depth": cfg.queue_depth,
                 "simulate_x_realtime": simulate_x_realtime,
+                "call_seconds": placement.call_seconds,
             },
             compute=ray.data.ActorPoolStrategy(
                 size=placement.pool, max_concurrent_calls_per_actor=placement.calls_per_actor
@@ -854,8 +886,95 @@ def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Ta
     reading the manifest and the part files ride on the first row)."""
     batch, upstream = _upstream_retries(batch)
     before = storage.retry_count()
-    out = segments.todo_segments(batch, base_dir, index, storage_options)
+    out = segments.todo_segments(batch, base_dir, _resolve(index), storage_options)
     return _with_retries_column(out, upstream + storage.retry_count() - before)
+
+
+INDEX_PARTS_PER_TASK = 2_000
+"""Part files each task of :func:`done_index` reads (25 tasks for the 50,000 parts of a
+100 M-segment output)."""
+
+
+def done_index(cfg: ExtractConfig):
+    """``(ref, rows, storage retries)``: a :class:`hubert_ray.segments.DoneIndex` of
+    ``cfg.output`` built by Ray tasks (one lists the part files, one per
+    :data:`INDEX_PARTS_PER_TASK` parts reads their recording ids, one combines) and left in the
+    object store, where the tasks that expand or check the manifest get it; the rows it counts;
+    the storage retries its tasks made. The driver holds neither the index nor the part list
+    (at 100 M segments its peak grew by ~200 MiB building them itself)."""
+    import ray
+
+    opts = cfg.storage_options
+    remote = {"num_cpus": 1, "max_retries": MAX_PROCESS_DEATHS}
+    files, counts = ray.remote(num_returns=2, **remote)(_list_parts).remote(cfg.output, opts)
+    count, retries = ray.get(counts)
+    read = ray.remote(**remote)(_index_range)
+    ranges = [
+        read.remote(cfg.output, files, lo, min(count, lo + INDEX_PARTS_PER_TASK), opts)
+        for lo in range(0, count, INDEX_PARTS_PER_TASK)
+    ]
+    combine = ray.remote(num_returns=2, **remote)(_combine_index)
+    index, counts = combine.remote(cfg.output, files, *ranges)
+    rows, more = ray.get(counts)
+    return index, rows, retries + more
+
+
+def _list_parts(uri: str, storage_options: dict) -> tuple[list[str], tuple[int, int]]:
+    """Task of :func:`done_index`: the part files, and (their number, storage retries)."""
+    before = storage.retry_count()
+    files = segments.done_part_files(uri, storage_options)
+    return files, (len(files), storage.retry_count() - before)
+
+
+def _index_range(uri: str, files: list, lo: int, hi: int, storage_options: dict) -> tuple:
+    """Task of :func:`done_index`: parts ``lo..hi`` per recording, and the storage retries."""
+    before = storage.retry_count()
+    table = segments.index_parts(uri, files, lo, hi, storage_options)
+    return table, storage.retry_count() - before
+
+
+def _combine_index(uri: str, files: list, *ranges: tuple) -> tuple:
+    """Task of :func:`done_index`: the index, and (its rows, the range tasks' retries)."""
+    index = segments.combine_index(uri, files, [table for table, _ in ranges])
+    return index, (index.rows, sum(n for _, n in ranges))
+
+
+def summarize_output(cfg: ExtractConfig) -> tuple[dict, int]:
+    """:func:`hubert_ray.output.summarize_parts` of ``cfg.output`` in a task (it lists and
+    reads every part file: at 100 M segments the driver's peak grew ~40 MiB doing it itself),
+    and the storage retries it made."""
+    import ray
+
+    return ray.get(
+        ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(_summarize).remote(
+            cfg.output, cfg.storage_options
+        )
+    )
+
+
+def _summarize(uri: str, storage_options: dict) -> tuple[dict, int]:
+    before = storage.retry_count()
+    summary = output.summarize_parts(uri, storage_options)
+    return summary, storage.retry_count() - before
+
+
+def mean_segment_seconds(cfg: ExtractConfig, manifest_uri: str, info: dict) -> float | None:
+    """The manifest's mean segment duration from a few of its row groups (a task: a row group
+    of a large manifest holds millions of segments); ``None`` when unknown (then the model's
+    calls are sized by the default rows)."""
+    import ray
+
+    if cfg.batch_size:  # rows set by the user: not needed
+        return None
+    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(segments.mean_segment_seconds)
+    return ray.get(task.remote(manifest_uri, info["row_groups"], cfg.storage_options))
+
+
+def _resolve(index):
+    """A done index passed to a task as an object reference (:func:`done_index`), fetched."""
+    import ray
+
+    return ray.get(index) if isinstance(index, ray.ObjectRef) else index
 
 
 def recordings_per_task(cfg: ExtractConfig, info: dict) -> int:
@@ -901,33 +1020,46 @@ def check_output(cfg: ExtractConfig, manifest_uri: str, info: dict) -> dict:
     """Missing, duplicated and unexpected segments of the output against the manifest, in Ray
     tasks (each reads its recordings' ids from their part files); the driver holds one row per
     recording."""
-    index = segments.build_done_index(cfg.output, cfg.storage_options)
+    index, _, index_retries = done_index(cfg)
     per_task = max(recordings_per_task(cfg, info), -(-info["recordings"] // CHECK_TASKS))
     counts = _check_counts(cfg, manifest_uri, index, per_task)
-    stray = segments.unexpected_recordings(index, manifest_uri, cfg.storage_options)
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(_unexpected)
+    stray, stray_retries = ray.get(task.remote(index, manifest_uri, cfg.storage_options))
     return {
         "segments_total": counts["segments"],
         "segments_missing": counts["segments"] - counts["written"],
         "segments_duplicated": counts["duplicated"],
         "segments_unexpected": counts["unexpected"] + stray,
-        RETRIES_COLUMN: counts[RETRIES_COLUMN],
+        RETRIES_COLUMN: counts[RETRIES_COLUMN] + index_retries + stray_retries,
     }
 
 
+# Tasks the summary's check splits a manifest row group (10,000 recordings) into: each reads
+# the whole row group, so more slices spread it over more CPUs at the price of reading it again.
+CHECK_SLICES_PER_ROW_GROUP = 4
+
+
 def _check_counts(cfg: ExtractConfig, manifest_uri: str, index, per_task: int) -> dict:
-    """The summary's counts over the whole manifest: one plain Ray task per ``per_task``
-    recordings of a row group (a Ray Data pipeline for the same work cost a few seconds of
-    start-up per run), summed as they finish; the driver holds a few integers per task."""
+    """The summary's counts over the whole manifest: plain Ray tasks over slices of the
+    manifest's row groups (at least ``per_task`` recordings each; a Ray Data pipeline for the
+    same work cost seconds of start-up per run), summed as they finish; the driver holds a few
+    integers per task."""
     import ray
 
     opts = cfg.storage_options
     task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(_check_slice)
-    index = ray.put(index)  # once, not with every task
-    refs = [
-        task.remote(manifest_uri, g, lo, min(n, lo + per_task), index, opts)
-        for g, n in enumerate(segments.row_group_sizes(manifest_uri, opts))
-        for lo in range(0, n, per_task)
-    ]
+    if not isinstance(index, ray.ObjectRef):
+        index = ray.put(index)  # once, not with every task
+    refs = []
+    for g, n in enumerate(segments.row_group_sizes(manifest_uri, opts)):
+        slices = min(-(-n // per_task), CHECK_SLICES_PER_ROW_GROUP)
+        size = -(-n // max(1, slices))
+        refs += [
+            task.remote(manifest_uri, g, lo, min(n, lo + size), index, opts)
+            for lo in range(0, n, size)
+        ]
     keys = ("segments", "written", "duplicated", "unexpected", RETRIES_COLUMN)
     totals = dict.fromkeys(keys, 0)
     while refs:
@@ -942,8 +1074,16 @@ def _check_slice(uri: str, group: int, lo: int, hi: int, index, storage_options:
     """Task of :func:`_check_counts`: recordings ``lo..hi`` of row group ``group``."""
     before = storage.retry_count()
     rows = segments.read_row_group(uri, group, storage_options).slice(lo, hi - lo)
-    counts = segments.check_segments(rows, index, storage_options).to_pylist()[0]
+    counts = segments.check_segments(rows, _resolve(index), storage_options).to_pylist()[0]
     return counts | {RETRIES_COLUMN: storage.retry_count() - before}
+
+
+def _unexpected(index, manifest_uri: str, storage_options: dict) -> tuple[int, int]:
+    """Task of :func:`check_output` (it reads every recording id of the manifest): rows under
+    recordings the manifest lacks, and the storage retries."""
+    before = storage.retry_count()
+    stray = segments.unexpected_recordings(index, manifest_uri, storage_options)
+    return stray, storage.retry_count() - before
 
 
 def run(
@@ -992,8 +1132,12 @@ def run(
     )
     if cfg.recompute_suspect and not overwrite:
         _drop_suspect(cfg)
-    index = segments.build_done_index(cfg.output, cfg.storage_options)
-    done_rows = index.rows
+    import ray
+
+    init_ray()
+    _quiet_ray()
+    # a reference: the index stays in the object store
+    index, done_rows, index_retries = done_index(cfg)
     log.info(
         "manifest: %d recordings, %d segments (%d rows already in the output, %d transient "
         "errors retried); layers %s",
@@ -1009,10 +1153,6 @@ def run(
             log.info("nothing to do: %s is complete", cfg.output)
             return finished
 
-    import ray
-
-    init_ray()
-    _quiet_ray()
     sample_rate = effective_rate(cfg.precision_sample_rate, info["segments"])
     placement = plan_placement(
         cfg,
@@ -1021,14 +1161,16 @@ def run(
         node_cpus=max(
             (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0
         ),
+        mean_segment_s=mean_segment_seconds(cfg, manifest_uri, info),
         sample_rate=sample_rate,
         report_uri=storage.join(cfg.output, output.ACTORS_DIR),
     )
     log.info(
-        "model actors: %d on %s, %d rows per call",
+        "model actors: %d on %s, %d rows per call, at most %s s of audio per call",
         placement.pool,
         "GPU" if placement.gpu else "CPU",
         placement.rows_per_call,
+        "unbounded" if placement.call_seconds is None else f"{placement.call_seconds:g}",
     )
     planned = compute_dtype(cfg.dtype, placement.gpu)
     identity["compute_dtype"] = planned
@@ -1073,7 +1215,7 @@ def run(
     del index
 
     t_check = time.time()
-    summary = output.summarize_parts(cfg.output, cfg.storage_options)
+    summary, summary_retries = summarize_output(cfg)
     checked = check_output(cfg, manifest_uri, info)
     check_retries = checked.pop(RETRIES_COLUMN)
     summary.update(checked)
@@ -1142,7 +1284,12 @@ def run(
     )
     # Retries by the decode tasks, model actors and writers (via the sink) and by this driver.
     summary["storage_retries"] = (
-        sink_retries + check_retries + storage.retry_count() - driver_retries
+        sink_retries
+        + index_retries
+        + summary_retries
+        + check_retries
+        + storage.retry_count()
+        - driver_retries
     )
     summary["object_store_spilled_mib"] = _spilled_mib()
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)

@@ -2,7 +2,8 @@
 per recording: the pieces that let the job's driver run a corpus it never holds.
 
 * :func:`manifest_info` reads a canonical manifest's footer only: whether ``jobs.prepare``
-  validated it (a key in its Parquet metadata) and how many recordings and segments it holds.
+  validated it (a key in its Parquet metadata) and how many recordings and segments it holds;
+  :func:`mean_segment_seconds` samples a few row groups for the mean segment duration.
 * :class:`DoneIndex` lists, per recording, how many rows ``features/`` and ``errors/`` hold for
   it and in which part files: one small row per recording (the driver holds this, never a
   segment id).
@@ -92,6 +93,27 @@ def read_row_group(uri: str, group: int, storage_options: dict | None = None) ->
     return storage.with_retries(read)
 
 
+MEAN_SAMPLE_GROUPS = 4
+
+
+def mean_segment_seconds(
+    uri: str, row_groups: int, storage_options: dict | None = None
+) -> float | None:
+    """Mean segment duration of a canonical manifest, from up to :data:`MEAN_SAMPLE_GROUPS`
+    row groups spread over the file (a sample: it sizes model calls, whose audio the model
+    actors bound exactly); ``None`` for a manifest without segments."""
+    if row_groups <= 0:
+        return None
+    picks = sorted(set(np.linspace(0, row_groups - 1, MEAN_SAMPLE_GROUPS).round().astype(int)))
+    total, count = 0.0, 0
+    for g in picks:
+        flat = read_row_group(uri, int(g), storage_options).column("segments").combine_chunks()
+        flat = flat.flatten()
+        total += float(pc.sum(pc.subtract(flat.field("end_s"), flat.field("start_s"))).as_py() or 0)
+        count += len(flat)
+    return total / count if count else None
+
+
 def expand(recordings: pa.Table, base_dir: str) -> pa.Table:
     """Canonical manifest rows as segment rows (:data:`SEGMENT_SCHEMA`), recording by
     recording in manifest order; relative audio paths resolved against ``base_dir`` (the
@@ -147,44 +169,55 @@ class DoneIndex:
 
 INDEX_THREADS = 8
 INDEX_CHUNK = 512  # part files whose per-part tables are combined at once
+_PAIRS = pa.schema([("recording_id", pa.string()), ("rows", pa.int64()), ("part", pa.int32())])
+_EMPTY_INDEX = pa.schema(
+    [("recording_id", pa.string()), ("rows", pa.int64()), ("parts", pa.list_(pa.int32()))]
+)
 
 
-def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex:
-    """Read the ``recording_id`` column of every part under ``features/`` and ``errors/``
-    (a few threads) into a :class:`DoneIndex`; holds one row per (part, recording)."""
+def done_part_files(uri: str, storage_options: dict | None = None) -> list[str]:
+    """Every part file under ``features/`` and ``errors/`` of the output ``uri``, in the order
+    a :class:`DoneIndex`'s part indices refer to."""
     files: list[str] = []
-    fs = None
     for sub in (output.FEATURES_DIR, output.ERRORS_DIR):
-        fs, found = output._part_files(storage.join(uri, sub), storage_options)
-        files.extend(found)
-    empty = pa.table(
-        {
-            "recording_id": pa.array([], pa.string()),
-            "rows": pa.array([], pa.int64()),
-            "parts": pa.array([], pa.list_(pa.int32())),
-        }
-    )
-    if not files:
-        return DoneIndex(uri, (), empty)
+        files.extend(output._part_files(storage.join(uri, sub), storage_options)[1])
+    return files
+
+
+def index_parts(
+    uri: str, files: list[str], lo: int, hi: int, storage_options: dict | None = None
+) -> pa.Table:
+    """Parts ``files[lo:hi]`` as ``recording_id, rows, part`` (one row per part and recording
+    it holds), read a few at a time (threads: latency-bound on object storage). A range of
+    parts is one task of the job's index (:func:`combine_index` joins the ranges)."""
+    fs, _ = storage.filesystem(uri, storage_options)
 
     def per_part(i: int) -> pa.Table:
         t = output.read_part(fs, files[i], ["recording_id"])
         g = t.group_by("recording_id").aggregate([("recording_id", "count")])
-        n = g.num_rows
         return pa.table(
             {
                 "recording_id": g.column("recording_id"),
                 "rows": g.column("recording_id_count").cast(pa.int64()),
-                "part": pa.array(np.full(n, i, np.int32)),
+                "part": pa.array(np.full(g.num_rows, i, np.int32)),
             }
         )
 
     chunks = []
     with ThreadPoolExecutor(INDEX_THREADS) as pool:
-        for lo in range(0, len(files), INDEX_CHUNK):  # bounded: one chunk's tables at a time
-            hi = min(len(files), lo + INDEX_CHUNK)
-            chunks.append(pa.concat_tables(pool.map(per_part, range(lo, hi))).combine_chunks())
-    pairs = pa.concat_tables(chunks)
+        for c in range(lo, hi, INDEX_CHUNK):  # bounded: one chunk's tables at a time
+            chunk = list(pool.map(per_part, range(c, min(hi, c + INDEX_CHUNK))))
+            chunks.append(pa.concat_tables(chunk).combine_chunks())
+    if not chunks:
+        return _PAIRS.empty_table()
+    return _compact(pa.concat_tables(chunks))
+
+
+def combine_index(uri: str, files: list[str], ranges: list[pa.Table]) -> DoneIndex:
+    """The :class:`DoneIndex` of ``files`` from the tables :func:`index_parts` made of them."""
+    if not files:
+        return DoneIndex(uri, (), _EMPTY_INDEX.empty_table())
+    pairs = pa.concat_tables(ranges)
     table = pairs.group_by("recording_id").aggregate([("rows", "sum"), ("part", "list")])
     table = pa.table(
         {
@@ -194,6 +227,14 @@ def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex
         }
     )
     return DoneIndex(uri, tuple(files), _compact(table))
+
+
+def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex:
+    """Read the ``recording_id`` column of every part under ``features/`` and ``errors/``
+    (a few threads) into a :class:`DoneIndex`, in this process; the job builds it in Ray
+    tasks instead (``pipeline.done_index``), keeping it and the part list off its driver."""
+    files = done_part_files(uri, storage_options)
+    return combine_index(uri, files, [index_parts(uri, files, 0, len(files), storage_options)])
 
 
 def _compact(table: pa.Table) -> pa.Table:
