@@ -12,6 +12,10 @@ Prints and writes::
     pipeline_x_realtime  audio seconds / wall seconds of the whole run (start-up included)
     steady_ratio         x-realtime from the first to the last finished model call, / R
     whole_ratio          pipeline_x_realtime / R
+    device_busy_share    the device's busy time over the span of its work (idle: waiting for
+                         the host)
+    real_per_padded      audio over the padded samples the device computed (packing's waste:
+                         steady_ratio is about busy share x real per padded)
     host_cpu_util        busy share of all of the host's cores during the run (/proc/stat)
 
 The corpus: one hour of WenetSpeech-like mixed-length segments (``--utt-seconds``) in 60 s
@@ -108,12 +112,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # Steady state: the audio of every call after each actor's first, over the time from its
     # first to its last finished call (one actor per simulated GPU).
-    steady = []
+    # What bounds it: the device's busy share of that span, and real audio per padded sample
+    # (the device computes padded micro-batches: steady ratio ~ busy share x real / padded).
+    steady, busy, real_per_padded = [], [], []
     for report in output.actor_reports(cfg.output):
-        calls = (report.get("simulated") or {}).get("calls") or []
+        sim = report.get("simulated") or {}
+        calls = sim.get("calls") or []
         if len(calls) >= 2:
             audio = sum(samples for _, samples in calls[1:]) / 16_000
-            steady.append(audio / (calls[-1][0] - calls[0][0]))
+            span = calls[-1][0] - calls[0][0]
+            steady.append(audio / span)
+            total_audio = sum(samples for _, samples in calls) / 16_000
+            real_per_padded.append(total_audio / (sim["busy_s"] * args.x_realtime))
+            busy.append(sim["busy_s"] / (sim["last_end"] - sim["first_start"]))
     result = {
         "device_x_realtime": args.x_realtime,
         "queue_depth": cfg.queue_depth,
@@ -124,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_x_realtime": round(summary["audio_seconds"] / wall, 1),
         "steady_ratio": round(sum(steady) / args.x_realtime, 4) if steady else None,
         "whole_ratio": round(summary["audio_seconds"] / wall / args.x_realtime, 4),
+        "device_busy_share": round(sum(busy) / len(busy), 4) if busy else None,
+        "real_per_padded": (
+            round(sum(real_per_padded) / len(real_per_padded), 4) if real_per_padded else None
+        ),
         "host_cpu_util": round((busy1 - busy0) / max(1, total1 - total0), 3),
         "cpu_count": os.cpu_count(),
         "utt_seconds": args.utt_seconds,
