@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -186,20 +185,9 @@ def main() -> int:
         if not os.path.exists(path):
             path, out = make_inputs(work, args.segments, args.per_recording)
         gen = time.perf_counter() - t
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        env.pop("RAY_ADDRESS", None)
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, path, out],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
-            return 1
-        result = json.loads(lines[0][len("RESULT ") :])
+        from benchmarks.trees import run_json
+
+        result = run_json(CHILD, path, out)
         result["generate_seconds"] = round(gen, 1)
     print(json.dumps(result, indent=2))
     if args.json:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -110,19 +109,9 @@ def dataset_size(root: str) -> tuple[int, int]:
 
 
 def run(mode: str, ds: str, hours: float, k: int, out: str, backend: str = "auto") -> dict:
-    import json
+    from benchmarks.trees import run_json
 
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, ds, str(hours), str(k), out, backend],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(lines[-1][7:])
+    return run_json(CHILD, mode, ds, str(hours), str(k), out, backend)
 
 
 def main(argv=None) -> int:

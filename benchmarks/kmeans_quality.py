@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -71,17 +70,9 @@ def mixture(k: int, per_cluster: int, dim: int, rank: int, spread: float, seed: 
 
 
 def run(backend: str, path: str, k: int, device: str, params: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, backend, path, str(k), device, json.dumps(params)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(lines[-1][7:])
+    from benchmarks.trees import run_json
+
+    return run_json(CHILD, backend, path, str(k), device, json.dumps(params))
 
 
 def main(argv=None) -> int:

@@ -8,13 +8,16 @@ it locally. The child reports by printing one ``RESULT`` line.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this repository
 
-def run_in_tree(tree: str, code: str, *args: str) -> list[str]:
-    """Fields of the ``RESULT`` line that ``code`` printed when run in ``tree``; raises
+
+def result_line(tree: str, code: str, *args: str) -> str:
+    """What follows ``RESULT`` on the line ``code`` printed when run in ``tree``; raises
     ``RuntimeError`` with the end of its output if it failed or printed none."""
     tree = os.path.abspath(tree)
     env = {**os.environ, "PYTHONPATH": tree}
@@ -30,4 +33,14 @@ def run_in_tree(tree: str, code: str, *args: str) -> list[str]:
     if proc.returncode or not lines:
         tail = (proc.stdout[-2000:] + proc.stderr[-4000:]).strip()
         raise RuntimeError(f"{tree}: exit {proc.returncode}, no RESULT line\n{tail}")
-    return lines[0].split()[1:]
+    return lines[0][len("RESULT") :].strip()
+
+
+def run_in_tree(tree: str, code: str, *args: str) -> list[str]:
+    """The whitespace-separated fields of :func:`result_line`."""
+    return result_line(tree, code, *args).split()
+
+
+def run_json(code: str, *args: str, tree: str = ROOT) -> dict:
+    """:func:`result_line` of a child that prints ``RESULT <json>``, parsed."""
+    return json.loads(result_line(tree, code, *args))
