@@ -20,17 +20,13 @@ pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.ray  # starts its own local Ray (in the subprocess) for the pipeline rows
-def test_benchmark_cli_smoke(tmp_path):
-    out = tmp_path / "bench"
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "CUDA_VISIBLE_DEVICES": ""}
+def _run(module: str, args: list[str], **env_extra: str) -> None:
+    """``python -m module args`` from the repository root with its own local Ray (no
+    ``RAY_ADDRESS``, no progress bars); asserts it exited 0."""
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **env_extra}
     env.pop("RAY_ADDRESS", None)
-    args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
-    args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
-    args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2", "--pad-multiples", "0.25"]
-    args += ["--compile-modes", "default", "--stock-batch", "3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.benchmark", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -38,6 +34,16 @@ def test_benchmark_cli_smoke(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.ray  # starts its own local Ray (in the subprocess) for the pipeline rows
+def test_benchmark_cli_smoke(tmp_path):
+    out = tmp_path / "bench"
+    args = ["--device", "cpu", "--arch", "tiny", "--seconds", "4", "--utt-seconds", "2,mixed"]
+    args += ["--batch-size", "4", "--min-row-seconds", "0", "--out", str(out)]
+    args += ["--micro-batch-costs", "0,1e9", "--pipeline-calls", "2", "--pad-multiples", "0.25"]
+    args += ["--compile-modes", "default", "--stock-batch", "3"]
+    _run("benchmarks.benchmark", args, CUDA_VISIBLE_DEVICES="")
     result = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().count("| actor_float32_b4 |") == 2
 
@@ -138,18 +144,8 @@ def test_simulated_device_benchmark_smoke(tmp_path):
     """The whole pipeline against the simulated accelerator: every figure is there and sane
     (no timing assertions: the ratios depend on the machine)."""
     out = tmp_path / "sim.json"
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("RAY_ADDRESS", None)
     args = ["--x-realtime", "500", "--hours", "0.02", "--unique-hours", "0.01", "--json"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.simulated_device", *args, str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run("benchmarks.simulated_device", [*args, str(out)])
     result = json.loads(out.read_text())
     assert result["device_x_realtime"] == 500
     assert result["audio_hours"] == pytest.approx(0.02, rel=0.2)
