@@ -4,7 +4,8 @@ speed R busy?
     python -m benchmarks.simulated_device --x-realtime 1000 --hours 10 --json out.json
 
 FLAC decode (CPU tasks) → model actor on :class:`hubert_ray.device.SimulatedDevice` (device
-time = padded samples / R, no host CPU while it computes, zeros out) → Parquet with one
+time = ``--forward-ms`` + padded samples / R per forward, no host CPU while it computes, zeros
+out) → Parquet with one
 768-dim float16 layer, on local Ray with one (simulated) GPU and the job's default options.
 Prints and writes::
 
@@ -16,6 +17,8 @@ Prints and writes::
                          the host)
     real_per_padded      audio over the padded samples the device computed (packing's waste:
                          steady_ratio is about busy share x real per padded)
+    micro_batch_cost_s   the per-forward cost the engine measured and packs with (seconds of
+                         padded audio: forward-ms x R on this device)
     host_cpu_util        busy share of all of the host's cores during the run (/proc/stat)
 
 The corpus: one hour of WenetSpeech-like mixed-length segments (``--utt-seconds``) in 60 s
@@ -62,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--utt-seconds", default="mixed", help="10 (fixed) or mixed[:MEAN]")
     p.add_argument("--unique-hours", type=float, default=1.0, help="distinct audio generated")
     p.add_argument(
+        "--forward-ms",
+        type=float,
+        default=0.0,
+        help="the device's fixed time per forward (a GPU's kernel launches), milliseconds",
+    )
+    p.add_argument(
         "--queue-depth",
         type=int,
         default=None,
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExtractConfig(manifest=manifest, model=model, output=os.path.join(work, "out"), **extra)
     busy0, total0 = cpu_jiffies()
     t0 = time.perf_counter()
-    summary = pipeline.run(cfg, overwrite=True, simulate_x_realtime=args.x_realtime)
+    simulate = {"x_realtime": args.x_realtime, "forward_s": args.forward_ms / 1e3}
+    summary = pipeline.run(cfg, overwrite=True, simulate=simulate)
     wall = time.perf_counter() - t0
     busy1, total1 = cpu_jiffies()
     ray.shutdown()
@@ -114,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     # first to its last finished call (one actor per simulated GPU).
     # What bounds it: the device's busy share of that span, and real audio per padded sample
     # (the device computes padded micro-batches: steady ratio ~ busy share x real / padded).
-    steady, busy, real_per_padded = [], [], []
+    steady, busy, real_per_padded, costs = [], [], [], []
     for report in output.actor_reports(cfg.output):
+        costs.append(report.get("micro_batch_cost_seconds"))
         sim = report.get("simulated") or {}
         calls = sim.get("calls") or []
         if len(calls) >= 2:
@@ -123,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             span = calls[-1][0] - calls[0][0]
             steady.append(audio / span)
             total_audio = sum(samples for _, samples in calls) / 16_000
-            real_per_padded.append(total_audio / (sim["busy_s"] * args.x_realtime))
+            padded_s = sim["busy_s"] - sim["forwards"] * sim["forward_s"]
+            real_per_padded.append(total_audio / (padded_s * args.x_realtime))
             busy.append(sim["busy_s"] / (sim["last_end"] - sim["first_start"]))
     result = {
         "device_x_realtime": args.x_realtime,
+        "forward_ms": args.forward_ms,
+        "micro_batch_cost_s": costs,
         "queue_depth": cfg.queue_depth,
         "calls_per_actor": cfg.calls_per_actor,
         "audio_hours": round(summary["audio_seconds"] / 3600, 3),

@@ -185,7 +185,8 @@ class ModelConfig:
     max_batch_samples: int = 64 * 10 * SAMPLE_RATE_HZ
     # Fixed cost of one forward micro-batch in seconds of padded audio: the packer trades
     # padding against micro-batch count (see chunking.pack_micro_batches). None = by device:
-    # 1 s on CPU (measured best of 0/1/4/16 s at 256 rows per call), 16 s on GPU (unmeasured).
+    # 1 s on CPU (measured best of 0/1/4/16 s at 256 rows per call); on a GPU each model actor
+    # measures it when it starts (engine.Engine.measure_batch_cost).
     micro_batch_cost_seconds: float | None = None
     # Micro-batches are padded to a multiple of this many seconds (0 = to the longest item):
     # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,
@@ -343,14 +344,14 @@ class ExtractConfig:
         help="padded samples per forward micro-batch (64 × 10 s): bounds GPU memory",
         shown="10,240,000",
     )
-    # None: 1 s on CPU, 16 s on GPU
+    # None: 1 s on CPU, measured on GPU
     micro_batch_cost_seconds: float | None = option(
         None,
         help=(
             "cost of one forward in seconds of padded audio: the packer trades padding against "
             "forwards (see Performance)"
         ),
-        shown="1 (CPU), 16 (GPU)",
+        shown="1 (CPU), measured (GPU)",
     )
     # None: 0 on CPU, 0.25 s on GPU
     pad_multiple_seconds: float | None = option(

@@ -8,7 +8,8 @@ the device time between two ``stamp()``s (once both are done).
 - :class:`HostClock`: CPU tensors are computed when the call returns; nothing to wait for.
 - :class:`SimulatedDevice`: an accelerator for machines without one, for benchmarks and tests
   of the engine's overlap (never chosen by a job's configuration): a launch returns at once,
-  the device is busy ``padded samples / (x_realtime * 16 kHz)`` seconds per forward, in order,
+  the device is busy ``forward_s + padded samples / (x_realtime * 16 kHz)`` seconds per
+  forward (``forward_s``: a GPU's fixed cost per forward, kernel launches; 0 by default), in order,
   a wait sleeps until the work is done (no host CPU while it "computes"), and the features
   stay zeros (the engine's on-device copy-out is skipped: on a GPU it is device work).
 """
@@ -64,18 +65,24 @@ class SimulatedDevice:
     """A stream of work ``x_realtime`` times faster than real time (see the module docstring).
     ``busy_s`` totals the simulated device time, ``idle_s`` the gaps between its work."""
 
-    def __init__(self, x_realtime: float, hidden: int = 768):
+    def __init__(self, x_realtime: float, forward_s: float = 0.0, hidden: int = 768):
         self.x_realtime = float(x_realtime)
+        self.forward_s = float(forward_s)
         self.hidden = hidden
         self._lock = threading.Lock()
         self._free_at = 0.0  # when the queued work ends (time.monotonic)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the work so far (the engine's start-up measurements) in :meth:`report`."""
         self.busy_s = 0.0
         self.idle_s = 0.0
+        self.forwards = 0
         self.first_start: float | None = None
 
     def enqueue(self, padded_samples: int) -> float:
         """Queue a forward over ``padded_samples``; returns when it will be done."""
-        seconds = padded_samples / (self.x_realtime * SAMPLE_RATE_HZ)
+        seconds = self.forward_s + padded_samples / (self.x_realtime * SAMPLE_RATE_HZ)
         with self._lock:
             now = time.monotonic()
             if self.first_start is None:
@@ -84,6 +91,7 @@ class SimulatedDevice:
                 self.idle_s += now - self._free_at
             self._free_at = max(now, self._free_at) + seconds
             self.busy_s += seconds
+            self.forwards += 1
             return self._free_at
 
     def record(self) -> float:
@@ -102,6 +110,8 @@ class SimulatedDevice:
         with self._lock:
             return {
                 "x_realtime": self.x_realtime,
+                "forward_s": self.forward_s,
+                "forwards": self.forwards,
                 "busy_s": round(self.busy_s, 4),
                 "idle_s": round(self.idle_s, 4),
                 "first_start": self.first_start or 0.0,

@@ -40,13 +40,17 @@ log = logging.getLogger("hubert_ray")
 
 # Default fixed cost of a forward micro-batch, in seconds of padded audio (ModelConfig.
 # micro_batch_cost_seconds). CPU: the best of 0/1/4/16 s at 256 rows per call, tiny and base
-# models (docs/performance.md). GPU: kernel launches weigh more against much faster arithmetic;
-# 16 s is a first estimate (benchmarks/gpu_run.sh sweeps it).
+# models (docs/performance.md). On a GPU (or a simulated one) it is measured when the engine
+# starts (Engine.measure_batch_cost: kernel launches weigh more against much faster
+# arithmetic, by how much depends on the GPU, the model and the dtype); GPU_BATCH_COST_S only
+# where that measurement fails, and MAX_BATCH_COST_S bounds it.
 CPU_BATCH_COST_S = 1.0
 GPU_BATCH_COST_S = 16.0
+MAX_BATCH_COST_S = 600.0
 # Default padded-length multiple (ModelConfig.pad_multiple_seconds). GPU: every micro-batch of
 # mixed lengths otherwise has a new shape, and cuDNN chooses plans per shape: 0.25 s bounds the
-# lengths to 40 per 10 s for ~0.125 s of padding per row. CPU: no per-shape planning to save.
+# lengths to 40 per 10 s for ~0.125 s of padding per row. CPU and the simulated device: no
+# per-shape planning to save.
 CPU_PAD_MULTIPLE_S = 0.0
 GPU_PAD_MULTIPLE_S = 0.25
 
@@ -212,14 +216,12 @@ class Engine:
 
         self.config = config
         self.device = torch.device("cpu") if simulated else resolve_device(config)
-        use_cuda = self.device.type == "cuda" or simulated is not None
         cost_s = config.micro_batch_cost_seconds
-        if cost_s is None:
-            cost_s = GPU_BATCH_COST_S if use_cuda else CPU_BATCH_COST_S
-        self.batch_cost_samples = cost_s * SAMPLE_RATE_HZ
+        # None: measured below, once the model is loaded and self-tested
+        self.batch_cost_samples = CPU_BATCH_COST_S * SAMPLE_RATE_HZ
         pad_s = config.pad_multiple_seconds
         if pad_s is None:
-            pad_s = GPU_PAD_MULTIPLE_S if use_cuda else CPU_PAD_MULTIPLE_S
+            pad_s = GPU_PAD_MULTIPLE_S if self.device.type == "cuda" else CPU_PAD_MULTIPLE_S
         self.pad_multiple = max(1, int(round(pad_s * SAMPLE_RATE_HZ)))
         if self.device.type == "cpu" and not simulated:
             if config.num_threads:
@@ -272,6 +274,16 @@ class Engine:
         self.self_test_report: dict | None = None
         if self_test and self.dtype != "float32":
             self.self_test_report = self.self_test()
+        # The packing's fixed cost per forward: given, the CPU default, or measured (GPU).
+        self.batch_cost_measured = None
+        if cost_s is None and (self.device.type == "cuda" or self.simulated):
+            self.batch_cost_measured = self.measure_batch_cost()
+            if self.simulated:
+                self.clock.reset()  # its report: the device time of the work
+            cost_s = self.batch_cost_measured
+            cost_s = GPU_BATCH_COST_S if cost_s is None else cost_s
+        if cost_s is not None:
+            self.batch_cost_samples = cost_s * SAMPLE_RATE_HZ
         # The FP32 reference stays loaded only while sampled checks are on (it is reloaded on
         # the first non-finite fallback otherwise).
         if not self.checking and self._fp32 is not self.net:
@@ -386,6 +398,42 @@ class Engine:
             report["seconds"],
         )
         return report
+
+    def measure_batch_cost(
+        self, seconds: float = 4.0, items: int = 8, repeats: int = 3
+    ) -> float | None:
+        """The fixed device time of one forward, in seconds of padded audio: what the packing
+        (:func:`hubert_ray.chunking.pack_micro_batches`) weighs against padding. Times forwards
+        of 1 and ``items`` rows of ``seconds`` (the requested layers, the compute dtype) with
+        the device's clock, best of ``repeats`` after a warm-up, and fits ``time = fixed +
+        padded seconds x per-second``: fixed / per-second. ``None`` if the fit is unusable (the
+        larger batch was not slower)."""
+        import torch
+
+        n = int(seconds * SAMPLE_RATE_HZ)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((items, n), np.float32))
+        param = next(self.net.parameters())
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        x = (0.1 * x).to(self.device, dtype)
+
+        def timed(b: int) -> float:
+            with torch.inference_mode():
+                start = self.clock.stamp()
+                self.net(x[:b], [n] * b, self.layers)
+                end = self.clock.stamp()
+            self.clock.wait(self.clock.record())
+            return self.clock.elapsed(start, end)
+
+        timed(1), timed(items)  # warm-up: kernel selection, allocator, caches
+        one = min(timed(1) for _ in range(repeats))
+        many = min(timed(items) for _ in range(repeats))
+        per_second = (many - one) / ((items - 1) * seconds)
+        if not per_second > 0:
+            log.warning("micro-batch cost not measurable (%.4g s, %.4g s)", one, many)
+            return None
+        cost = min(MAX_BATCH_COST_S, max(0.0, one / per_second - seconds))
+        log.info("micro-batch fixed cost measured: %.3g s of padded audio", cost)
+        return round(cost, 3)
 
     # -- forward --------------------------------------------------------------------------------
     # Inside a call the host does not wait for the device's results: micro-batch k+1 is padded
@@ -803,6 +851,10 @@ class Engine:
             # audit's cost)
             "device_s": {"forward": round(forward, 3), "audit": round(audit, 3)},
             "device": selftest.device_name(self.device),
+            # the packing's fixed cost per forward (seconds of padded audio) and whether it
+            # was measured on this device
+            "micro_batch_cost_seconds": round(self.batch_cost_samples / SAMPLE_RATE_HZ, 3),
+            "micro_batch_cost_measured": self.batch_cost_measured is not None,
             "requested_dtype": self.requested_dtype,
             "compute_dtype": self.dtype,
             "demoted": self.demoted,

@@ -9,6 +9,7 @@ inherit the driver's environment, so a test sets them before ``ray.init``):
 - ``HUBERT_RAY_FAIL_BATCH=k`` with ``HUBERT_RAY_FAIL_MODE=raise|exit|exit-every`` and
   ``HUBERT_RAY_FAIL_DIR``: the k-th model-stage call of a process fails; ``raise`` and ``exit``
   once per job (a marker file in the directory records that it did), ``exit-every`` every time.
+  ``HUBERT_RAY_FAIL_MODE=start``: every model actor raises in its constructor.
 
 Production code calls :meth:`Faults.check` only when :func:`from_env` found a hook.
 """
@@ -57,6 +58,11 @@ class Faults:
             os._exit(EXIT_CODE)
         raise InjectedFault(f"injected failure in model-stage call {self.calls}")
 
+    def check_start(self) -> None:
+        """Fail a model actor's start (``mode`` ``start``)."""
+        if self.mode == "start":
+            raise InjectedFault("injected failure at the model actor's start")
+
     def check_segments(self, ids) -> None:
         """Fail if ``ids`` holds a poisoned segment."""
         present = set(ids)
@@ -71,7 +77,7 @@ def from_env() -> Faults | None:
     """The hooks the environment sets, or ``None`` (the production case)."""
     spec = os.environ.get(SEGMENTS_ENV, "")
     batch = os.environ.get(FAIL_BATCH_ENV)
-    if not spec and not batch:
+    if not spec and not batch and os.environ.get(FAIL_MODE_ENV) != "start":
         return None
     ids: dict[str, set] = {"raise": set(), "exit": set()}
     for part in filter(None, (p.strip() for p in spec.split(";"))):

@@ -228,16 +228,32 @@ def check_weights(
     )
 
 
-def safetensors_shapes(fs, paths: list[str]) -> dict[str, list[int]]:
-    """Tensor name -> shape from the headers of safetensors files (a few KiB read each)."""
+def safetensors_shapes(fs, paths: list[str], where=str) -> dict[str, list[int]]:
+    """Tensor name -> shape from the headers of safetensors files (a few KiB read each); a
+    header that does not parse, or data that the file is too short to hold (a truncated copy
+    or upload), raises :class:`ConfigError` naming the file (``where(path)``)."""
     shapes: dict[str, list[int]] = {}
     for name in paths:
+        file_size = fs.size(name)
         with fs.open(name, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for key, info in header.items():
-            if key != "__metadata__":
-                shapes[key] = list(info["shape"])
+            try:
+                if size > file_size - 8:
+                    raise ValueError(f"a {size}-byte header in a {file_size}-byte file")
+                header = json.loads(f.read(size))
+                tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+                end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+                shapes.update({k: list(v["shape"]) for k, v in tensors.items()})
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                raise ConfigError(
+                    f"{where(name)}: not a readable safetensors file ({exc})", field="model"
+                ) from None
+        if 8 + size + end > file_size:
+            raise ConfigError(
+                f"{where(name)}: truncated: its header describes {8 + size + end} bytes, the "
+                f"file has {file_size}",
+                field="model",
+            )
     return shapes
 
 
@@ -318,8 +334,12 @@ def check_model_files(fs, path: str, cfg: dict, model_uri: str) -> ModelSpec:
     spec = model_spec(cfg, f"{base}/config.json")
     files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".safetensors"))
     if files:
-        names = ", ".join(f"{base}/{p.rsplit('/', 1)[-1]}" for p in files)
-        check_weights(cfg, spec, safetensors_shapes(fs, files), names)
+
+        def where(p: str) -> str:
+            return f"{base}/{p.rsplit('/', 1)[-1]}"
+
+        shapes = safetensors_shapes(fs, files, where)
+        check_weights(cfg, spec, shapes, ", ".join(where(p) for p in files))
     return spec
 
 

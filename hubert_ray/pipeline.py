@@ -370,7 +370,7 @@ class ModelActor:
         self,
         config: ModelConfig,
         queue_depth: int = 2,
-        simulate_x_realtime: float | None = None,
+        simulate: dict | None = None,
         call_seconds: float | None = None,
     ):
         import asyncio
@@ -381,12 +381,14 @@ class ModelActor:
 
         _trace("model")
         simulated = None
-        if simulate_x_realtime:  # benchmarks and tests only (pipeline.run's argument)
+        if simulate:  # benchmarks and tests only (pipeline.run's argument)
             from hubert_ray.device import SimulatedDevice
 
-            simulated = SimulatedDevice(simulate_x_realtime)
-        self.stage = extractor.ModelStage(config, simulated=simulated)
+            simulated = SimulatedDevice(**simulate)
         self.faults = faults.from_env()  # None unless a test set a hook
+        if self.faults:
+            self.faults.check_start()
+        self.stage = extractor.ModelStage(config, simulated=simulated)
         self.journal = Journal(config.report_uri)  # one journal per output
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="launch")
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
@@ -774,7 +776,7 @@ def plan_placement(
 
 
 def stage_args(
-    stage: str, cfg: ExtractConfig, placement: Placement, simulate_x_realtime: float | None = None
+    stage: str, cfg: ExtractConfig, placement: Placement, simulate: dict | None = None
 ) -> dict:
     """The keyword arguments of every ``map_batches`` call, in one place."""
     import ray
@@ -800,7 +802,7 @@ def stage_args(
             fn_constructor_kwargs={
                 "config": placement.model_config,
                 "queue_depth": cfg.queue_depth,
-                "simulate_x_realtime": simulate_x_realtime,
+                "simulate": simulate,
                 "call_seconds": placement.call_seconds,
             },
             compute=ray.data.ActorPoolStrategy(
@@ -832,8 +834,20 @@ def _write(ds, sink) -> None:
         ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
     except (RayActorError, WorkerCrashedError, OutOfMemoryError) as exc:
         actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
+        if actor and exc.actor_init_failed:
+            # The model actor's constructor raised (its model load or self-test): the cause,
+            # not a process death. A precision breach goes up as it is (its own exit code).
+            from hubert_ray.precision import BREACH_MARKER
+
+            if BREACH_MARKER in str(exc):
+                raise
+            inner = getattr(exc.args[0], "cause", None) if exc.args else None
+            text = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
+            raise WorkerDeathError(
+                f"the model actors could not start: {text.strip().splitlines()[0][:500]}"
+            ) from exc
         what = "a model-stage call" if actor else "a decode or write task"
-        cause = (exc.args[0] if exc.args else str(exc)).strip().splitlines()
+        cause = str(exc.args[0] if exc.args else exc).strip().splitlines()
         tries = "its retries" if actor else f"{MAX_PROCESS_DEATHS + 1} tries"
         raise WorkerDeathError(
             f"{what} failed {tries} because its worker process died or became unreachable "
@@ -1005,7 +1019,7 @@ def build_manifest_dataset(
     info: dict,
     index,
     placement: Placement,
-    simulate_x_realtime: float | None = None,
+    simulate: dict | None = None,
 ):
     """manifest recordings (read by Ray) → segments still to do → decode → model actors."""
     ds = manifest_blocks(cfg, manifest_uri, info, recordings_per_task(cfg, info))
@@ -1021,7 +1035,7 @@ def build_manifest_dataset(
         max_retries=MAX_PROCESS_DEATHS,
     )
     ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
-    args = stage_args("model", cfg, placement, simulate_x_realtime)
+    args = stage_args("model", cfg, placement, simulate)
     return ds.map_batches(ModelActor, **args)
 
 
@@ -1100,14 +1114,12 @@ def _unexpected(index, manifest_uri: str, storage_options: dict) -> tuple[int, i
     return stray, storage.retry_count() - before
 
 
-def run(
-    cfg: ExtractConfig, overwrite: bool = False, simulate_x_realtime: float | None = None
-) -> dict:
+def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = None) -> dict:
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``).
 
-    ``simulate_x_realtime``: model actors on a simulated accelerator of that speed instead of
-    the model (:class:`hubert_ray.device.SimulatedDevice`; benchmarks and tests only, no CLI or
-    config option selects it)."""
+    ``simulate``: model actors on a simulated accelerator instead of the model, the keyword
+    arguments of :class:`hubert_ray.device.SimulatedDevice` (``{"x_realtime": R}``; benchmarks
+    and tests only, no CLI or config option selects it)."""
     t_start = time.time()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start))
     driver_retries = storage.retry_count()
@@ -1214,9 +1226,7 @@ def run(
         configure_scheduling()
         # The decode tasks get the resolved normalisation (auto -> on / off).
         resolved = dataclasses.replace(cfg, normalize="on" if prep.normalize else "off")
-        ds = build_manifest_dataset(
-            resolved, manifest_uri, info, index, placement, simulate_x_realtime
-        )
+        ds = build_manifest_dataset(resolved, manifest_uri, info, index, placement, simulate)
         from hubert_ray.progress import Reporter, Tally
 
         tally = ray.remote(num_cpus=0)(Tally).remote()

@@ -14,8 +14,8 @@ from jobs import extract
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "jobs.extract", *args],
@@ -124,6 +124,45 @@ def test_config_file_run_in_process(ray_session, corpus, tiny_model, tmp_path, c
     assert summary["config"]["chunk_seconds"] == 5 if "config" in summary else True
     with open(tmp_path / "out" / "_summary.json") as f:
         assert json.load(f)["config"]["chunk_seconds"] == 5
+
+
+@pytest.mark.parametrize("keep", ["header", "data"])
+def test_truncated_weights_refused_before_ray(corpus, tiny_model, tmp_path, capsys, keep):
+    """A safetensors file cut short (a partial copy or upload), in its header or in its data:
+    exit 2 naming the file, before any Ray work."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[: header_end // 2 if keep == "header" else header_end + 100])
+    out = tmp_path / "out"
+    code = extract.main(["--manifest", corpus, "--model", str(model), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2, err
+    assert err.startswith("error: --model: ") and "model.safetensors" in err, err
+    assert ("truncated" if keep == "data" else "not a readable safetensors file") in err, err
+    assert not out.exists()
+
+
+def test_model_actor_that_cannot_start_exits_4_with_its_cause(corpus, tiny_model, tmp_path):
+    """Model actors whose constructor raises (here an injected fault, as a load that fails on
+    the workers would): the job stops with the cause in one line, no traceback of its own, and
+    writes no completion marker."""
+    out = tmp_path / "out"
+    res = run_cli(
+        "--manifest", corpus, "--model", tiny_model, "--output", str(out), "--quiet",
+        env={"HUBERT_RAY_FAIL_MODE": "start"},
+    )  # fmt: skip
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 4, res.stderr[-3000:]
+    assert err[-1] == (
+        "error: the model actors could not start: InjectedFault: injected failure at the "
+        "model actor's start"
+    ), err[-1]
+    assert not (out / "_SUCCESS").exists()
 
 
 def test_cli_subprocess_embedded_ray(corpus, tiny_model, tmp_path):

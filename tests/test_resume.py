@@ -3,7 +3,8 @@
 
 The killed run's whole process group (driver, local Ray, its workers) is SIGKILLed once the
 first / third part file exists; the rerun of the same command must produce exactly the segments
-of an uninterrupted run, each once, with equal feature values.
+of an uninterrupted run, each once, with equal feature values (up to one float16 rounding
+step: see :func:`_same_features`).
 """
 
 from __future__ import annotations
@@ -160,6 +161,24 @@ def _outcome(out: str) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.n
     return ids, read_features(out, layer=1), read_features(out, layer=2)
 
 
+def _same_features(got: np.ndarray, want: np.ndarray) -> bool:
+    """Equal float16 features, up to one float16 rounding step (relative 2**-10) or an absolute
+    1e-5 (the float32 tolerance of the model's exactness tests). Which segments share a model
+    batch varies between runs (Ray hands blocks to the model stage as they arrive), and CPU
+    kernels round differently for different batch shapes: the same segment computed alone and
+    in a batch of 4 measured float32 differences of ~2e-6, which flip the float16 rounding of a
+    few of its values. Another segment's features differ by ~1."""
+    if got.shape != want.shape:
+        return False
+    return np.allclose(got.astype(np.float32), want.astype(np.float32), rtol=2**-10, atol=1e-5)
+
+
+def _same_outcome(got1: dict, got2: dict, ref1: dict, ref2: dict, ids) -> None:
+    for sid in ids:
+        assert _same_features(got1[sid], ref1[sid]), sid
+        assert _same_features(got2[sid], ref2[sid]), sid
+
+
 @pytest.fixture(scope="module")
 def reference(resume_corpus, tiny_model, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("resume") / "reference")
@@ -201,9 +220,7 @@ def test_killed_run_resumes_exactly(
     assert len(ids) == len(set(ids))  # each segment exactly once across features + errors
     assert sorted(ids) == sorted(ref_ids)
     assert got2.keys() == ref2.keys()
-    for sid in ref2:  # same model, same CPU: float16 features are bit-identical
-        assert np.array_equal(got1[sid], ref1[sid]), sid
-        assert np.array_equal(got2[sid], ref2[sid]), sid
+    _same_outcome(got1, got2, ref1, ref2, ref2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # finished: no "has not finished" warning
         read_features(out, layer=2, segment_ids=["r0-0"])
@@ -299,8 +316,7 @@ def test_failed_model_batch_is_retried(reference, resume_corpus, tiny_model, tmp
     assert summary["segments_missing"] == summary["segments_duplicated"] == 0
     ids, got1, got2 = _outcome(out)
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(ref_ids)
-    for sid in ref2:
-        assert np.array_equal(got1[sid], ref1[sid]) and np.array_equal(got2[sid], ref2[sid])
+    _same_outcome(got1, got2, ref1, ref2, ref2)
 
 
 def test_batch_that_always_kills_its_actor_fails_the_job(resume_corpus, tiny_model, tmp_path):
@@ -345,5 +361,4 @@ def test_poisoned_and_process_killing_segments_cost_one_row_each(
     ids, got1, got2 = _outcome(out)
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(ref_ids)
     assert sorted(got1) == sorted(set(ref1) - {poisoned, killer})
-    for sid in got1:
-        assert np.array_equal(got1[sid], ref1[sid]) and np.array_equal(got2[sid], ref2[sid])
+    _same_outcome(got1, got2, ref1, ref2, got1)
