@@ -17,8 +17,10 @@ Prints and writes::
                          the host)
     real_per_padded      audio over the padded samples the device computed (packing's waste:
                          steady_ratio is about busy share x real per padded)
-    micro_batch_cost_s   the per-forward cost the engine measured and packs with (seconds of
-                         padded audio: forward-ms x R on this device)
+    micro_batch_cost_s   the per-forward cost each actor packed with at the end (seconds of
+                         padded audio: the larger of forward-ms and the host's time per
+                         micro-batch, times R)
+    forward_cost         what it measured (engine.ForwardCost)
     host_cpu_util        busy share of all of the host's cores during the run (/proc/stat)
 
 The corpus: one hour of WenetSpeech-like mixed-length segments (``--utt-seconds``) in 60 s
@@ -124,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     # first to its last finished call (one actor per simulated GPU).
     # What bounds it: the device's busy share of that span, and real audio per padded sample
     # (the device computes padded micro-batches: steady ratio ~ busy share x real / padded).
-    steady, busy, real_per_padded, costs = [], [], [], []
+    steady, busy, real_per_padded, costs, measured = [], [], [], [], []
     for report in output.actor_reports(cfg.output):
         costs.append(report.get("micro_batch_cost_seconds"))
+        measured.append(report.get("forward_cost"))
         sim = report.get("simulated") or {}
         calls = sim.get("calls") or []
         if len(calls) >= 2:
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_x_realtime": args.x_realtime,
         "forward_ms": args.forward_ms,
         "micro_batch_cost_s": costs,
+        "forward_cost": measured,
         "queue_depth": cfg.queue_depth,
         "calls_per_actor": cfg.calls_per_actor,
         "audio_hours": round(summary["audio_seconds"] / 3600, 3),

@@ -186,7 +186,7 @@ class ModelConfig:
     # Fixed cost of one forward micro-batch in seconds of padded audio: the packer trades
     # padding against micro-batch count (see chunking.pack_micro_batches). None = by device:
     # 1 s on CPU (measured best of 0/1/4/16 s at 256 rows per call); on a GPU each model actor
-    # measures it when it starts (engine.Engine.measure_batch_cost).
+    # measures it (engine.ForwardCost).
     micro_batch_cost_seconds: float | None = None
     # Micro-batches are padded to a multiple of this many seconds (0 = to the longest item):
     # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,

@@ -18,6 +18,7 @@ calls and :class:`Result` back into Arrow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -40,10 +41,10 @@ log = logging.getLogger("hubert_ray")
 
 # Default fixed cost of a forward micro-batch, in seconds of padded audio (ModelConfig.
 # micro_batch_cost_seconds). CPU: the best of 0/1/4/16 s at 256 rows per call, tiny and base
-# models (docs/performance.md). On a GPU (or a simulated one) it is measured when the engine
-# starts (Engine.measure_batch_cost: kernel launches weigh more against much faster
-# arithmetic, by how much depends on the GPU, the model and the dtype); GPU_BATCH_COST_S only
-# where that measurement fails, and MAX_BATCH_COST_S bounds it.
+# models (docs/performance.md). On a GPU (or a simulated one) it is measured (ForwardCost:
+# kernel launches and the host's work per micro-batch weigh more against much faster
+# arithmetic, by how much depends on the GPU, the model, the dtype and the host);
+# GPU_BATCH_COST_S only where that measurement fails, and MAX_BATCH_COST_S bounds it.
 CPU_BATCH_COST_S = 1.0
 GPU_BATCH_COST_S = 16.0
 MAX_BATCH_COST_S = 600.0
@@ -59,6 +60,31 @@ FALLBACK_NON_FINITE = "non_finite"  # this segment's output was non-finite in th
 FALLBACK_PRECISION = "precision"  # a sampled check of its micro-batch breached the limit
 FALLBACK_SELF_TEST = "self_test"  # the actor's self-test breached: the actor runs FP32
 FALLBACK_ESCALATED = "escalated"  # sampled breaches were systematic: the actor runs FP32
+
+
+@dataclass
+class ForwardCost:
+    """What one forward micro-batch costs apart from its samples, in seconds of padded audio:
+    what the packing (:func:`hubert_ray.chunking.pack_micro_batches`) weighs against padding,
+    on a device whose work is queued (a GPU, the simulated one).
+
+    ``device_fixed_s`` and ``per_audio_s`` (device seconds per second of padded audio) are
+    measured when the engine starts (:meth:`Engine.measure_forward`); ``host_s`` follows the
+    host's own time per micro-batch (padding, staging, launching; not its waits for the
+    device) as calls run. The host prepares micro-batch k+1 while the device computes k, so a
+    forward's fixed cost is the larger of the two."""
+
+    device_fixed_s: float
+    per_audio_s: float
+    host_s: float = 0.0
+
+    def observe(self, host_s: float, weight: float = 0.2) -> None:
+        """A call's host seconds per micro-batch (moving average)."""
+        self.host_s = host_s if not self.host_s else (1 - weight) * self.host_s + weight * host_s
+
+    @property
+    def seconds(self) -> float:
+        return min(MAX_BATCH_COST_S, max(self.device_fixed_s, self.host_s) / self.per_audio_s)
 
 
 @dataclass
@@ -218,7 +244,8 @@ class Engine:
         self.device = torch.device("cpu") if simulated else resolve_device(config)
         cost_s = config.micro_batch_cost_seconds
         # None: measured below, once the model is loaded and self-tested
-        self.batch_cost_samples = CPU_BATCH_COST_S * SAMPLE_RATE_HZ
+        self.batch_cost_s = CPU_BATCH_COST_S if cost_s is None else cost_s
+        self.forward_cost: ForwardCost | None = None
         pad_s = config.pad_multiple_seconds
         if pad_s is None:
             pad_s = GPU_PAD_MULTIPLE_S if self.device.type == "cuda" else CPU_PAD_MULTIPLE_S
@@ -275,15 +302,12 @@ class Engine:
         if self_test and self.dtype != "float32":
             self.self_test_report = self.self_test()
         # The packing's fixed cost per forward: given, the CPU default, or measured (GPU).
-        self.batch_cost_measured = None
         if cost_s is None and (self.device.type == "cuda" or self.simulated):
-            self.batch_cost_measured = self.measure_batch_cost()
+            self.forward_cost = self.measure_forward()
             if self.simulated:
                 self.clock.reset()  # its report: the device time of the work
-            cost_s = self.batch_cost_measured
-            cost_s = GPU_BATCH_COST_S if cost_s is None else cost_s
-        if cost_s is not None:
-            self.batch_cost_samples = cost_s * SAMPLE_RATE_HZ
+            if self.forward_cost is None:
+                self.batch_cost_s = GPU_BATCH_COST_S
         # The FP32 reference stays loaded only while sampled checks are on (it is reloaded on
         # the first non-finite fallback otherwise).
         if not self.checking and self._fp32 is not self.net:
@@ -399,15 +423,14 @@ class Engine:
         )
         return report
 
-    def measure_batch_cost(
+    def measure_forward(
         self, seconds: float = 4.0, items: int = 8, repeats: int = 3
-    ) -> float | None:
-        """The fixed device time of one forward, in seconds of padded audio: what the packing
-        (:func:`hubert_ray.chunking.pack_micro_batches`) weighs against padding. Times forwards
-        of 1 and ``items`` rows of ``seconds`` (the requested layers, the compute dtype) with
-        the device's clock, best of ``repeats`` after a warm-up, and fits ``time = fixed +
-        padded seconds x per-second``: fixed / per-second. ``None`` if the fit is unusable (the
-        larger batch was not slower)."""
+    ) -> ForwardCost | None:
+        """The device's fixed time per forward and its time per second of padded audio
+        (:class:`ForwardCost`). Times forwards of 1 and ``items`` rows of ``seconds`` (the
+        requested layers, the compute dtype) with the device's clock, best of ``repeats``
+        after a warm-up, and fits ``time = fixed + padded seconds x per-second``. ``None`` if
+        the fit is unusable (the larger batch was not slower)."""
         import torch
 
         n = int(seconds * SAMPLE_RATE_HZ)
@@ -431,9 +454,20 @@ class Engine:
         if not per_second > 0:
             log.warning("micro-batch cost not measurable (%.4g s, %.4g s)", one, many)
             return None
-        cost = min(MAX_BATCH_COST_S, max(0.0, one / per_second - seconds))
-        log.info("micro-batch fixed cost measured: %.3g s of padded audio", cost)
-        return round(cost, 3)
+        cost = ForwardCost(max(0.0, one - seconds * per_second), per_second)
+        log.info(
+            "forward measured: %.3g ms fixed, %.0fx realtime (%.3g s of padded audio)",
+            cost.device_fixed_s * 1e3,
+            1 / per_second,
+            cost.seconds,
+        )
+        return cost
+
+    @property
+    def batch_cost_samples(self) -> float:
+        """The packing's fixed cost of a forward, in padded samples."""
+        cost_s = self.forward_cost.seconds if self.forward_cost else self.batch_cost_s
+        return cost_s * SAMPLE_RATE_HZ
 
     # -- forward --------------------------------------------------------------------------------
     # Inside a call the host does not wait for the device's results: micro-batch k+1 is padded
@@ -468,10 +502,14 @@ class Engine:
         alloc = torch.zeros if self.simulated else torch.empty
         out = {k: alloc((total, self.hidden), dtype=store, device=device) for k in self.layers}
         peak = alloc(total, dtype=torch.float32, device=device)
+        t0, self._local.waited = time.perf_counter(), 0.0
         for n, (group, ps) in enumerate(zip(groups, packed, strict=True)):
             self._micro_batch(net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
             if not self.overlap:
                 self.clock.wait(self.clock.record())
+        if self.forward_cost is not None and groups:
+            host_s = time.perf_counter() - t0 - self._local.waited
+            self.forward_cost.observe(host_s / len(groups))
         # A frame is finite once stored if no layer has NaN or a magnitude that overflows the
         # storage dtype (float16 rounds |x| >= 65520 to inf).
         ok = peak < 65520.0 if store == torch.float16 else torch.isfinite(peak)
@@ -606,7 +644,9 @@ class Engine:
         if not hasattr(local, "inputs"):
             local.inputs, local.copied = [None, None], [None, None]
         if local.copied[slot] is not None:
+            t0 = time.perf_counter()
             self.clock.wait(local.copied[slot])
+            local.waited = getattr(local, "waited", 0.0) + time.perf_counter() - t0
         buf = local.inputs[slot]
         if buf is None or buf.numel() < size:
             size = max(size, self.config.max_batch_samples)
@@ -854,7 +894,7 @@ class Engine:
             # the packing's fixed cost per forward (seconds of padded audio) and whether it
             # was measured on this device
             "micro_batch_cost_seconds": round(self.batch_cost_samples / SAMPLE_RATE_HZ, 3),
-            "micro_batch_cost_measured": self.batch_cost_measured is not None,
+            "forward_cost": dataclasses.asdict(self.forward_cost) if self.forward_cost else None,
             "requested_dtype": self.requested_dtype,
             "compute_dtype": self.dtype,
             "demoted": self.demoted,

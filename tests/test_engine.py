@@ -45,22 +45,26 @@ def test_launch_returns_before_the_device_is_done_and_finish_waits(tiny):
 
 
 @pytest.mark.parametrize("forward_ms", [0.0, 4.0])
-def test_packing_cost_is_measured_on_the_device(tiny, forward_ms):
-    """A device with a fixed time per forward of 4 ms at 1,000x: a forward costs as much as 4 s
-    of padded audio, and the engine measures exactly that (none on a device without it). With
-    no fixed cost, mixed lengths are not padded; with it, they share padded micro-batches."""
+def test_forward_cost_is_measured_on_the_device(tiny, forward_ms):
+    """A device of 1,000x with a fixed time per forward of 0 or 4 ms: the engine measures both
+    (4 ms = 4 s of padded audio), not counting the measurement as work. The packing's cost is
+    the larger of the device's fixed time and the host's time per micro-batch: with 4 ms,
+    mixed lengths share padded micro-batches."""
     device = SimulatedDevice(x_realtime=1000.0, forward_s=forward_ms / 1e3)
     engine = Engine(ModelConfig(model_uri=tiny, layers="last"), tiny, simulated=device)
-    assert engine.batch_cost_measured == pytest.approx(forward_ms, abs=1e-3)
-    assert engine.report()["micro_batch_cost_seconds"] == pytest.approx(forward_ms, abs=1e-3)
-    assert device.busy_s == device.forwards == 0  # the measurement is not reported as work
+    cost = engine.forward_cost
+    assert cost.device_fixed_s == pytest.approx(forward_ms / 1e3, abs=1e-6)
+    assert cost.per_audio_s == pytest.approx(1e-3, rel=1e-6)
+    assert device.busy_s == device.forwards == 0
     lengths = (1.0, 1.3, 1.7, 2.2, 2.9, 3.1)
     engine.run([f"s{i}" for i in range(6)], [_audio(s, i) for i, s in enumerate(lengths)])
-    padded, real = engine.stats["padded_samples"], engine.stats["samples"]
+    assert cost.host_s > 0  # observed while the call was launched
+    expected = max(cost.device_fixed_s, cost.host_s) / cost.per_audio_s
+    assert engine.report()["micro_batch_cost_seconds"] == pytest.approx(expected, abs=1e-3)
     if forward_ms:
-        assert device.forwards < 6 and padded > real
-    else:
-        assert device.forwards == 6 and padded == real
+        assert device.forwards < 6 and engine.stats["padded_samples"] > engine.stats["samples"]
+    cost.host_s = 0.0  # the device's fixed time alone
+    assert engine.batch_cost_samples == pytest.approx(forward_ms * SR, abs=1.0)
 
 
 def test_rows_without_audio_pass_through(tiny):
