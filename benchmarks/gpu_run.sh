@@ -12,7 +12,9 @@
 # 3. model only (no Ray), chinese-hubert-base's architecture, fixed 10 s and WenetSpeech-like
 #    mixed lengths: stock transformers FP16 batch 64 zero-padded without a mask (the reference's
 #    9,720x on an H100) vs the job's engine FP16 (exact padded batching, chunking, checks),
-#    peak GPU memory per row; the engine without the model (the host's ceiling)     <= 100 s
+#    peak GPU memory per row; the engine without the model (the host's ceiling); the
+#    packing's cost as measured by the engine (default) against the former constant 16 s
+#    (the engine logs what it measured: "forward measured" in model.log)          <= 100 s
 # 4. the large architecture, model only                                             <= 60 s
 #    and the unit assignment's share of a model-stage call (K = 500, 64 x 10 s)     <= 40 s
 #    and the sampled FP32 rechecks' share of the device time at the default 1 %      <= 40 s
@@ -42,7 +44,7 @@ done
 
 timeout 100 python3 -m benchmarks.benchmark --device "$DEVICE" --arch "$ARCH" \
   --utt-seconds 10,mixed --seconds "$SECS" --batch-sizes "" --dtypes float16 \
-  --stock-batch 64 --micro-batch-costs "" --pad-multiples "" --compile-modes "" \
+  --stock-batch 64 --micro-batch-costs 16 --pad-multiples "" --compile-modes "" \
   --skip-pipeline --max-row-seconds 6 --out "$OUT/model" > "$OUT/model.log" 2>&1
 grep "^\[bench\]" "$OUT/model.log" | tail -20
 

@@ -3,6 +3,7 @@ the model stage (actor), a plain loop and the pipeline."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -228,6 +229,11 @@ def run_actor(
             compile_note = f"compiles + first pass {time.perf_counter() - t:.1f} s untimed; "
         tables, audio_s, wall, peak, passes = bench.timed(units, stage, warm, budget)
         stats = {k: v for k, v in stage.stats.items() if k != "forward_s"}
+        # the packing's cost it ran with (measured on a GPU: engine.ForwardCost)
+        engine = stage.engine
+        packing = {"packing_cost_s": round(engine.batch_cost_samples / SR, 3)}
+        if engine.forward_cost is not None:
+            packing["forward_cost"] = dataclasses.asdict(engine.forward_cost)
     except Exception as exc:
         bench.add(**row, status="failed", note=f"{type(exc).__name__}: {_first_line(exc)}")
         return
@@ -251,6 +257,7 @@ def run_actor(
         real_per_padded=_real_per_padded(stats),
         note=compile_note + _passes_note(n, len(items), passes),
         stage_stats=stats,
+        **packing,
     )
 
 
