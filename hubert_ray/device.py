@@ -9,8 +9,8 @@ the device time between two ``stamp()``s (once both are done).
 - :class:`SimulatedDevice`: an accelerator for machines without one, for benchmarks and tests
   of the engine's overlap (never chosen by a job's configuration): a launch returns at once,
   the device is busy ``forward_s + padded samples / (x_realtime * 16 kHz)`` seconds per
-  forward (``forward_s``: a GPU's fixed cost per forward, kernel launches; 0 by default), in order,
-  a wait sleeps until the work is done (no host CPU while it "computes"), and the features
+  forward (``forward_s``: a GPU's fixed cost per forward, kernel launches; 0 by default), in
+  order, a wait sleeps until the work is done (no host CPU while it "computes"), and the features
   stay zeros (the engine's on-device copy-out is skipped: on a GPU it is device work).
 """
 

@@ -891,8 +891,8 @@ class Engine:
             # audit's cost)
             "device_s": {"forward": round(forward, 3), "audit": round(audit, 3)},
             "device": selftest.device_name(self.device),
-            # the packing's fixed cost per forward (seconds of padded audio) and whether it
-            # was measured on this device
+            # the packing's fixed cost per forward (seconds of padded audio) and, on a GPU,
+            # what it was derived from (ForwardCost)
             "micro_batch_cost_seconds": round(self.batch_cost_samples / SAMPLE_RATE_HZ, 3),
             "forward_cost": dataclasses.asdict(self.forward_cost) if self.forward_cost else None,
             "requested_dtype": self.requested_dtype,
