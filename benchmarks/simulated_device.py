@@ -5,8 +5,8 @@ speed R busy?
 
 FLAC decode (CPU tasks) → model actor on :class:`hubert_ray.device.SimulatedDevice` (device
 time = ``--forward-ms`` + padded samples / R per forward, no host CPU while it computes, zeros
-out) → Parquet with one
-768-dim float16 layer, on local Ray with one (simulated) GPU and the job's default options.
+out) → Parquet with one 768-dim float16 layer, on local Ray with one (simulated) GPU and the
+job's default options.
 Prints and writes::
 
     device_x_realtime    R
