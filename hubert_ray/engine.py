@@ -211,6 +211,14 @@ class Pending:
     stamps: tuple = ()  # the clock's stamps before the forward, after it, after the audit
 
 
+def _input_dtype(net):
+    """The dtype a model's input is cast to: its parameters' (float32 for an int8 model)."""
+    import torch
+
+    param = next(net.parameters())
+    return param.dtype if param.dtype.is_floating_point else torch.float32
+
+
 def resolve_device(config: ModelConfig):
     import torch
 
@@ -435,9 +443,7 @@ class Engine:
 
         n = int(seconds * SAMPLE_RATE_HZ)
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((items, n), np.float32))
-        param = next(self.net.parameters())
-        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-        x = (0.1 * x).to(self.device, dtype)
+        x = (0.1 * x).to(self.device, _input_dtype(self.net))
 
         def timed(b: int) -> float:
             with torch.inference_mode():
@@ -599,8 +605,7 @@ class Engine:
         x, lengths = pad_batch(chunks, out=staging.numpy(), multiple=self.pad_multiple)
         self.stats["samples"] += sum(lengths)
         self.stats["padded_samples"] += x.size
-        param = next(net.parameters())
-        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        dtype = _input_dtype(net)
         xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True)
         self._local.copied[slot] = self.clock.record()
         feats, frame_lengths = net(xt.to(dtype), lengths, self.layers)
@@ -646,7 +651,7 @@ class Engine:
         if local.copied[slot] is not None:
             t0 = time.perf_counter()
             self.clock.wait(local.copied[slot])
-            local.waited = getattr(local, "waited", 0.0) + time.perf_counter() - t0
+            local.waited += time.perf_counter() - t0  # (reset by each _launch)
         buf = local.inputs[slot]
         if buf is None or buf.numel() < size:
             size = max(size, self.config.max_batch_samples)
