@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 "layer": n_layers,
                 "versions": versions(),
                 "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": bench.torch_threads,
                 "batch_size": args.batch_size,
                 "batch_size_sweep": sweep,
                 "chunk_seconds": args.chunk_seconds,

@@ -110,6 +110,16 @@ class Bench:
         self.rows: list[dict] = []
         self.pipeline_warmup_s: float | None = None  # wall of the 2-utterance warm-up run
         self.pipeline_calls = numbers(args.pipeline_calls, int)
+        import torch
+
+        # torch's default intra-op threads (a CPU engine sets 1 for its own forwards)
+        self.torch_threads = torch.get_num_threads()
+
+    def default_threads(self) -> None:
+        """torch's default intra-op threads again, as a plain script computes."""
+        import torch
+
+        torch.set_num_threads(self.torch_threads)
 
     def sync(self):
         if self.cuda:

@@ -28,6 +28,8 @@ def run_stock(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, b
     import torch
     from transformers import HubertModel
 
+    bench.default_threads()
+
     from hubert_ray.chunking import num_frames
 
     dev = torch.device(bench.device)
@@ -279,7 +281,9 @@ def run_loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
         segments = manifest.read_segments(manifest_path)
         every = math.ceil(segments.num_rows / ERROR_SAMPLE)
         decode = DecodeStage()
-        stage = ModelStage(model_config(bench, model_dir, dtype, batch_size, "float16"))
+        config = model_config(bench, model_dir, dtype, batch_size, "float16")
+        stage = ModelStage(dataclasses.replace(config, num_threads=1))
+        bench.default_threads()  # one forward at a time, on torch's default threads
         for s in range(0, segments.num_rows, batch_size):
             d = decode(segments.slice(s, batch_size))
             out = stage(d)

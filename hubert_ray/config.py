@@ -198,7 +198,8 @@ class ModelConfig:
     # GPU, where fusing the layers' elementwise work is what it is for.
     compile: str = "none"
     device: str = "auto"  # auto | cuda | cpu
-    num_threads: int = 0  # torch CPU threads inside the actor; 0 = the actor's num_cpus
+    # CPU: forwards at once, one torch thread each (engine.Engine); 0 = the process's CPUs
+    num_threads: int = 0
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
     allow_pickle_weights: bool = False
     # Centroid files (hubert_ray.units): units_<layer> columns computed next to the forward.
@@ -385,27 +386,27 @@ class ExtractConfig:
     )
     # Ray CPUs reserved per CPU model actor
     cpus_per_actor: float = option(1.0, help="Ray CPUs each CPU model actor reserves", shown="`1`")
-    # torch intra-op threads per CPU model actor; 0 = the node's cores shared among its CPU
-    # actors (pipeline.plan_placement). More threads than reserved CPUs lends the model the
-    # cores decode tasks leave idle.
+    # Forwards a CPU model actor runs at once, one torch thread each (engine.Engine); 0 = the
+    # node's cores shared among its CPU actors (pipeline.plan_placement). More threads than
+    # reserved CPUs lends the model the cores decode tasks leave idle.
     torch_threads: int = option(
         0,
         help=(
-            "torch threads per CPU model actor; they share the cores with decode tasks while "
-            "decoding runs"
+            "threads per CPU model actor, each running its own forward on one core; they share "
+            "the cores with decode tasks while decoding runs"
         ),
         shown="the node's cores ÷ its CPU actors",
     )
     # Ray tasks each model actor runs at once (ActorPoolStrategy.max_concurrent_calls_per_actor).
     # The model still runs one call at a time; another call's input fetch and output
-    # serialisation overlap it. None = 2 on GPU, 1 on CPU (docs/performance.md).
+    # serialisation overlap it. None = 2 (docs/performance.md).
     calls_per_actor: int | None = option(
         None,
         help=(
             "Ray tasks in flight per model actor: the model runs one at a time while the others' "
             "input fetch and output shipping overlap it"
         ),
-        shown="2 (GPU), 1 (CPU)",
+        shown="2",
     )
     # Calls a model actor has launched on its device and not yet finished: the device computes
     # call k+1 while the host finishes call k. Bounds the memory of calls in flight.

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -54,6 +56,9 @@ MAX_BATCH_COST_S = 600.0
 # per-shape planning to save.
 CPU_PAD_MULTIPLE_S = 0.0
 GPU_PAD_MULTIPLE_S = 0.25
+# CPU: most padded audio per micro-batch, so that a call has micro-batches for every one of the
+# actor's threads (see Engine.streams); a GPU's bound is ModelConfig.max_batch_samples alone.
+CPU_MAX_BATCH_S = 40.0
 
 # Fallback reasons (the feature rows' ``fallback_reason``).
 FALLBACK_NON_FINITE = "non_finite"  # this segment's output was non-finite in the reduced dtype
@@ -258,10 +263,23 @@ class Engine:
         if pad_s is None:
             pad_s = GPU_PAD_MULTIPLE_S if self.device.type == "cuda" else CPU_PAD_MULTIPLE_S
         self.pad_multiple = max(1, int(round(pad_s * SAMPLE_RATE_HZ)))
+        # On CPU, micro-batches run on this many threads at once, each forward on one core.
+        # torch's intra-op threads meet at every operator: when the OS gives one of their cores
+        # to a decode task the others wait at the next one, and the forward slows down several
+        # times; independent forwards only slow down by the share of time they lose.
+        self.streams = 1
+        self.max_batch_samples = config.max_batch_samples
+        self._pool = None
         if self.device.type == "cpu" and not simulated:
-            if config.num_threads:
-                torch.set_num_threads(config.num_threads)
-            log.info("model actor on CPU with %d torch threads", torch.get_num_threads())
+            self.streams = config.num_threads or len(os.sched_getaffinity(0))
+            torch.set_num_threads(1)
+            if self.streams > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                cap = max(config.chunk_samples, int(CPU_MAX_BATCH_S * SAMPLE_RATE_HZ))
+                self.max_batch_samples = min(self.max_batch_samples, cap)
+                self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="forward")
+            log.info("model actor on CPU: %d forwards at once, one thread each", self.streams)
         self.model_dir = model_dir
         self.simulated = simulated is not None
         self.calls_log: list | None = [] if self.simulated else None
@@ -495,13 +513,15 @@ class Engine:
         frames = [self.geometry.num_frames(len(w.chunks[j])) for j in js]
         starts = np.zeros(len(js) + 1, dtype=np.int64)
         np.cumsum(frames, out=starts[1:])
+        lengths = [len(w.chunks[j]) for j in js]
         packed = pack_micro_batches(  # positions in js
-            [len(w.chunks[j]) for j in js],
-            self.config.max_batch_samples,
-            self.batch_cost_samples,
-            self.pad_multiple,
+            lengths, self.max_batch_samples, self.batch_cost_samples, self.pad_multiple
         )
         groups = [[js[p] for p in group] for group in packed]
+        self.stats["samples"] += sum(lengths)
+        self.stats["padded_samples"] += sum(
+            len(ps) * padded_length(max(lengths[p] for p in ps), self.pad_multiple) for ps in packed
+        )
         total = int(starts[-1])
         device = self.device
         # (zeros on a simulated device, which writes nothing into them)
@@ -509,10 +529,20 @@ class Engine:
         out = {k: alloc((total, self.hidden), dtype=store, device=device) for k in self.layers}
         peak = alloc(total, dtype=torch.float32, device=device)
         t0, self._local.waited = time.perf_counter(), 0.0
-        for n, (group, ps) in enumerate(zip(groups, packed, strict=True)):
-            self._micro_batch(net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
-            if not self.overlap:
-                self.clock.wait(self.clock.record())
+        batches = [
+            (net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
+            for n, (group, ps) in enumerate(zip(groups, packed, strict=True))
+        ]
+        if self._pool is None:
+            for args in batches:
+                self._micro_batch(*args)
+                if not self.overlap:
+                    self.clock.wait(self.clock.record())
+        else:  # CPU: micro-batches at once, each writing its own rows of ``out``
+            futures = [self._pool.submit(self._micro_batch, *args) for args in batches]
+            wait_all(futures)
+            for f in futures:
+                f.result()  # (raises a failed one's exception)
         if self.forward_cost is not None and groups:
             host_s = time.perf_counter() - t0 - self._local.waited
             self.forward_cost.observe(host_s / len(groups))
@@ -603,8 +633,6 @@ class Engine:
         width = padded_length(max(len(c) for c in chunks), self.pad_multiple)
         staging = self._staging(slot, len(chunks) * width)
         x, lengths = pad_batch(chunks, out=staging.numpy(), multiple=self.pad_multiple)
-        self.stats["samples"] += sum(lengths)
-        self.stats["padded_samples"] += x.size
         dtype = _input_dtype(net)
         xt = staging[: x.size].view(x.shape).to(self.device, non_blocking=True)
         self._local.copied[slot] = self.clock.record()
@@ -654,7 +682,7 @@ class Engine:
             local.waited += time.perf_counter() - t0  # (reset by each _launch)
         buf = local.inputs[slot]
         if buf is None or buf.numel() < size:
-            size = max(size, self.config.max_batch_samples)
+            size = max(size, self.max_batch_samples)
             buf = torch.empty(size, dtype=torch.float32, pin_memory=self.device.type == "cuda")
             local.inputs[slot] = buf
         return buf
@@ -899,6 +927,7 @@ class Engine:
             # the packing's fixed cost per forward (seconds of padded audio) and, on a GPU,
             # what it was derived from (ForwardCost)
             "micro_batch_cost_seconds": round(self.batch_cost_samples / SAMPLE_RATE_HZ, 3),
+            "forwards_at_once": self.streams,  # CPU: micro-batches run at once, 1 thread each
             "forward_cost": dataclasses.asdict(self.forward_cost) if self.forward_cost else None,
             "requested_dtype": self.requested_dtype,
             "compute_dtype": self.dtype,

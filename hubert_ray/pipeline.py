@@ -733,12 +733,13 @@ class Placement:
     call_seconds: float | None = None  # most audio per actor call (its sub-calls)
 
 
-# Default calls in flight per GPU model actor: Ray fetches the next call's input and ships the
+# Default calls in flight per model actor: Ray fetches the next call's input and ships the
 # last call's output while the model computes (Ray's own recipe for GPU actors; the model still
-# runs one call at a time, so GPU memory does not grow). Not yet measured on a GPU:
+# runs one call at a time, so its memory does not grow). On CPU, measured: 273x against 230x
+# with 1 on ten decode-bound hours (docs/performance.md). Not yet measured on a GPU:
 # benchmarks/gpu_run.sh times 1 and 2 side by side.
 GPU_CALLS_PER_ACTOR = 2
-CPU_CALLS_PER_ACTOR = 1
+CPU_CALLS_PER_ACTOR = 2
 
 
 def plan_placement(
@@ -751,11 +752,12 @@ def plan_placement(
 ) -> Placement:
     """One model actor per GPU (all of the cluster's unless ``num_gpus`` says), else CPU.
 
-    CPU actors run ``torch_threads`` threads, by default every core of a node shared among the
-    node's actors (``node_cpus``: the largest node's CPUs; 0 = unknown: the reserved CPUs).
-    Ray reserves only ``cpus_per_actor`` for each, so decode tasks still get scheduled next to
-    it: while decoding runs the two share the cores, and once the decoding is done (the model
-    is the slower stage on a real model) the model has them all.
+    CPU actors run ``torch_threads`` forwards at once (one torch thread each: engine.Engine),
+    by default every core of a node shared among the node's actors (``node_cpus``: the largest
+    node's CPUs; 0 = unknown: the reserved CPUs). Ray reserves only ``cpus_per_actor`` for
+    each, so decode tasks still get scheduled next to it: while decoding runs the two share
+    the cores, and once the decoding is done (the model is the slower stage on a real model)
+    the model has them all.
     ``model_kwargs`` go to :meth:`ExtractConfig.model_config` (sample rate, report place)."""
     if cfg.num_gpus and cfg.num_gpus > cluster_gpus:
         raise ConfigError(

@@ -3,6 +3,7 @@ the device, a finish waits for exactly that call's work, results keep their rows
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -106,3 +107,51 @@ def test_sampled_checks_are_computed_on_the_device_like_the_host_metrics(tiny):
     assert res.precision[2][0]["rel_l2"] > 0  # bfloat16 differs from float32
     assert engine.stats["audit_device_s"] > 0 and engine.stats["forward_device_s"] > 0
     assert engine.report()["device_s"]["audit"] > 0
+
+
+def test_cpu_runs_micro_batches_at_once_one_thread_each(tiny):
+    """On CPU an engine of N threads runs N micro-batches at once, each forward on one torch
+    thread (a decode task taking a core then slows one forward, not all of them at every
+    operator); its features equal those of one forward at a time, and a failing micro-batch
+    fails the call."""
+    import itertools
+    import threading
+
+    import torch
+
+    lengths = (3.1, 7.4, 0.6, 12.0, 9.9, 4.2, 25.0, 1.3, 8.8, 6.5, 15.2, 2.7)
+    ids = [f"s{i}" for i in range(len(lengths))]
+    audio = [_audio(s, i) for i, s in enumerate(lengths)]
+    config = ModelConfig(model_uri=tiny, layers="last", dtype="float32")
+    serial = Engine(dataclasses.replace(config, num_threads=1), tiny, self_test=False)
+    parallel = Engine(dataclasses.replace(config, num_threads=2), tiny, self_test=False)
+    assert (serial.streams, parallel.streams) == (1, 2)
+
+    seen = []
+    forward = parallel.net.forward
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.05)  # long enough for the other thread to take the next micro-batch
+        return forward(*args, **kwargs)
+
+    parallel.net.forward = recording
+    got, want = parallel.run(ids, audio), serial.run(ids, audio)
+    assert len(seen) >= 3 and {n for _, n in seen} == {1}
+    assert len({name for name, _ in seen}) == 2  # both of its threads computed
+    assert got.frames == want.frames and got.valid == want.valid
+    layer = parallel.layers[-1]
+    np.testing.assert_allclose(
+        got.features[layer].numpy(), want.features[layer].numpy(), rtol=1e-5, atol=1e-6
+    )
+
+    calls = itertools.count()
+
+    def failing(x, lengths, layers):
+        if next(calls) == 1:
+            raise RuntimeError("out of memory in one micro-batch")
+        return forward(x, lengths, layers)
+
+    parallel.net.forward = failing
+    with pytest.raises(RuntimeError, match="one micro-batch"):
+        parallel.run(ids, audio)
