@@ -10,9 +10,10 @@ The engine (no Ray) computes the same generated audio (WenetSpeech-like mixed le
                     forwards at once; what a plain script does)
     at_once         N forwards at once, one torch thread each (the CPU engine's default)
 
-each alone and beside ``--decoders`` processes decoding a FLAC file in a loop. Prints x
-realtime (audio seconds / wall seconds of the forwards) per row and the ratios at_once /
-one_at_a_time, and writes them to ``--json``.
+each alone and beside ``--decoders`` processes decoding a FLAC file in a loop, the four rows
+alternating for ``--repeats`` rounds. Prints x realtime (audio seconds / wall seconds of the
+forwards) per row, each row's median and the ratios of the medians at_once / one_at_a_time,
+and writes them to ``--json``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from benchmarks.workloads import make_lengths, make_model, make_raw
 
 SR = 16_000
+WAYS = ("one_at_a_time", "at_once")
 
 
 def decode_loop(path: str, stop) -> None:
@@ -40,12 +43,56 @@ def decode_loop(path: str, stop) -> None:
         sf.read(path, dtype="float32")
 
 
-def timed(engine, calls: list[tuple[list[str], list[np.ndarray]]]) -> float:
+def make_audio(args) -> tuple[list[np.ndarray], float]:
+    mixed = args.utt_seconds == "mixed"
+    lengths = make_lengths(2.5 if mixed else float(args.utt_seconds), mixed, args.seconds, 7)
+    return make_raw(lengths, seed=11), sum(lengths) / SR
+
+
+def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
+    """x realtime of one way, alone and beside ``args.decoders`` decoding processes. Run in a
+    process of its own: once an engine has run forwards at once on one thread each, a forward
+    on two torch threads in that process used about one core."""
+    import torch
+
+    from hubert_ray.config import ModelConfig
+    from hubert_ray.engine import Engine
+
+    raw, audio_s = make_audio(args)
+    calls, ids, audio, held = [], [], [], 0.0
+    for i, x in enumerate(raw):
+        ids.append(f"u{i}")
+        audio.append(x)
+        held += len(x) / SR
+        if held >= args.call_seconds or i == len(raw) - 1:
+            calls.append((ids, audio))
+            ids, audio, held = [], [], 0.0
+    config = ModelConfig(model_uri=model, layers="last", dtype="float32")
+    at_once = way == "at_once"
+    engine = Engine(
+        dataclasses.replace(config, num_threads=args.threads if at_once else 1),
+        model,
+        self_test=False,
+    )
+    if not at_once:
+        torch.set_num_threads(args.threads)
     engine.run(*calls[0])  # warm-up: allocator, kernels
-    t0 = time.perf_counter()
-    for ids, audio in calls:
-        engine.run(ids, audio)
-    return time.perf_counter() - t0
+    out = {}
+    for decoders in (0, args.decoders):
+        stop = mp.Event()
+        procs = [mp.Process(target=decode_loop, args=(flac, stop)) for _ in range(decoders)]
+        for proc in procs:
+            proc.start()
+        try:
+            t0 = time.perf_counter()
+            for ids, audio in calls:
+                engine.run(ids, audio)
+            out[decoders] = audio_s / (time.perf_counter() - t0)
+        finally:
+            stop.set()
+            for proc in procs:
+                proc.join()
+    return out
 
 
 def main(argv=None) -> int:
@@ -56,70 +103,45 @@ def main(argv=None) -> int:
     p.add_argument("--call-seconds", type=float, default=640.0, help="audio per engine call")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="N")
     p.add_argument("--decoders", type=int, default=1, help="decoding processes beside")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the four rows")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import soundfile as sf
-    import torch
 
-    from hubert_ray.config import ModelConfig
-    from hubert_ray.engine import Engine
-
-    mixed = args.utt_seconds == "mixed"
-    lengths = make_lengths(2.5 if mixed else float(args.utt_seconds), mixed, args.seconds, 7)
-    raw = make_raw(lengths, seed=11)
-    calls, ids, audio, held = [], [], [], 0.0
-    for i, x in enumerate(raw):
-        ids.append(f"u{i}")
-        audio.append(x)
-        held += len(x) / SR
-        if held >= args.call_seconds or i == len(raw) - 1:
-            calls.append((ids, audio))
-            ids, audio, held = [], [], 0.0
-    audio_s = sum(lengths) / SR
+    raw, audio_s = make_audio(args)
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
         model = make_model(args.arch, os.path.join(work, args.arch))
         flac = os.path.join(work, "decode.flac")
         sf.write(flac, np.concatenate(raw)[: 60 * SR], SR, format="FLAC", subtype="PCM_16")
-        config = ModelConfig(model_uri=model, layers="last", dtype="float32")
-        for way in ("one_at_a_time", "at_once"):
-            if way == "one_at_a_time":
-                engine = Engine(dataclasses.replace(config, num_threads=1), model, self_test=False)
-                torch.set_num_threads(args.threads)
-            else:
-                engine = Engine(
-                    dataclasses.replace(config, num_threads=args.threads), model, self_test=False
-                )
-            for decoders in (0, args.decoders):
-                stop = mp.Event()
-                procs = [mp.Process(target=decode_loop, args=(flac, stop)) for _ in range(decoders)]
-                for proc in procs:
-                    proc.start()
-                try:
-                    wall = timed(engine, calls)
-                finally:
-                    stop.set()
-                    for proc in procs:
-                        proc.join()
-                row = {
-                    "way": way,
-                    "decoders": decoders,
-                    "x_realtime": round(audio_s / wall, 1),
-                    "wall_s": round(wall, 2),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    by = {(r["way"], r["decoders"]): r["x_realtime"] for r in rows}
+        spawn = mp.get_context("spawn")
+        for repeat in range(args.repeats):  # rows alternate: the machine's drift hits all
+            for way in WAYS:
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    got = pool.submit(measure, args, way, model, flac).result()
+                for decoders, x in got.items():
+                    row = {"way": way, "decoders": decoders, "repeat": repeat}
+                    rows.append(row | {"x_realtime": round(x, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
+    median = {
+        (way, d): float(
+            np.median([r["x_realtime"] for r in rows if (r["way"], r["decoders"]) == (way, d)])
+        )
+        for way in WAYS
+        for d in (0, args.decoders)
+    }
     ratios = {
         f"at_once / one_at_a_time, {d} decoders": round(
-            by[("at_once", d)] / by[("one_at_a_time", d)], 2
+            median[("at_once", d)] / median[("one_at_a_time", d)], 2
         )
-        for d in sorted({0, args.decoders})
+        for d in (0, args.decoders)
     }
     out = {"arch": args.arch, "threads": args.threads, "audio_s": round(audio_s, 1)}
+    out |= {"median_x_realtime": {f"{w}, {d} decoders": v for (w, d), v in median.items()}}
     out |= {"rows": rows, "ratios": ratios}
+    print(json.dumps(out["median_x_realtime"]))
     print(json.dumps(ratios))
     if args.json:
         with open(args.json, "w") as f:
