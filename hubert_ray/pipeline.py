@@ -735,8 +735,8 @@ class Placement:
 
 # Default calls in flight per model actor: Ray fetches the next call's input and ships the
 # last call's output while the model computes (Ray's own recipe for GPU actors; the model still
-# runs one call at a time, so its memory does not grow). On CPU, measured: 273x against 230x
-# with 1 on ten decode-bound hours (docs/performance.md). Not yet measured on a GPU:
+# runs one call at a time, so its memory does not grow). On CPU no worse than 1 in any run
+# (ten decode-bound hours: 378x against 372x; docs/performance.md). Not yet measured on a GPU:
 # benchmarks/gpu_run.sh times 1 and 2 side by side.
 GPU_CALLS_PER_ACTOR = 2
 CPU_CALLS_PER_ACTOR = 2
