@@ -28,9 +28,9 @@ def run_stock(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, b
     import torch
     from transformers import HubertModel
 
-    bench.default_threads()
-
     from hubert_ray.chunking import num_frames
+
+    bench.default_threads()
 
     dev = torch.device(bench.device)
     tdtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
