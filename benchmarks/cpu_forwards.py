@@ -43,10 +43,9 @@ def decode_loop(path: str, stop) -> None:
         sf.read(path, dtype="float32")
 
 
-def make_audio(args) -> tuple[list[np.ndarray], float]:
+def lengths_of(args) -> list[int]:
     mixed = args.utt_seconds == "mixed"
-    lengths = make_lengths(2.5 if mixed else float(args.utt_seconds), mixed, args.seconds, 7)
-    return make_raw(lengths, seed=11), sum(lengths) / SR
+    return make_lengths(2.5 if mixed else float(args.utt_seconds), mixed, args.seconds, 7)
 
 
 def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
@@ -58,7 +57,8 @@ def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
     from hubert_ray.config import ModelConfig
     from hubert_ray.engine import Engine
 
-    raw, audio_s = make_audio(args)
+    lengths = lengths_of(args)
+    raw, audio_s = make_raw(lengths, seed=11), sum(lengths) / SR
     calls, ids, audio, held = [], [], [], 0.0
     for i, x in enumerate(raw):
         ids.append(f"u{i}")
@@ -109,13 +109,15 @@ def main(argv=None) -> int:
 
     import soundfile as sf
 
-    raw, audio_s = make_audio(args)
+    lengths = lengths_of(args)
+    audio_s = sum(lengths) / SR
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
         model = make_model(args.arch, os.path.join(work, args.arch))
-        flac = os.path.join(work, "decode.flac")
-        sf.write(flac, np.concatenate(raw)[: 60 * SR], SR, format="FLAC", subtype="PCM_16")
+        flac = os.path.join(work, "decode.flac")  # what the decoding processes read
+        first = lengths[: int(np.searchsorted(np.cumsum(lengths), 60 * SR)) + 1]
+        sf.write(flac, np.concatenate(make_raw(first, seed=11)), SR, "PCM_16", format="FLAC")
         spawn = mp.get_context("spawn")
         for repeat in range(args.repeats):  # rows alternate: the machine's drift hits all
             for way in WAYS:
