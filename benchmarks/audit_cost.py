@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.workloads import make_lengths, make_model, make_raw, numbers
-    from hubert_ray.audio import normalise
-    from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.engine import Engine
+    from hubert_ray.core.config import ModelConfig, PrecisionConfig
+    from hubert_ray.core.signal import normalise
+    from hubert_ray.model.engine import Engine
 
     dtype = "float16" if args.device == "cuda" else "bfloat16"
     lengths = make_lengths(2.5, True, args.seconds, seed=0)

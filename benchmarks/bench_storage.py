@@ -2,10 +2,10 @@
 
     python -m benchmarks.bench_storage [--copies 4] [--rounds 3] [--workdir DIR]
 
-Generates the demo corpus (hubert_ray.synth.make_corpus; ``--copies`` times, under distinct
+Generates the demo corpus (hubert_ray.testing.synth.make_corpus; ``--copies`` times, under distinct
 names, for more audio), starts moto's S3 server on loopback as a separate process (so it does
 not share this process' GIL), uploads the corpus, then decodes every segment with
-:class:`hubert_ray.audio.DecodeStage` in this one process — once reading the local files, once
+:class:`~hubert_ray.corpus.audio.DecodeStage` in one process — once reading the local files, once
 reading ``s3://`` — alternating for ``--rounds`` rounds. Prints audio seconds decoded per wall
 second for each source (best round) and their ratio. Needs the dev extras (``moto[server]``).
 """
@@ -59,7 +59,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def make_manifest(work: str, copies: int) -> str:
     """The demo corpus ``copies`` times (recording/segment ids and files suffixed)."""
-    from hubert_ray.synth import make_corpus
+    from hubert_ray.testing.synth import make_corpus
 
     base = make_corpus(os.path.join(work, "corpus"))
     root = os.path.dirname(base)
@@ -86,9 +86,10 @@ def make_manifest(work: str, copies: int) -> str:
 
 def decode_all(manifest_uri: str, storage_options: dict | None) -> tuple[float, float, int]:
     """(audio seconds decoded, wall seconds, storage retries) for one pass over the manifest."""
-    from hubert_ray import manifest, storage
-    from hubert_ray.audio import DecodeStage, clear_cache
-    from hubert_ray.config import DecodeConfig
+    from hubert_ray.core.config import DecodeConfig
+    from hubert_ray.corpus import manifest
+    from hubert_ray.corpus.audio import DecodeStage, clear_cache
+    from hubert_ray.io import storage
 
     table = manifest.read_segments(manifest_uri, storage_options)
     stage = DecodeStage(DecodeConfig(storage_options=dict(storage_options or {})))
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where the corpus goes (default: a temporary directory)")
     args = p.parse_args(argv)
 
-    from hubert_ray import storage
+    from hubert_ray.io import storage
 
     work = args.workdir or tempfile.mkdtemp(prefix="hubert-ray-bench-")
     manifest = make_manifest(work, args.copies)

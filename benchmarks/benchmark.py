@@ -12,11 +12,11 @@ Measured side by side in one run, for each utterance-length distribution:
 * ``stock_<dtype>_b<N>``: stock transformers batched as a user would (``.half()`` on GPU, N
   utterances in data order zero-padded to the longest, no attention mask): exact on equal
   lengths only, its error column shows what padding does otherwise;
-* ``actor_<dtype>_b<B>``: :class:`hubert_ray.extractor.ModelStage` called on pre-decoded
+* ``actor_<dtype>_b<B>``: :class:`hubert_ray.stages.extractor.ModelStage` called on pre-decoded
   batches in ``DECODED_SCHEMA`` (model only: exact padded batching, chunking, NaN guard);
 * ``loop_<dtype>_b<B>`` / ``pipeline_<dtype>_b<B>``: the same generated corpus written as FLAC,
   once through a plain single-process loop (``DecodeStage`` then ``ModelStage``, no Ray, no
-  Parquet writing) and once through ``hubert_ray.pipeline.run`` on local Ray (both timed end to
+  Parquet writing) and once through the job (``hubert_ray.backend``) on local Ray (both timed end to
   end, model load included; Ray is started and warmed up before).
 
 Each row reports x-realtime (audio seconds / wall seconds, after warm-up: a short input, then
@@ -55,7 +55,7 @@ from benchmarks.paths import (
 )
 from benchmarks.tables import _loadavg, device_name, markdown, ratios, versions
 from benchmarks.workloads import ARCHS, make_lengths, make_model, make_raw, numbers, parse_dists
-from hubert_ray.config import COMPILE_MODES, compute_dtype
+from hubert_ray.core.config import COMPILE_MODES, compute_dtype
 
 SR = 16_000
 MIXED_MIN_S, MIXED_MAX_S = 0.3, 20.0
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_b = args.max_row_seconds
         prepared = []  # (dist, items, FP32 references) for the actor rows
         for d_i, (dist, secs, mixed) in enumerate(dists):
-            from hubert_ray.audio import normalise
+            from hubert_ray.core.signal import normalise
 
             lengths = make_lengths(secs, mixed, args.seconds, args.seed + d_i)
             raw = make_raw(lengths, seed=args.seed * 100_000 + d_i * 10_000)

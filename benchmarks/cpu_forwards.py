@@ -54,8 +54,8 @@ def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
     on two torch threads in that process used about one core."""
     import torch
 
-    from hubert_ray.config import ModelConfig
-    from hubert_ray.engine import Engine
+    from hubert_ray.core.config import ModelConfig
+    from hubert_ray.model.engine import Engine
 
     lengths = lengths_of(args)
     raw, audio_s = make_raw(lengths, seed=11), sum(lengths) / SR

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHOLE = r"""
 import hashlib, json, resource, sys
 import numpy as np
-from hubert_ray.audio import cut_segment, normalise, read_audio, to_mono_16k
+from hubert_ray.corpus.audio import cut_segment, normalise, read_audio, to_mono_16k
 path, times = sys.argv[1], json.loads(sys.argv[2])
 audio = to_mono_16k(*read_audio(path))
 digests = {}
@@ -64,7 +64,7 @@ def _probe(batch, config):
     import numpy as np
     import pyarrow as pa
 
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     out = pipeline._decode(batch, config)
     col = out.column("audio").combine_chunks()
@@ -93,8 +93,8 @@ def measure(path: str, times: list[tuple[str, float, float]], rec: str) -> dict:
     import pyarrow as pa
     import ray
 
-    from hubert_ray import pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
 
     cfg = ExtractConfig(manifest="-", model="-", output="-", num_gpus=0)
     placement = pipeline.Placement(1, False, cfg.model_config("cpu"), 16)

@@ -31,8 +31,10 @@ import json, os, resource, sys, time
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import ray
 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-from hubert_ray import output, pipeline, segments
-from hubert_ray.config import ExtractConfig
+from hubert_ray.dataset import output
+from hubert_ray.backend import pipeline
+from hubert_ray.corpus import segments
+from hubert_ray.core.config import ExtractConfig
 
 manifest, out = sys.argv[1], sys.argv[2]
 cfg = ExtractConfig(manifest=manifest, model="-", output=out, num_gpus=0)
@@ -93,8 +95,8 @@ def _chunk(args: tuple) -> object:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from hubert_ray import output
-    from hubert_ray.manifest import CANONICAL_SCHEMA
+    from hubert_ray.corpus.manifest import CANONICAL_SCHEMA
+    from hubert_ray.dataset import output
 
     g, n_rec, n_segments, per, feats, rows_per_part = args
     seg_type = CANONICAL_SCHEMA.field("segments").type
@@ -154,9 +156,9 @@ def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000)
 
     import pyarrow.parquet as pq
 
-    from hubert_ray import output
-    from hubert_ray.manifest import CANONICAL_SCHEMA
-    from hubert_ray.segments import stamp
+    from hubert_ray.corpus.manifest import CANONICAL_SCHEMA
+    from hubert_ray.corpus.segments import stamp
+    from hubert_ray.dataset import output
 
     path = os.path.join(work, "manifest.parquet")
     feats = os.path.join(work, "out", output.FEATURES_DIR)

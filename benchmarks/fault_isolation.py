@@ -4,11 +4,11 @@ them costs in wall time.
 
     python -m benchmarks.fault_isolation --segments 2000 --json PATH [--per-recording 50]
 
-Generates, in a temporary directory, a tiny random HuBERT (``hubert_ray.synth``) and a corpus
+Generates, in a temporary directory, a tiny random HuBERT (``hubert_ray.testing``) and a corpus
 of 16 kHz WAV recordings cut into back-to-back segments of ``--segment-seconds`` (a
 validated canonical manifest, as ``jobs.prepare`` writes). Runs ``python -m jobs.extract`` on
 CPU with the job's defaults twice, each in a fresh process with its own local Ray: once
-clean, once with the fault hook (``HUBERT_RAY_FAULT_SEGMENTS``, ``hubert_ray.faults``) on one
+clean, once with the fault hook (``HUBERT_RAY_FAULT_SEGMENTS``, ``testing.faults``) on one
 segment that raises in the model stage and one that kills its worker process, both chosen
 inside the run (a third and two thirds of the way). Checks and prints the faulted run's exit
 code, its ``model_error`` ids, that every other segment is in ``features/`` exactly once (and
@@ -37,8 +37,8 @@ def make_inputs(work: str, n_segments: int, per: int, seconds: float) -> tuple[s
     their validated canonical manifest; returns its path and the segment ids in order."""
     import pyarrow as pa
 
-    from hubert_ray import manifest, segments
-    from hubert_ray.synth import synth_signal, write_audio
+    from hubert_ray.corpus import manifest, segments
+    from hubert_ray.testing.synth import synth_signal, write_audio
 
     ids, rows = [], []
     for r in range(-(-n_segments // per)):
@@ -72,7 +72,7 @@ def run_job(manifest_path: str, model: str, out: str, env_extra: dict) -> tuple[
 
 def outcome(out: str) -> dict:
     """Ids in ``features/`` and ``errors/`` (with reasons) and the summary's checks."""
-    from hubert_ray import output
+    from hubert_ray.dataset import output
 
     feats = output.read_table(os.path.join(out, output.FEATURES_DIR), ["segment_id"])
     errs = output.read_table(os.path.join(out, output.ERRORS_DIR), ["segment_id", "reason"])
@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--json", help="write the result (JSON) to this file")
     p.add_argument("--workdir", help="where to generate the inputs (default: a temp dir)")
     args = p.parse_args()
-    from hubert_ray.synth import make_tiny_model
+    from hubert_ray.testing.synth import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="fault-isolation-", dir=args.workdir) as work:
         path, ids = make_inputs(work, args.segments, args.per_recording, args.segment_seconds)

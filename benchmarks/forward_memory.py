@@ -25,9 +25,9 @@ import sys
 sys.path.append(sys.argv[3])  # this repository's benchmarks; the tree's own hubert_ray first
 from benchmarks.measure import PeakMemory
 from benchmarks.workloads import decoded_table, make_raw
-from hubert_ray.audio import normalise
-from hubert_ray.config import ModelConfig
-from hubert_ray.extractor import ModelStage
+from hubert_ray.core.signal import normalise
+from hubert_ray.core.config import ModelConfig
+from hubert_ray.stages.extractor import ModelStage
 model, rows = sys.argv[1], int(sys.argv[2])
 table = decoded_table([normalise(x) for x in make_raw([160000] * rows, 0)], "m")
 stage = ModelStage(ModelConfig(model_uri=model, dtype="float32", device="cpu"))

@@ -1,5 +1,5 @@
 """The first conv layer's masked GroupNorm: one stock call per item (the previous way) against
-:func:`hubert_ray.model.masked_group_norm` (a fixed handful of launches), side by side.
+:func:`hubert_ray.model.encoder.masked_group_norm` (a fixed handful of launches), side by side.
 
     python -m benchmarks.group_norm [--device cpu|cuda] [--batches 8,32,64] [--seconds 10]
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from hubert_ray.model import masked_group_norm
+    from hubert_ray.model.encoder import masked_group_norm
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -26,9 +26,9 @@ import torch
 sys.path.append(sys.argv[4])
 from benchmarks.paths import NullHubert
 from benchmarks.workloads import decoded_table, make_lengths, make_model, make_raw
-from hubert_ray.audio import normalise
-from hubert_ray.config import ModelConfig
-from hubert_ray.extractor import ModelStage
+from hubert_ray.core.signal import normalise
+from hubert_ray.core.config import ModelConfig
+from hubert_ray.stages.extractor import ModelStage
 
 arch, device, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 work = tempfile.mkdtemp()

@@ -6,7 +6,7 @@
 Writes feature datasets in the job's layout (``<dir>/features/part-*.parquet``, float16
 ``layer_9``, segments of 4-16 s, random values, 500 rows per part) holding 10x and 100x the
 sample's frames, then, each in a fresh subprocess: (a) the sample alone
-(``hubert_ray.kmeans.sample_features``) and (b) the whole ``learn`` (sample + k-means with
+(``hubert_ray.units.kmeans.sample_features``) and (b) the whole ``learn`` (sample + k-means with
 ``--backend``, ``auto`` by default, + the centroid file; docs/performance.md's figures were
 taken with MiniBatchKMeans and fairseq's parameters). Prints the process's peak RSS
 (``ru_maxrss``, which includes what its imports touched on the way), its peak RSS during the
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch, sklearn.cluster  # imports first: their RSS is the baseline
-from hubert_ray import kmeans
+from hubert_ray.units import kmeans
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -63,8 +63,8 @@ def write_dataset(root: str, frames: int, hidden: int, seed: int = 0) -> tuple[i
     """Feature parts holding about ``frames`` frames; returns (frames, bytes on disk)."""
     import pyarrow as pa
 
-    from hubert_ray import output
-    from hubert_ray.extractor import features_array
+    from hubert_ray.dataset import output
+    from hubert_ray.stages.extractor import features_array
 
     rng = np.random.default_rng(seed)
     done = seg = 0

@@ -10,7 +10,7 @@ layer have a low effective dimension), with uneven weights (Dirichlet) and per-c
 scales (0.7-1.3), about ``--per-cluster`` frames per component, float32. It is written once
 to a ``.npy`` file; each backend then runs in a fresh subprocess that loads it, learns K
 centroids with seed 0, and computes the inertia on the whole sample with
-``hubert_ray.kmeans.inertia`` (the same code for both). Printed side by side: inertia per
+``hubert_ray.units.kmeans.inertia`` (the same code for both). Printed side by side: inertia per
 frame, the ratio torch / scikit-learn (the goal: <= 1.01), the learning's wall seconds, the
 process's peak RSS (``ru_maxrss``) and the RSS after loading the sample.
 """
@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch, sklearn.cluster  # imports first: their RSS is in the baseline
-from hubert_ray import kmeans, kmeans_torch
+from hubert_ray.units import kmeans
+from hubert_ray.units import kmeans_torch
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     params = {} if args.n_init is None else {"n_init": args.n_init}
     x, means = mixture(args.k, args.per_cluster, args.dim, args.rank, args.spread)
     sys.path.insert(0, ROOT)
-    from hubert_ray import kmeans
+    from hubert_ray.units import kmeans
 
     truth = kmeans.inertia(x, means)
     results = {}

@@ -5,11 +5,11 @@
 Generates long 16 kHz mono recordings (the synthetic WenetSpeech signal), writes each as Ogg
 Opus and as FLAC, then times in this single process (= one core), alternating: the decode of
 each recording — one whole-object read, soundfile decode, downmix/resample to 16 kHz mono
-(:func:`hubert_ray.audio.read_audio` + :func:`~hubert_ray.audio.to_mono_16k`) — and a decode
-task's whole work (``stage_*``: :class:`hubert_ray.audio.DecodeStage` on the recordings cut
+(:func:`~hubert_ray.corpus.audio.read_audio` + ``to_mono_16k``) — and a decode
+task's whole work (``stage_*``: :class:`hubert_ray.corpus.audio.DecodeStage` on the recordings cut
 into WenetSpeech-like segments, 128 per batch: decode, cut, check, normalise, Arrow). Prints
 JSON: the median and best x-realtime over the repeats per format. The numbers stored in
-:mod:`hubert_ray.rates` as "measured" come from this command.
+:mod:`hubert_ray.core.rates` as "measured" come from this command.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def segment_table(paths: list[str], seconds: float, seed: int = 0) -> dict[str, 
 def measure(seconds: float, recordings: int, repeats: int) -> dict:
     import pyarrow as pa
 
-    from hubert_ray.audio import DecodeStage, clear_cache, read_audio, to_mono_16k
-    from hubert_ray.synth import synth_signal, write_audio
+    from hubert_ray.corpus.audio import DecodeStage, clear_cache, read_audio, to_mono_16k
+    from hubert_ray.testing.synth import synth_signal, write_audio
 
     stage = DecodeStage()
 

@@ -28,7 +28,7 @@ def run_stock(bench: Bench, model_dir, items, refs, dist, name, recipe, dtype, b
     import torch
     from transformers import HubertModel
 
-    from hubert_ray.chunking import num_frames
+    from hubert_ray.core.chunking import num_frames
 
     bench.default_threads()
 
@@ -95,7 +95,7 @@ def chunked_reference(model_dir, device, items, refs, chunk_samples):
     import torch
     from transformers import HubertModel
 
-    from hubert_ray.chunking import plan_chunks
+    from hubert_ray.core.chunking import plan_chunks
 
     out = list(refs) if refs is not None else [None] * len(items)
     model = None
@@ -124,7 +124,7 @@ def model_config(
     pad_s=None,
     compile_mode="none",
 ):
-    from hubert_ray.config import ModelConfig
+    from hubert_ray.core.config import ModelConfig
 
     chunk_s = bench.args.chunk_seconds
     # The micro-batch budget: the job's default (64 chunks of 10 s), or batch_size chunks when
@@ -145,7 +145,7 @@ def model_config(
 
 
 class NullHubert:
-    """Stands in for :class:`hubert_ray.model.ExactEncoder` with no arithmetic: zero features
+    """Stands in for :class:`~hubert_ray.model.encoder.ExactEncoder`, no arithmetic: zero features
     of the right shape, dtype and device (the actor's own work is all that is left)."""
 
     def __init__(self, net, hidden: int):
@@ -158,7 +158,7 @@ class NullHubert:
     def __call__(self, x, lengths, layers):
         import torch
 
-        from hubert_ray.chunking import num_frames
+        from hubert_ray.core.chunking import num_frames
 
         frames = [num_frames(int(n)) for n in lengths]
         shape = (x.shape[0], max(frames), self.hidden)
@@ -186,7 +186,7 @@ def run_actor(
     the row measures the actor's own work around the model (its ceiling for any GPU);
     ``compile_mode``: torch.compile the forward (one untimed pass over the rows first pays the
     compiles; its wall time is in the note)."""
-    from hubert_ray.extractor import ModelStage
+    from hubert_ray.stages.extractor import ModelStage
 
     name = f"actor_{dtype}_b{batch_size}" + ("" if cost_s is None else f"_cost{cost_s:g}")
     name += "" if pad_s is None else f"_pad{pad_s:g}"
@@ -289,9 +289,9 @@ def _import_model_code() -> None:
 
 
 def _loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
-    from hubert_ray import manifest
-    from hubert_ray.audio import DecodeStage, clear_cache
-    from hubert_ray.extractor import ModelStage, audio_views
+    from hubert_ray.corpus import manifest
+    from hubert_ray.corpus.audio import DecodeStage, clear_cache
+    from hubert_ray.stages.extractor import ModelStage, audio_views
 
     clear_cache()
     feats, inputs = {}, {}
@@ -320,12 +320,12 @@ def _loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
 
 
 def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, calls=None):
-    """``hubert_ray.pipeline.run`` on the running local Ray, as the job runs by default (its
+    """``hubert_ray.backend.pipeline.run`` on the running local Ray, as the job runs by default (its
     batch size and micro-batch budget are the job's defaults; ``calls``: calls per model actor,
     None = the job's default); returns summary, wall, config."""
 
-    from hubert_ray import pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
 
     # The job's defaults, as a user gets them; only what the benchmark varies is set.
     extra = {}
@@ -412,7 +412,7 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
 
 def placement_calls(cfg, cuda: bool) -> int:
     """Calls in flight per model actor for ``cfg`` (the job's rule, on one GPU or on CPU)."""
-    from hubert_ray.pipeline import plan_placement
+    from hubert_ray.backend.pipeline import plan_placement
 
     return plan_placement(cfg, 1 if cuda else 0).calls_per_actor
 

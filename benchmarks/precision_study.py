@@ -4,7 +4,7 @@
         [--out DIR]
 
 For each compute dtype (float16, bfloat16; int8 on CPU) with and without FP32 LayerNorms, runs
-the same inputs through :class:`hubert_ray.model.ExactEncoder` and compares every layer with the
+the same inputs through ``model.encoder.ExactEncoder`` and compares every layer with the
 FP32 run (relative L2 over each utterance, then mean and max; minimum per-frame cosine), times
 the forward at one batch size (x realtime) and splits its time into the conv frontend, the
 projection with the positional convolution, and the transformer layers. Writes
@@ -26,12 +26,11 @@ import time
 import numpy as np
 
 from benchmarks.workloads import ARCHS, make_model, numbers
-from hubert_ray.chunking import pad_batch
+from hubert_ray.core.chunking import pad_batch
 
 
 def inputs(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
-    from hubert_ray.audio import normalise
-    from hubert_ray.synth import synth_signal
+    from hubert_ray.core.signal import normalise, synth_signal
 
     rng = np.random.default_rng(seed)
     out = []
@@ -135,8 +134,8 @@ def phase_split(net, xs, device, dtype, iters: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from hubert_ray.model import load_model
-    from hubert_ray.precision import compare
+    from hubert_ray.core.precision import compare
+    from hubert_ray.model.encoder import load_model
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.precision_study")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

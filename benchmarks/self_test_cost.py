@@ -21,7 +21,7 @@ def forward_seconds(nets: dict, xs, device, dtype, iters: int) -> dict:
     interleaved round by round (a busy machine slows all of them alike)."""
     import torch
 
-    from hubert_ray.chunking import pad_batch
+    from hubert_ray.core.chunking import pad_batch
 
     pad, lengths = pad_batch(xs)
     x = torch.from_numpy(pad).to(device)
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.workloads import ARCHS, make_model
-    from hubert_ray.config import ModelConfig
-    from hubert_ray.engine import Engine
-    from hubert_ray.model import load_model
-    from hubert_ray.selftest import calibration_signals
+    from hubert_ray.core.config import ModelConfig
+    from hubert_ray.core.selftest import calibration_signals
+    from hubert_ray.model.encoder import load_model
+    from hubert_ray.model.engine import Engine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

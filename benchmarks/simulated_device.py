@@ -3,7 +3,7 @@ speed R busy?
 
     python -m benchmarks.simulated_device --x-realtime 1000 --hours 10 --json out.json
 
-FLAC decode (CPU tasks) → model actor on :class:`hubert_ray.device.SimulatedDevice` (device
+FLAC decode (CPU tasks) → model actor on :class:`hubert_ray.model.device.SimulatedDevice` (device
 time = ``--forward-ms`` + padded samples / R per forward, no host CPU while it computes, zeros
 out) → Parquet with one 768-dim float16 layer, on local Ray with one (simulated) GPU and the
 job's default options.
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from hubert_ray import pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
 
     (dist, secs, mixed), *_ = parse_dists(args.utt_seconds)
     work = tempfile.mkdtemp(prefix="simulated-device-")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     busy1, total1 = cpu_jiffies()
     ray.shutdown()
 
-    from hubert_ray import output
+    from hubert_ray.dataset import output
 
     # Steady state: the audio of every call after each actor's first, over the time from its
     # first to its last finished call (one actor per simulated GPU).

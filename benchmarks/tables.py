@@ -32,7 +32,7 @@ def device_name(cuda: bool) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    from hubert_ray.selftest import cpu_model
+    from hubert_ray.core.selftest import cpu_model
 
     return cpu_model()
 

@@ -5,7 +5,7 @@
 chinese-hubert-base's architecture (random weights), ``--rows`` x 10 s rows, layer 9 stored
 (float16 storage, the default). Times (best of ``--repeats``): one model-stage call without
 units; the same call with a ``--k`` centroid file for layer 9; and the assignment alone
-(``hubert_ray.units.assign`` on the call's frames, on the device). Prints the assignment's
+(``hubert_ray.units.centroids.assign`` on the call's frames, on the device). Prints the assignment's
 share of the faster of the two calls (the goal: at most 2 % of the forward at K = 500).
 """
 
@@ -34,11 +34,11 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.workloads import decoded_table, make_model, make_raw
-    from hubert_ray import units
-    from hubert_ray.audio import normalise
-    from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import ModelStage
-    from hubert_ray.model import model_revision
+    from hubert_ray.core.config import ModelConfig, PrecisionConfig
+    from hubert_ray.core.signal import normalise
+    from hubert_ray.model.encoder import model_revision
+    from hubert_ray.stages.extractor import ModelStage
+    from hubert_ray.units import centroids as units
 
     cuda = args.device == "cuda"
     dtype = args.dtype or ("float16" if cuda else "float32")

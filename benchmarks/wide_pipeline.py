@@ -29,8 +29,8 @@ import ray
 manifest, model, out = sys.argv[1:4]
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-from hubert_ray import pipeline
-from hubert_ray.config import ExtractConfig
+from hubert_ray.backend import pipeline
+from hubert_ray.core.config import ExtractConfig
 cfg = ExtractConfig(manifest=manifest, model=model, output=out, num_gpus=0)
 t = time.perf_counter()
 summary = pipeline.run(cfg, overwrite=True)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     from benchmarks.workloads import make_lengths, make_raw, write_corpus
-    from hubert_ray.synth import make_tiny_model
+    from hubert_ray.testing.synth import make_tiny_model
 
     work = tempfile.mkdtemp(prefix="wide-pipeline-")
     model = make_tiny_model(os.path.join(work, "wide-hubert"), **WIDE)

@@ -48,7 +48,7 @@ def make_lengths(seconds: float, mixed: bool, total_s: float, seed: int) -> list
 
 def make_raw(lengths: list[int], seed: int) -> list[np.ndarray]:
     """Speech-like mono 16 kHz signals (before normalisation)."""
-    from hubert_ray.synth import synth_signal
+    from hubert_ray.core.signal import synth_signal
 
     return [synth_signal(n / SR, SR, 1, seed=seed + i)[:, 0] for i, n in enumerate(lengths)]
 
@@ -62,7 +62,7 @@ def make_model(arch: str, path: str) -> str:
     ``HubertConfig()``), ``large`` (chinese-hubert-large's: 24 x 1024, layer-norm frontend with
     conv bias, stable layer norm)."""
     if arch == "tiny":
-        from hubert_ray.synth import make_tiny_model
+        from hubert_ray.testing.synth import make_tiny_model
 
         return make_tiny_model(path)
     import torch
@@ -108,7 +108,7 @@ def decoded_table(items: list[np.ndarray], prefix: str):
     """A pre-decoded batch in ``DECODED_SCHEMA`` (what the decode stage hands the actor)."""
     import pyarrow as pa
 
-    from hubert_ray.audio import DECODED_SCHEMA
+    from hubert_ray.corpus.audio import DECODED_SCHEMA
 
     lengths = np.array([len(x) for x in items], dtype=np.int64)
     offsets = np.zeros(len(items) + 1, dtype=np.int64)
@@ -137,7 +137,7 @@ def decoded_table(items: list[np.ndarray], prefix: str):
 def write_corpus(root: str, raw: list[np.ndarray], dist: str, max_rec_s: float = 60.0) -> str:
     """Items concatenated into FLAC recordings of up to ``max_rec_s`` (16 kHz, PCM_16), one
     segment per item; returns the JSONL manifest path."""
-    from hubert_ray.synth import write_audio
+    from hubert_ray.testing.synth import write_audio
 
     os.makedirs(os.path.join(root, "audio"), exist_ok=True)
     recs, cur, cur_n = [], [], 0

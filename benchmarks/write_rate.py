@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.workloads import SR, make_lengths, numbers  # noqa: E402
-from hubert_ray import output  # noqa: E402
-from hubert_ray.chunking import num_frames  # noqa: E402
-from hubert_ray.engine import Result  # noqa: E402
-from hubert_ray.extractor import assemble, features_array  # noqa: E402
+from hubert_ray.core.chunking import num_frames  # noqa: E402
+from hubert_ray.dataset import output  # noqa: E402
+from hubert_ray.model.engine import Result  # noqa: E402
+from hubert_ray.stages.extractor import assemble, features_array  # noqa: E402
 
 HIDDEN = 768
 

@@ -3,8 +3,8 @@
 Importing this package is cheap: it imports neither torch nor Ray.
 """
 
-from hubert_ray.config import DecodeConfig, ExtractConfig, ModelConfig
-from hubert_ray.errors import ConfigError, ManifestError
+from hubert_ray.core.config import DecodeConfig, ExtractConfig, ModelConfig
+from hubert_ray.core.errors import ConfigError, ManifestError
 
 __all__ = [
     "ConfigError",
@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 
 def read_features(uri, segment_ids=None, layer=None, storage_options=None):
-    """Read features written by the job; see :func:`hubert_ray.output.read_features`."""
-    from hubert_ray.output import read_features as _read
+    """Read features written by the job; see :func:`hubert_ray.dataset.output.read_features`."""
+    from hubert_ray.dataset.output import read_features as _read
 
     return _read(uri, segment_ids=segment_ids, layer=layer, storage_options=storage_options)
 
@@ -28,7 +28,7 @@ def read_features(uri, segment_ids=None, layer=None, storage_options=None):
 def read_units(uri, layer=None, storage_options=None):
     """Units written by ``jobs.extract --units`` or ``jobs.kmeans assign`` as a table of
     ``segment_id, start_s, end_s, num_frames, units_<layer>``; see
-    :func:`hubert_ray.kmeans.read_units`."""
-    from hubert_ray.kmeans import read_units as _read
+    :func:`hubert_ray.units.kmeans.read_units`."""
+    from hubert_ray.units.kmeans import read_units as _read
 
     return _read(uri, layer=layer, storage_options=storage_options)

@@ -19,8 +19,8 @@ import logging
 import os
 import sys
 
-from hubert_ray.config import ExtractConfig
-from hubert_ray.errors import ConfigError, ManifestError, WorkerDeathError
+from hubert_ray.core.config import ExtractConfig
+from hubert_ray.core.errors import ConfigError, ManifestError, WorkerDeathError
 
 
 def _json_option(text: str):
@@ -34,7 +34,7 @@ def _json_option(text: str):
 
 
 # Options of the command line only (not job settings); every other option is an
-# ExtractConfig field (hubert_ray.config.option): its name, type, help and shown default.
+# ExtractConfig field (hubert_ray.core.config.option): its name, type, help and shown default.
 CLI_ONLY = {
     "overwrite": (
         "off",
@@ -144,7 +144,7 @@ def _precision_breach(exc: BaseException) -> str | None:
 
     Ray re-raises an actor's exception as ``RayTaskError(UserCodeException)``, which keeps the
     original message but not always its type, so the message marker is what is matched."""
-    from hubert_ray.precision import BREACH_MARKER
+    from hubert_ray.core.precision import BREACH_MARKER
 
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg, overwrite = config_from_args(args)
-        from hubert_ray import pipeline
+        from hubert_ray.backend import pipeline
 
         if args.quiet:
-            logging.getLogger("hubert_ray.progress").setLevel(logging.WARNING)
+            logging.getLogger("hubert_ray.backend.progress").setLevel(logging.WARNING)
         summary = pipeline.run(cfg, overwrite=overwrite)
     except ConfigError as e:
         option = f"--{e.field.replace('_', '-')}: " if e.field else ""

@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 
-from hubert_ray.errors import ConfigError, ManifestError
+from hubert_ray.core.errors import ConfigError, ManifestError
 
 
 def _json_option(text: str):
@@ -34,7 +34,7 @@ def _json_option(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hubert_ray.kmeans import BACKENDS, DEVICES
+    from hubert_ray.units.kmeans import BACKENDS, DEVICES
 
     p = argparse.ArgumentParser(prog="python -m jobs.kmeans", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "learn":
-            from hubert_ray import kmeans
+            from hubert_ray.units import kmeans
 
             params = {
                 k: getattr(args, k)
@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(prov, indent=2))
             return 0
         if args.command == "assign":
-            from hubert_ray import pipeline
+            from hubert_ray.backend import pipeline
 
             summary = pipeline.run_assign(
                 args.features, args.km, args.output, so, args.num_gpus, args.overwrite
             )
             print(json.dumps(summary, indent=2))
             return 0
-        from hubert_ray import kmeans
+        from hubert_ray.units import kmeans
 
         try:
             done = kmeans.export_fairseq(

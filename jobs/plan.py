@@ -8,7 +8,7 @@ The job is a pipeline: decode (CPU tasks) feeds the model actors (one per GPU), 
 the slower of the two stages: ``min(gpus x gpu_rate, decode_cores x decode_rate)`` seconds of
 audio per second. The write tasks (Parquet encoding of the features) need cores of their own,
 ``throughput x layers / write_rate``, on any node; the plan reports them. Rates come from
-:mod:`hubert_ray.rates` (each printed with where it was measured) unless given.
+:mod:`hubert_ray.core.rates` (each printed with where it was measured) unless given.
 ``--decode-cores`` counts every core given to decoding (CPU-only nodes plus spare cores on GPU
 nodes). Not modelled: start-up (cluster, model load), the manifest read, object-storage
 bandwidth, and stragglers at the end; treat the result as a lower bound.
@@ -22,7 +22,7 @@ import json
 import math
 import sys
 
-from hubert_ray import rates
+from hubert_ray.core import rates
 
 
 def plan(

@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from hubert_ray.errors import ManifestError
-from hubert_ray.manifest import read_manifest, write_canonical
+from hubert_ray.core.errors import ManifestError
+from hubert_ray.corpus.manifest import read_manifest, write_canonical
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare_wenetspeech(args: argparse.Namespace, storage_options: dict) -> int:
-    from hubert_ray import wenetspeech
+    from hubert_ray.corpus import wenetspeech
 
     if args.subset is None:
         print(

@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from hubert_ray.synth import make_tiny_model
+    from hubert_ray.testing.synth import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-hubert"))
 
@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> str:
     """Path of the generated corpus' JSONL manifest (expected.json lies beside it)."""
-    from hubert_ray.synth import make_corpus
+    from hubert_ray.testing.synth import make_corpus
 
     return make_corpus(str(tmp_path_factory.mktemp("corpus")))
 
@@ -30,7 +30,7 @@ def ray_session(tmp_path_factory):
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    # Models on object storage are cached per node (hubert_ray.storage.local_model_dir): keep the
+    # Models on object storage are cached per node (hubert_ray.io.storage.local_model_dir): keep the
     # tests' copies out of ~/.cache. Workers inherit the driver's environment at ray.init.
     os.environ.setdefault("HUBERT_RAY_MODEL_CACHE", str(tmp_path_factory.mktemp("model-cache")))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -42,7 +42,7 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def wenetspeech_corpus(tmp_path_factory) -> str:
     """Path of a small synthetic WenetSpeech.json: 2 x 60 s training + 3 x 15 s eval Opus."""
-    from hubert_ray.synth_wenetspeech import make_wenetspeech_corpus
+    from hubert_ray.testing.synth_wenetspeech import make_wenetspeech_corpus
 
     root = str(tmp_path_factory.mktemp("wenetspeech"))
     return make_wenetspeech_corpus(root, train_recording_s=(60.0, 60.0), eval_recording_s=15.0)

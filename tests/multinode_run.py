@@ -7,7 +7,7 @@ cannot share a process with the test session's ``ray.init``. The cluster is a he
 CPUs (like a real head that only schedules), one node with a (fake) GPU and 1 CPU, and two
 CPU-only nodes with 2 CPUs each. The model actor asks for ``num_gpus=1`` and falls back to CPU
 inside (no CUDA here). ``HUBERT_RAY_TRACE_DIR`` makes every decode task and model actor record
-its node id (``hubert_ray.pipeline._trace``); workers inherit it from this process.
+its node id (``hubert_ray.backend.pipeline._trace``); workers inherit it from this process.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from hubert_ray import pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
 
     common = dict(object_store_memory=100 * 2**20, include_dashboard=False)
     t0 = time.time()

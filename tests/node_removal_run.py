@@ -34,8 +34,9 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     from multinode_run import _trace
     from ray.cluster_utils import Cluster
 
-    from hubert_ray import manifest, pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
+    from hubert_ray.corpus import manifest
 
     common = dict(object_store_memory=100 * 2**20, include_dashboard=False)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, **common))

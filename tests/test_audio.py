@@ -1,4 +1,4 @@
-"""Unit tests for the decode stage (hubert_ray.audio) and the generators (hubert_ray.synth)."""
+"""Unit tests for the decode stage (corpus.audio) and the generators (testing.synth)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-import hubert_ray.audio as audio_mod
-from hubert_ray.audio import (
+import hubert_ray.corpus.audio as audio_mod
+from hubert_ray.core.config import DecodeConfig
+from hubert_ray.core.errors import (
+    MISSING_FILE,
+    NON_FINITE,
+    SEGMENT_OUT_OF_RANGE,
+    STAGE_DECODE,
+    TOO_SHORT,
+    UNREADABLE_AUDIO,
+)
+from hubert_ray.corpus.audio import (
     DECODED_SCHEMA,
     DecodeError,
     DecodeStage,
@@ -24,17 +33,14 @@ from hubert_ray.audio import (
     read_audio,
     to_mono_16k,
 )
-from hubert_ray.config import DecodeConfig
-from hubert_ray.errors import (
-    MISSING_FILE,
-    NON_FINITE,
-    SEGMENT_OUT_OF_RANGE,
-    STAGE_DECODE,
-    TOO_SHORT,
-    UNREADABLE_AUDIO,
+from hubert_ray.io.storage import resolve
+from hubert_ray.testing.synth import (
+    FORMATS,
+    make_corpus,
+    make_tiny_model,
+    synth_signal,
+    write_audio,
 )
-from hubert_ray.storage import resolve
-from hubert_ray.synth import FORMATS, make_corpus, make_tiny_model, synth_signal, write_audio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -368,8 +374,8 @@ def test_streaming_error_half_way_is_a_read_error(tmp_path, monkeypatch):
 STREAM_RSS = """
 import resource, sys
 import numpy as np, pyarrow as pa
-from hubert_ray.audio import DecodeStage
-from hubert_ray.config import DecodeConfig
+from hubert_ray.corpus.audio import DecodeStage
+from hubert_ray.core.config import DecodeConfig
 path, n = sys.argv[1], int(sys.argv[2])
 seg = 20 * 60 / n
 rows = pa.table({"segment_id": [f"s{i}" for i in range(n)], "recording_id": ["r"] * n,
@@ -429,7 +435,7 @@ def test_decode_stage_empty_batch():
 
 def test_audio_module_imports_no_torch_or_ray():
     code = (
-        "import sys, hubert_ray.audio, hubert_ray.synth; "
+        "import sys, hubert_ray.corpus.audio, hubert_ray.synth; "
         "print('torch' in sys.modules, 'ray' in sys.modules)"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

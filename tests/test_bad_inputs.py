@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hubert_ray import manifest
-from hubert_ray.audio import DecodeStage, clear_cache
-from hubert_ray.config import DecodeConfig
-from hubert_ray.synth import synth_signal, write_audio
+from hubert_ray.core.config import DecodeConfig
+from hubert_ray.corpus import manifest
+from hubert_ray.corpus.audio import DecodeStage, clear_cache
+from hubert_ray.testing.synth import synth_signal, write_audio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,9 +135,9 @@ def test_manifest_line_not_json_exits_2_before_ray(tmp_path, tiny_model):
 def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_model):
     import torch
 
-    from hubert_ray import pipeline
-    from hubert_ray.errors import ConfigError
-    from hubert_ray.model import load_model
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.errors import ConfigError
+    from hubert_ray.model.encoder import load_model
 
     d = tmp_path / "pickled"
     d.mkdir()
@@ -152,7 +152,7 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_model):
 
 LONG_DECODE = """
 import resource, sys, time
-from hubert_ray.audio import read_audio, to_mono_16k
+from hubert_ray.corpus.audio import read_audio, to_mono_16k
 t = time.time()
 x = to_mono_16k(*read_audio(sys.argv[1]))
 print(len(x), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time() - t)

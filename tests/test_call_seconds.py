@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from hubert_ray import output
-from hubert_ray.chunking import split_by_seconds
-from hubert_ray.config import ExtractConfig
-from hubert_ray.synth import synth_signal, write_audio
+from hubert_ray.core.chunking import split_by_seconds
+from hubert_ray.core.config import ExtractConfig
+from hubert_ray.dataset import output
+from hubert_ray.testing.synth import synth_signal, write_audio
 
 SHORT, LONG, BOUND = 2.0, 60.0, 61.0
 
@@ -34,7 +34,7 @@ def test_call_size_options():
     assert rows.rows_per_call(1, 60.0) == 32 and rows.call_seconds_bound(1) is None
     both = ExtractConfig(manifest="m", model="m", output="o", batch_size=32, call_seconds=90)
     assert both.rows_per_call(1, 60.0) == 32 and both.call_seconds_bound(3) == 90
-    from hubert_ray.errors import ConfigError
+    from hubert_ray.core.errors import ConfigError
 
     for bad in (0, -1.0, float("nan"), True, "10"):
         with pytest.raises(ConfigError, match="call_seconds"):
@@ -47,7 +47,7 @@ def test_long_segments_split_into_bounded_calls(ray_session, tiny_model, tmp_pat
     7.3 s). With ``call_seconds=61`` Ray hands the actor 9 rows at a time from one block of
     33 (one decode batch): every such call holds a 60 s segment with 2 s ones (> 61 s), so
     only the actor's split keeps its calls within the bound."""
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     lines, ids = [], []
     for r in range(3):

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from hubert_ray.chunking import (
+from hubert_ray.core.chunking import (
     HOP,
     RECEPTIVE_FIELD,
     num_frames,

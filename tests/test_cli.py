@@ -211,7 +211,7 @@ def test_readme_options_table_is_the_generated_one():
 def test_every_config_field_is_a_cli_option():
     import dataclasses
 
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.core.config import ExtractConfig
 
     parser = extract.build_parser()
     flags = {a.dest for a in parser._actions}

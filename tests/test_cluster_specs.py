@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
-from hubert_ray.config import ExtractConfig
+from hubert_ray.core.config import ExtractConfig
 from jobs import extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,17 +11,17 @@ import pytest
 
 pytest.importorskip("torch")
 
-from hubert_ray.chunking import num_frames  # noqa: E402
-from hubert_ray.config import ModelConfig  # noqa: E402
-from hubert_ray.device import SimulatedDevice  # noqa: E402
-from hubert_ray.engine import Engine  # noqa: E402
+from hubert_ray.core.chunking import num_frames  # noqa: E402
+from hubert_ray.core.config import ModelConfig  # noqa: E402
+from hubert_ray.model.device import SimulatedDevice  # noqa: E402
+from hubert_ray.model.engine import Engine  # noqa: E402
 
 SR = 16_000
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from hubert_ray.synth import make_tiny_model
+    from hubert_ray.testing.synth import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("engine") / "tiny"))
 
@@ -81,8 +81,8 @@ def test_sampled_checks_are_computed_on_the_device_like_the_host_metrics(tiny):
     """The audit's on-device metrics (queued behind the call, read back with it) equal the
     host's float64 ``compare`` of the stored reduced-dtype features with a separate FP32 run;
     the audit's device time is accounted apart from the forward's."""
-    from hubert_ray.config import PrecisionConfig
-    from hubert_ray.precision import compare
+    from hubert_ray.core.config import PrecisionConfig
+    from hubert_ray.core.precision import compare
 
     audio = [_audio(s, i) for i, s in enumerate((0.03, 0.7, 2.3, 1.1))]  # 0.03 s: 1 frame
     ids = [f"seg-{i}" for i in range(len(audio))]

@@ -13,10 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hubert_ray import models  # noqa: E402
-from hubert_ray.chunking import plan_chunks  # noqa: E402
-from hubert_ray.model import ExactEncoder, load_model  # noqa: E402
-from hubert_ray.synth import make_tiny_family_model  # noqa: E402
+from hubert_ray.core.chunking import plan_chunks  # noqa: E402
+from hubert_ray.model import families as models  # noqa: E402
+from hubert_ray.model.encoder import ExactEncoder, load_model  # noqa: E402
+from hubert_ray.testing.synth import make_tiny_family_model  # noqa: E402
 
 HIDDEN = 32
 NUM_LAYERS = 2
@@ -155,8 +155,8 @@ def test_padded_batch_equals_items_alone(family_nets, name):
 def test_stage_chunks_on_the_models_frame_grid(family_dirs, family_nets):
     """The model stage on a model with another frame grid (hop 160): frame counts and chunk
     boundaries follow the model, and chunked rows equal the per-chunk items run alone."""
-    from hubert_ray.config import ModelConfig
-    from hubert_ray.extractor import ModelStage
+    from hubert_ray.core.config import ModelConfig
+    from hubert_ray.stages.extractor import ModelStage
     from tests.test_model import _decoded_batch, _features
 
     name = "wavlm-large"
@@ -193,8 +193,8 @@ def test_stage_chunks_on_the_models_frame_grid(family_dirs, family_nets):
 def test_stage_reduced_precision_checks_each_family(family_dirs, name):
     """bfloat16 with every segment rechecked against the FP32 reference of the same family:
     the checks run and are recorded, whatever this CPU's bfloat16 error (not asserted)."""
-    from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import ModelStage
+    from hubert_ray.core.config import ModelConfig, PrecisionConfig
+    from hubert_ray.stages.extractor import ModelStage
     from tests.test_model import _decoded_batch, _features
 
     audios = {"a": _audio(9000, 1), "b": _audio(3000, 2)}

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from hubert_ray import output, read_features
+from hubert_ray import read_features
+from hubert_ray.dataset import output
 
 pytestmark = pytest.mark.ray
 pytest.importorskip("transformers")
@@ -32,7 +33,7 @@ NUM_LAYERS = 2
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> tuple[str, dict]:
     """Mixed formats, rates, channels and lengths (0.3 s to 3.1 s): a few segments."""
-    from hubert_ray.synth import synth_signal, write_audio
+    from hubert_ray.testing.synth import synth_signal, write_audio
 
     root = tmp_path_factory.mktemp("small-corpus")
     recs = [
@@ -63,8 +64,8 @@ def _stock_features(model_dir: str, model_type: str, segments: dict) -> dict:
     import torch
     import transformers
 
-    from hubert_ray.audio import cut_segment, read_audio, to_mono_16k
-    from hubert_ray.models import FAMILIES
+    from hubert_ray.corpus.audio import cut_segment, read_audio, to_mono_16k
+    from hubert_ray.model.families import FAMILIES
 
     if os.path.exists(os.path.join(model_dir, "preprocessor_config.json")):
         extractor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
@@ -83,8 +84,8 @@ def _stock_features(model_dir: str, model_type: str, segments: dict) -> dict:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cli_features_equal_stock_transformers(ray_session, small_corpus, tmp_path, name):
-    from hubert_ray.chunking import Geometry
-    from hubert_ray.synth import make_tiny_family_model
+    from hubert_ray.core.chunking import Geometry
+    from hubert_ray.testing.synth import make_tiny_family_model
     from jobs.extract import main
 
     model_type, variant, pre, extra = CASES[name]

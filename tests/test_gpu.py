@@ -31,7 +31,7 @@ def base_model(tmp_path_factory):
 
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("float16", 2e-2)])
 def test_exact_padded_batch_on_cuda(base_model, dtype, tol):
-    from hubert_ray.model import load_model
+    from hubert_ray.model.encoder import load_model
 
     net = load_model(base_model, "cuda", dtype)
     rng = np.random.default_rng(0)
@@ -54,8 +54,8 @@ def test_exact_padded_batch_on_cuda(base_model, dtype, tol):
 
 
 def test_stage_float16_on_cuda_with_precision_checks(base_model):
-    from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import ModelStage
+    from hubert_ray.core.config import ModelConfig, PrecisionConfig
+    from hubert_ray.stages.extractor import ModelStage
     from tests.test_model import _audio, _decoded_batch
 
     cfg = ModelConfig(
@@ -81,8 +81,8 @@ def test_compiled_stage_on_cuda_matches_eager(tiny_model, mode):
     padded mixed-length batches stay within FP16 noise of the eager forward's (tiny model:
     compiling the base one takes longer than this check is worth; the benchmark's
     ``_compile-*`` rows time and check it)."""
-    from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.extractor import ModelStage
+    from hubert_ray.core.config import ModelConfig, PrecisionConfig
+    from hubert_ray.stages.extractor import ModelStage
     from tests.test_model import _audio, _decoded_batch
 
     torch._dynamo.reset()  # dynamo's recompile limit counts every instance of ExactEncoder
@@ -103,8 +103,8 @@ def test_compiled_stage_on_cuda_matches_eager(tiny_model, mode):
 
 @pytest.mark.ray
 def test_pipeline_uses_the_gpu(ray_session, corpus, tiny_model, tmp_path):
-    from hubert_ray import pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
     summary = pipeline.run(cfg)
@@ -148,8 +148,8 @@ def large_model(tmp_path_factory):
 )
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("float16", 2e-2)])
 def test_families_exact_padded_batch_on_cuda(tmp_path, family, dtype, tol):
-    from hubert_ray.model import load_model
-    from hubert_ray.synth import make_tiny_family_model
+    from hubert_ray.model.encoder import load_model
+    from hubert_ray.testing.synth import make_tiny_family_model
     from tests.test_families import VARIANTS
 
     model_type, variant, extra = VARIANTS[family]
@@ -175,7 +175,7 @@ def test_families_exact_padded_batch_on_cuda(tmp_path, family, dtype, tol):
 def test_large_architecture_float16_on_cuda(large_model):
     """The large architecture in float16 against its FP32 reference (random weights: the
     error is printed, bounded loosely) and padded batching in float16."""
-    from hubert_ray.model import load_model
+    from hubert_ray.model.encoder import load_model
 
     ref = load_model(large_model, "cuda", "float32")
     net = load_model(large_model, "cuda", "float16")
@@ -201,9 +201,9 @@ def test_sampled_checks_on_cuda_equal_the_host_metrics(base_model):
     """The FP32 recheck queued behind an FP16 call and compared on the GPU gives the host's
     float64 metrics of the stored features against a separate FP32 run (CUDA timing events
     account its device time)."""
-    from hubert_ray.config import ModelConfig, PrecisionConfig
-    from hubert_ray.engine import Engine
-    from hubert_ray.precision import compare
+    from hubert_ray.core.config import ModelConfig, PrecisionConfig
+    from hubert_ray.core.precision import compare
+    from hubert_ray.model.engine import Engine
 
     rng = np.random.default_rng(3)
     audio = [rng.standard_normal(int(s * 16_000)).astype(np.float32) for s in (0.7, 3.1, 12.0)]

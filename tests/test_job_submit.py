@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from hubert_ray import wenetspeech
+from hubert_ray.corpus import wenetspeech
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_ENV = {
@@ -186,7 +186,7 @@ def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path)
     """``ray job stop`` while parts are being written: the job ends STOPPED with no completion
     marker and its parts kept; the same job submitted again resumes (skips what was written)
     and ends with every segment exactly once."""
-    from hubert_ray.synth import synth_signal, write_audio
+    from hubert_ray.testing.synth import synth_signal, write_audio
 
     address, env = head
     lines = []

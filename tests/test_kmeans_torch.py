@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hubert_ray import kmeans, kmeans_torch, units
-from hubert_ray.errors import ConfigError
+from hubert_ray.core.errors import ConfigError
+from hubert_ray.units import centroids as units
+from hubert_ray.units import kmeans, kmeans_torch
 from tests.test_units import write_dataset
 
 

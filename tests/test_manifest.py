@@ -1,4 +1,4 @@
-"""Pure unit tests for hubert_ray.manifest and jobs.prepare (no Ray, no torch)."""
+"""Pure unit tests for hubert_ray.corpus.manifest and jobs.prepare (no Ray, no torch)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray.errors import ManifestError
-from hubert_ray.manifest import (
+from hubert_ray.core.errors import ManifestError
+from hubert_ray.corpus.manifest import (
     CANONICAL_SCHEMA,
     MAX_LISTED,
     SEGMENT_SCHEMA,
@@ -438,7 +438,7 @@ GOOD_ROWS = [
 
 
 def test_read_segments_canonical_equals_the_per_record_path(tmp_path):
-    from hubert_ray import manifest
+    from hubert_ray.corpus import manifest
 
     uri = _canonical_file(tmp_path / "c.parquet", GOOD_ROWS)
     fast = manifest._canonical_segments(uri, None)
@@ -473,7 +473,7 @@ def test_read_segments_canonical_equals_the_per_record_path(tmp_path):
     ],
 )
 def test_read_segments_bad_canonical_reports_like_read_manifest(tmp_path, change):
-    from hubert_ray import manifest
+    from hubert_ray.corpus import manifest
 
     rows = [dict(GOOD_ROWS[0], **change), *GOOD_ROWS[1:]]
     uri = _canonical_file(tmp_path / "bad.parquet", rows)
@@ -484,7 +484,7 @@ def test_read_segments_bad_canonical_reports_like_read_manifest(tmp_path, change
 
 
 def test_read_segments_other_formats_and_types_take_the_per_record_path(tmp_path):
-    from hubert_ray import manifest
+    from hubert_ray.corpus import manifest
 
     # float32 times: not exactly canonical, so read (and validated) record by record
     schema = pa.schema(
@@ -558,7 +558,7 @@ def test_prepare_cli_bad_storage_options(tmp_path, capsys, text):
 
 def test_manifest_does_not_import_torch_or_ray():
     code = (
-        "import sys, hubert_ray.manifest, jobs.prepare; "
+        "import sys, hubert_ray.corpus.manifest, jobs.prepare; "
         "sys.exit(int('torch' in sys.modules or 'ray' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,8 +12,8 @@ import urllib.request
 import pyarrow as pa
 import pytest
 
-from hubert_ray import metrics
-from hubert_ray.config import ExtractConfig
+from hubert_ray.backend import metrics
+from hubert_ray.core.config import ExtractConfig
 
 
 def model_output(reasons, fallbacks, durations):
@@ -62,7 +62,7 @@ def test_noop_without_ray():
     """Without Ray (a fresh interpreter) recording does nothing and never imports Ray."""
     code = (
         "import sys, pyarrow as pa\n"
-        "from hubert_ray import metrics\n"
+        "from hubert_ray.backend import metrics\n"
         "t = pa.table({'start_s': [0.0], 'end_s': [1.0], 'error_reason': pa.array([None], "
         "pa.string())})\n"
         "metrics.record_model_batch(t, 0.1)\n"
@@ -103,7 +103,7 @@ def value(d, name, **labels):
 
 @pytest.mark.ray
 def test_pipeline_metrics_reach_prometheus(ray_session, corpus, tiny_model, tmp_path):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     node = ray_session._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"

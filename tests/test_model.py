@@ -13,14 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hubert_ray import errors  # noqa: E402
-from hubert_ray.audio import DECODED_SCHEMA  # noqa: E402
-from hubert_ray.chunking import num_frames, plan_chunks  # noqa: E402
-from hubert_ray.config import ModelConfig, parse_layers  # noqa: E402
-from hubert_ray.errors import ConfigError  # noqa: E402
-from hubert_ray.extractor import ModelStage  # noqa: E402
-from hubert_ray.model import load_model  # noqa: E402
-from hubert_ray.synth import make_tiny_model  # noqa: E402
+from hubert_ray.core import errors  # noqa: E402
+from hubert_ray.core.chunking import num_frames, plan_chunks  # noqa: E402
+from hubert_ray.core.config import ModelConfig, parse_layers  # noqa: E402
+from hubert_ray.core.errors import ConfigError  # noqa: E402
+from hubert_ray.corpus.audio import DECODED_SCHEMA  # noqa: E402
+from hubert_ray.model.encoder import load_model  # noqa: E402
+from hubert_ray.stages.extractor import ModelStage  # noqa: E402
+from hubert_ray.testing.synth import make_tiny_model  # noqa: E402
 
 HIDDEN = 32
 NUM_LAYERS = 2
@@ -495,7 +495,8 @@ def test_non_finite_even_in_float32_becomes_error_row(overflow_dirs, dtype):
 # -- import hygiene ----------------------------------------------------------------------------
 def test_import_does_not_pull_torch_or_ray():
     code = (
-        "import sys, hubert_ray, hubert_ray.config, hubert_ray.chunking, hubert_ray.extractor\n"
+        "import sys, hubert_ray, hubert_ray.core.config, hubert_ray.core.chunking\n"
+        "import hubert_ray.stages.extractor\n"
         "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))\n"
     )
     result = subprocess.run(
@@ -506,7 +507,7 @@ def test_import_does_not_pull_torch_or_ray():
 
 # -- Arrow in and out ------------------------------------------------------------------------
 def test_audio_views_of_sliced_chunks_are_zero_copy_rows():
-    from hubert_ray.extractor import audio_views
+    from hubert_ray.stages.extractor import audio_views
 
     rows = [np.arange(n, dtype=np.float32) + 10 * n for n in (3, 5, 2, 4)]
     arr = pa.array(rows[:3], pa.large_list(pa.float32()))
@@ -518,7 +519,7 @@ def test_audio_views_of_sliced_chunks_are_zero_copy_rows():
 
 
 def test_features_array_rows_nulls_and_dropped_frames():
-    from hubert_ray.extractor import features_array
+    from hubert_ray.stages.extractor import features_array
 
     hidden = 3
     values = np.arange(6 * hidden, dtype=np.float16).reshape(6, hidden)

@@ -1,4 +1,4 @@
-"""The driver's checks of a model directory (hubert_ray.models): supported families, frame
+"""The driver's checks of a model directory (hubert_ray.model.families): supported families, frame
 geometry, the checkpoint's preprocessing and weights that fit the config; bad input exits 2
 before any Ray work, naming the file and the field."""
 
@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hubert_ray import models
-from hubert_ray.chunking import HUBERT, Geometry, num_frames, plan_chunks
-from hubert_ray.config import DecodeConfig, ExtractConfig
-from hubert_ray.errors import ConfigError
+from hubert_ray.core.chunking import HUBERT, Geometry, num_frames, plan_chunks
+from hubert_ray.core.config import DecodeConfig, ExtractConfig
+from hubert_ray.core.errors import ConfigError
+from hubert_ray.model import families as models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,8 +165,8 @@ def test_normalize_option_validated():
 
 
 def test_decode_stage_follows_the_normalize_setting(tmp_path):
-    from hubert_ray.audio import DecodeStage, normalise
-    from hubert_ray.synth import synth_signal, write_audio
+    from hubert_ray.corpus.audio import DecodeStage, normalise
+    from hubert_ray.testing.synth import synth_signal, write_audio
 
     x = synth_signal(1.0, 16000, 1, seed=3)
     path = str(tmp_path / "a.wav")
@@ -191,7 +191,7 @@ def test_decode_stage_follows_the_normalize_setting(tmp_path):
 @pytest.fixture(scope="module")
 def large_dir(tmp_path_factory):
     pytest.importorskip("transformers")
-    from hubert_ray.synth import make_tiny_family_model
+    from hubert_ray.testing.synth import make_tiny_family_model
 
     return make_tiny_family_model(str(tmp_path_factory.mktemp("m") / "large"), "hubert", "large")
 
@@ -207,7 +207,7 @@ def _with_config(src: str, dst, **changes) -> str:
 
 
 def test_weights_fit_the_config(large_dir):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     assert pipeline.read_model_config(large_dir)["do_stable_layer_norm"] is True
 
@@ -225,7 +225,7 @@ def test_weights_fit_the_config(large_dir):
     ],
 )
 def test_weights_not_matching_the_config_refused(large_dir, tmp_path, changes, words):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     d = _with_config(large_dir, tmp_path / "m", **changes)
     if not words:
@@ -244,7 +244,7 @@ def test_weights_of_a_task_model_and_legacy_names_accepted(large_dir, tmp_path):
     conv's weight norm under its pre-parametrisation names (``weight_g`` / ``weight_v``)."""
     from safetensors.numpy import load_file, save_file
 
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     d = tmp_path / "ctc"
     shutil.copytree(large_dir, d)

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from hubert_ray import manifest, read_features, wenetspeech
+from hubert_ray import read_features
+from hubert_ray.corpus import manifest, wenetspeech
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,10 +1,10 @@
-"""Pure unit tests for hubert_ray.output's accounting (no Ray, no torch)."""
+"""Pure unit tests for hubert_ray.dataset.output's accounting (no Ray, no torch)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from hubert_ray import output
+from hubert_ray.dataset import output
 
 
 def _features(ids):
@@ -83,8 +83,8 @@ def _model_block(failed: set[int], checked: set[int], n: int = 4) -> pa.Table:
     """A model-stage output block of ``n`` rows (4 frames of 2 values each)."""
     import numpy as np
 
-    from hubert_ray.engine import Result
-    from hubert_ray.extractor import assemble, features_array
+    from hubert_ray.model.engine import Result
+    from hubert_ray.stages.extractor import assemble, features_array
 
     values = np.arange(n * 8, dtype=np.float16).reshape(-1, 2)
     valid = [i not in failed for i in range(n)]
@@ -140,7 +140,7 @@ def test_split_block_rows_and_no_copy_without_failures():
 def test_part_slices_bound_rows_and_feature_bytes():
     import numpy as np
 
-    from hubert_ray.extractor import features_array
+    from hubert_ray.stages.extractor import features_array
 
     frames = [10, 10, 40, 5, 5, 5]
     values = np.zeros((sum(frames), 4), dtype=np.float16)  # 8 bytes per frame and layer

@@ -10,15 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray import output, read_features
-from hubert_ray.config import ExtractConfig
+from hubert_ray import read_features
+from hubert_ray.core.config import ExtractConfig
+from hubert_ray.dataset import output
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def job(ray_session, corpus, tiny_model, tmp_path_factory):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     out = str(tmp_path_factory.mktemp("out") / "features-run")
     cfg = ExtractConfig(
@@ -71,10 +72,10 @@ def test_features_equal_direct_model_call(job, corpus, tiny_model):
     """Pipeline features == decoding the same audio and running ExactEncoder on each alone."""
     import torch
 
-    from hubert_ray import manifest
-    from hubert_ray.audio import cut_segment, normalise, read_audio, to_mono_16k
-    from hubert_ray.chunking import plan_chunks
-    from hubert_ray.model import load_model
+    from hubert_ray.core.chunking import plan_chunks
+    from hubert_ray.corpus import manifest
+    from hubert_ray.corpus.audio import cut_segment, normalise, read_audio, to_mono_16k
+    from hubert_ray.model.encoder import load_model
 
     cfg, _ = job
     net = load_model(tiny_model, "cpu", "float32")
@@ -199,7 +200,7 @@ def test_summary_file(job):
 
 def test_existing_output_resumed_then_overwritten(job, ray_session):
     """A rerun of a finished job does nothing (tests/test_resume.py covers resume in depth)."""
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     cfg, summary = job
     assert pipeline.run(cfg) == json.load(open(os.path.join(cfg.output, "_summary.json")))
@@ -210,7 +211,8 @@ def test_existing_output_resumed_then_overwritten(job, ray_session):
 
 def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_path):
     """Decode must stay CPU tasks (placeable on CPU-only nodes), not run inside model actors."""
-    from hubert_ray import manifest, pipeline, segments
+    from hubert_ray.backend import pipeline
+    from hubert_ray.corpus import manifest, segments
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
     uri, _, table = pipeline.job_manifest(cfg)
@@ -227,8 +229,8 @@ def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_
 
 
 def test_placement_plan():
-    from hubert_ray import pipeline
-    from hubert_ray.errors import ConfigError
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.errors import ConfigError
 
     cfg = ExtractConfig(manifest="m.jsonl", model="m", output="o")
     gpu = pipeline.plan_placement(cfg, cluster_gpus=4)

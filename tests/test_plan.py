@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hubert_ray import rates
+from hubert_ray.core import rates
 from jobs import plan as planner
 
 

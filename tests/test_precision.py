@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from hubert_ray import read_features
-from hubert_ray.chunking import plan_chunks
-from hubert_ray.config import ModelConfig, PrecisionConfig
-from hubert_ray.errors import ConfigError
-from hubert_ray.extractor import ModelStage
-from hubert_ray.model import load_model
-from hubert_ray.precision import PrecisionBreach, compare, is_sampled, summarize_layers
+from hubert_ray.core.chunking import plan_chunks
+from hubert_ray.core.config import ModelConfig, PrecisionConfig
+from hubert_ray.core.errors import ConfigError
+from hubert_ray.core.precision import PrecisionBreach, compare, is_sampled, summarize_layers
+from hubert_ray.model.encoder import load_model
+from hubert_ray.stages.extractor import ModelStage
 from tests.test_model import _audio, _decoded_batch, _derive_model, _features
 
 LAYERS = (0, 1, 2)
@@ -123,7 +123,7 @@ def _fp32_alone(model_dir):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from hubert_ray.synth import make_tiny_model
+    from hubert_ray.testing.synth import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("prec") / "tiny"))
 
@@ -265,8 +265,9 @@ def test_overflow_model_job_fails_with_message(
 
 @pytest.mark.ray
 def test_sampled_job_reports_precision_section(ray_session, corpus, tiny_model, tmp_path):
-    from hubert_ray import output, pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
+    from hubert_ray.dataset import output
 
     cfg = ExtractConfig(
         manifest=corpus,
@@ -312,8 +313,9 @@ def test_recompute_suspect_redoes_exactly_the_rows_written_before_an_escalation(
 ):
     """Rows an actor wrote in float16 before its checks escalated it to float32 are listed in
     the summary; ``--recompute-suspect`` recomputes exactly those and nothing else."""
-    from hubert_ray import output, pipeline
-    from hubert_ray.config import ExtractConfig
+    from hubert_ray.backend import pipeline
+    from hubert_ray.core.config import ExtractConfig
+    from hubert_ray.dataset import output
 
     out = str(tmp_path / "o")
     common = dict(manifest=corpus, model=tiny_model, output=out, dtype="float16", layers="2")

@@ -33,7 +33,7 @@ def test_precision_study_reports_errors_and_phases(tmp_path, tiny_model):
 def test_phase_split_leaves_no_hooks_behind(tiny_model):
     import torch
 
-    from hubert_ray.model import load_model
+    from hubert_ray.model.encoder import load_model
 
     net = load_model(tiny_model, "cpu")
     xs = precision_study.inputs(2, 1.0)

@@ -13,8 +13,8 @@ import subprocess
 import pyarrow as pa
 import pytest
 
-from hubert_ray import output, report
-from hubert_ray.config import ExtractConfig
+from hubert_ray.core.config import ExtractConfig
+from hubert_ray.dataset import output, report
 
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "source", "wbr"}
 SVG_LEAVES = {"rect", "line", "circle", "polyline", "path"}  # may be written self-closing
@@ -64,7 +64,7 @@ def check_page(page: str) -> Checker:
 
 @pytest.fixture(scope="module")
 def run(ray_session, corpus, tiny_model, tmp_path_factory):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     cfg = ExtractConfig(
         manifest=corpus,

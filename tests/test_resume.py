@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from hubert_ray import output, read_features
-from hubert_ray.synth import synth_signal, write_audio
+from hubert_ray import read_features
+from hubert_ray.dataset import output
+from hubert_ray.testing.synth import synth_signal, write_audio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.ray
@@ -293,7 +294,7 @@ def test_other_model_refused(reference, resume_corpus, tiny_model, tmp_path):
 
 # -- crash recovery ------------------------------------------------------------------------
 # A model actor that raises or whose process dies mid-batch is retried / restarted and the job
-# still writes exactly the uninterrupted run's output. The test hooks (hubert_ray.faults) are
+# still writes exactly the uninterrupted run's output. The test hooks (testing.faults) are
 # environment variables; the local Ray the subprocess starts inherits them, so the actor sees
 # them.
 

@@ -19,8 +19,9 @@ import threading
 import numpy as np
 import pytest
 
-from hubert_ray import output, storage
-from hubert_ray.config import DecodeConfig, ExtractConfig
+from hubert_ray.core.config import DecodeConfig, ExtractConfig
+from hubert_ray.dataset import output
+from hubert_ray.io import storage
 from tests.s3_server import FaultProxy, S3Server, upload_dir
 
 pytest.importorskip("moto.server")
@@ -95,7 +96,7 @@ def test_storage_options_never_in_repr():
     cfg = ExtractConfig(manifest="m.jsonl", model="m", output="o", storage_options=opts)
     for obj in (cfg, cfg.decode_config(), cfg.model_config()):
         assert SECRET not in repr(obj) and SECRET not in str(obj)
-    from hubert_ray.errors import ConfigError
+    from hubert_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as ei:
         DecodeConfig(storage_options=[SECRET])  # not a dict: the message must not echo it
@@ -186,7 +187,8 @@ def test_with_retries_backoff_and_count():
 
 def test_aws_chain_from_environment(aws_env, data):
     """No storage options at all: credentials and endpoint come from the AWS environment."""
-    from hubert_ray import manifest, pipeline
+    from hubert_ray.backend import pipeline
+    from hubert_ray.corpus import manifest
 
     recs = manifest.read_manifest(data["manifest"])
     uris = [r.audio_uri for r in recs]
@@ -202,7 +204,7 @@ def test_canonical_manifest_on_s3_read_column_wise(s3, data):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hubert_ray import manifest
+    from hubert_ray.corpus import manifest
 
     opts = options(s3.url)
     recs = manifest.read_manifest(data["manifest"], opts)
@@ -225,7 +227,7 @@ def test_canonical_manifest_on_s3_read_column_wise(s3, data):
 
 def test_decode_from_s3_equals_local(aws_env, data):
     """Every format that decodes locally decodes the same from S3; errors keep their reasons."""
-    from hubert_ray.audio import DecodeError, read_audio
+    from hubert_ray.corpus.audio import DecodeError, read_audio
 
     corpus_dir = os.path.dirname(data["local_manifest"])
     checked = 0
@@ -247,8 +249,9 @@ def test_decode_from_s3_equals_local(aws_env, data):
 
 def test_file_urls_take_the_same_path(corpus, tiny_model, tmp_path):
     """``file://`` URLs work wherever a local path does, through the same fsspec code."""
-    from hubert_ray import manifest, pipeline
-    from hubert_ray.audio import DecodeStage, clear_cache
+    from hubert_ray.backend import pipeline
+    from hubert_ray.corpus import manifest
+    from hubert_ray.corpus.audio import DecodeStage, clear_cache
 
     recs = manifest.read_manifest("file://" + corpus)
     assert all(r.audio_uri.startswith("file://") for r in recs)
@@ -346,7 +349,7 @@ def test_permanent_errors_become_error_rows(s3, data):
     """NoSuchKey → missing_file, AccessDenied → read_error; neither is retried."""
     import pyarrow as pa
 
-    from hubert_ray.audio import DecodeStage, clear_cache
+    from hubert_ray.corpus.audio import DecodeStage, clear_cache
 
     ok = next(r for r in data["lines"] if r["id"] == "flac_16k_1ch")["audio"]
     ok_uri = ok if ok.startswith("s3://") else f"s3://{BUCKET}/corpus/{ok}"
@@ -378,7 +381,7 @@ def test_permanent_errors_become_error_rows(s3, data):
 
 # -- whole job on local Ray -------------------------------------------------------------------
 def _run(cfg):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     return pipeline.run(cfg, overwrite=True)
 
@@ -546,7 +549,7 @@ def test_read_error_is_retried_by_a_rerun(ray_session, s3, data):
 
 
 def pipeline_run(cfg, overwrite):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     return pipeline.run(cfg, overwrite=overwrite)
 

@@ -1,4 +1,4 @@
-"""What the job's tasks do instead of the driver (hubert_ray.segments): expand a validated
+"""What the job's tasks do instead of the driver (hubert_ray.corpus.segments): expand a validated
 canonical manifest into segments, skip what an output already holds per recording, count the
 summary's checks, and take transient errors out for a retry. No Ray: the task functions are
 called directly on Arrow tables, the output is real Parquet parts."""
@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray import manifest, output, segments
-from hubert_ray.manifest import Recording, Segment
+from hubert_ray.corpus import manifest, segments
+from hubert_ray.corpus.manifest import Recording, Segment
+from hubert_ray.dataset import output
 
 
 def _recordings(base: str) -> list[Recording]:

@@ -8,12 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hubert_ray import errors, selftest  # noqa: E402
-from hubert_ray.config import ModelConfig, PrecisionConfig  # noqa: E402
-from hubert_ray.engine import Escalation  # noqa: E402
-from hubert_ray.extractor import ModelStage  # noqa: E402
-from hubert_ray.model import load_model  # noqa: E402
-from hubert_ray.precision import PrecisionBreach  # noqa: E402
+from hubert_ray.core import errors, selftest  # noqa: E402
+from hubert_ray.core.config import ModelConfig, PrecisionConfig  # noqa: E402
+from hubert_ray.core.precision import PrecisionBreach  # noqa: E402
+from hubert_ray.model.encoder import load_model  # noqa: E402
+from hubert_ray.model.engine import Escalation  # noqa: E402
+from hubert_ray.stages.extractor import ModelStage  # noqa: E402
 from tests.test_model import _audio, _decoded_batch, _derive_model, _features, _rel  # noqa: E402
 
 LIMIT = PrecisionConfig().precision_limit
@@ -22,7 +22,7 @@ LENGTHS = [900, 6000, 20_000, 3000]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from hubert_ray.synth import make_tiny_model
+    from hubert_ray.testing.synth import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("st") / "tiny"))
 
@@ -60,7 +60,7 @@ def _stage(model, dtype, policy="fallback", rate=0.0, self_test=True, **kw):
 
 def _fp32_rel(model, out, row, n, seed):
     """Worst layer's relative error of a stored row against FP32, item alone, same chunks."""
-    from hubert_ray.chunking import plan_chunks
+    from hubert_ray.core.chunking import plan_chunks
 
     net = load_model(model, "cpu", "float32")
     x = _audio(n, seed)

@@ -8,9 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hubert_ray import kmeans, output, units
-from hubert_ray.errors import ConfigError
-from hubert_ray.extractor import features_array
+from hubert_ray.core.errors import ConfigError
+from hubert_ray.dataset import output
+from hubert_ray.stages.extractor import features_array
+from hubert_ray.units import centroids as units
+from hubert_ray.units import kmeans
 
 
 def _prov(**kw):

@@ -11,8 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray import kmeans, output, read_features, read_units, units
-from hubert_ray.config import ExtractConfig
+from hubert_ray import read_features, read_units
+from hubert_ray.core.config import ExtractConfig
+from hubert_ray.dataset import output
+from hubert_ray.units import centroids as units
+from hubert_ray.units import kmeans
 
 pytestmark = pytest.mark.ray
 
@@ -41,7 +44,7 @@ def _cfg(corpus, model, out, **kw):
 def learned(ray_session, corpus, tiny_model, tmp_path_factory):
     """A float32 feature dataset and centroids learned on layers 2 (scikit-learn) and 1 (the
     torch backend, through the CLI) of it."""
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
     from jobs import kmeans as cli
 
     root = tmp_path_factory.mktemp("units")
@@ -55,7 +58,7 @@ def learned(ray_session, corpus, tiny_model, tmp_path_factory):
 
 
 def test_learned_provenance_names_the_dataset(learned, tiny_model):
-    from hubert_ray.model import model_revision
+    from hubert_ray.model.encoder import model_revision
 
     _, feats, km2, km1 = learned
     prov = units.read_provenance(km2)
@@ -73,7 +76,7 @@ def test_learned_provenance_names_the_dataset(learned, tiny_model):
 
 
 def test_extract_units_equal_argmin_of_stored_features(learned, corpus, tiny_model):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     root, _, km2, km1 = learned
     out = str(root / "with-units")
@@ -104,7 +107,7 @@ def test_extract_units_equal_argmin_of_stored_features(learned, corpus, tiny_mod
 def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_model):
     """--store units writes no feature columns; bfloat16 with every segment rechecked records
     each segment's unit flip rate against FP32, summed in the summary and report."""
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     root, feats, km2, _ = learned
     out = str(root / "units-only")
@@ -164,14 +167,14 @@ def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_m
     job = json.load(open(os.path.join(out, "_job.json")))
     assert job["store"] == "units"
     # The same output with features stored is another run: refused.
-    from hubert_ray.errors import ConfigError
+    from hubert_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="store"):
         pipeline.run(ExtractConfig(**{**cfg.to_dict(), "store": "both"}))
 
 
 def test_assign_job_resumes_and_matches_extract(learned, corpus, tmp_path):
-    from hubert_ray import pipeline
+    from hubert_ray.backend import pipeline
 
     root, feats, km2, _ = learned
     out = str(tmp_path / "assigned")
@@ -195,7 +198,7 @@ def test_assign_job_resumes_and_matches_extract(learned, corpus, tmp_path):
     assert os.path.exists(parts[0])
 
     # Export in the manifest's order, keyed by segment id.
-    from hubert_ray import manifest
+    from hubert_ray.corpus import manifest
     from jobs import kmeans as cli
 
     prefix = str(tmp_path / "export" / "train")

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray import manifest, wenetspeech
-from hubert_ray.errors import ManifestError
-from hubert_ray.synth_wenetspeech import (
+from hubert_ray.core.errors import ManifestError
+from hubert_ray.corpus import manifest, wenetspeech
+from hubert_ray.testing.synth_wenetspeech import (
     audio_entry,
     iter_text_only_audios,
     make_wenetspeech_json_text_only,

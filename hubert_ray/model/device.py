@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 
-from hubert_ray.config import SAMPLE_RATE_HZ
+from hubert_ray.core.config import SAMPLE_RATE_HZ
 
 
 class HostClock:
@@ -129,7 +129,7 @@ class SimulatedDevice:
         import torch
         from torch import nn
 
-        from hubert_ray.chunking import HUBERT, num_frames
+        from hubert_ray.core.chunking import HUBERT, num_frames
 
         device = self
 

@@ -15,7 +15,7 @@ its block's batches in order) continues from the open stream instead of decoding
 recording that failed to open is remembered the same way (one entry per process).
 
 Failures never raise out of :class:`DecodeStage`; they become error rows (stage ``decode``)
-with a reason from :mod:`hubert_ray.errors`.
+with a reason from :mod:`hubert_ray.core.errors`.
 
 This module must not import torch or ray at import time.
 """
@@ -30,9 +30,8 @@ import pyarrow as pa
 import soundfile as sf
 import soxr
 
-from hubert_ray import storage
-from hubert_ray.config import DecodeConfig
-from hubert_ray.errors import (
+from hubert_ray.core.config import DecodeConfig
+from hubert_ray.core.errors import (
     ESCAPED_URI_PREFIX,
     MISSING_FILE,
     NON_FINITE,
@@ -43,7 +42,9 @@ from hubert_ray.errors import (
     TOO_SHORT,
     UNREADABLE_AUDIO,
 )
-from hubert_ray.storage import filesystem, with_retries
+from hubert_ray.core.signal import normalise
+from hubert_ray.io import storage
+from hubert_ray.io.storage import filesystem, with_retries
 
 TARGET_SR = 16_000
 _MAX_DETAIL = 160
@@ -111,7 +112,7 @@ def read_audio(uri: str, storage_options: dict | None = None) -> tuple[np.ndarra
     files (the decode stage streams instead).
 
     The object is fetched with one whole-object read (retried while it fails transiently, see
-    :func:`hubert_ray.storage.with_retries`), then decoded from memory.
+    :func:`hubert_ray.io.storage.with_retries`), then decoded from memory.
     Raises :class:`DecodeError` with reason missing_file / read_error / unreadable_audio.
     """
     try:
@@ -146,18 +147,6 @@ def to_mono_16k(samples: np.ndarray, sr: int) -> np.ndarray:
     if sr != TARGET_SR and x.size:
         x = soxr.resample(x, sr, TARGET_SR, quality="HQ")
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance (Wav2Vec2FeatureExtractor's ``do_normalize``), float32 out.
-
-    Statistics are computed in float64; a constant (silent) input gives all zeros.
-    """
-    x64 = np.asarray(x, dtype=np.float64)
-    if x64.size == 0 or np.all(x64 == x64.flat[0]):
-        return np.zeros(x64.shape, dtype=np.float32)
-    out = (x64 - x64.mean()) / np.sqrt(x64.var() + 1e-7)
-    return out.astype(np.float32)
 
 
 def _times(start_s, end_s) -> str:

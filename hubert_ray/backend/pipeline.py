@@ -18,10 +18,15 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hubert_ray import manifest, metrics, models, output, segments, storage, units
-from hubert_ray.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
-from hubert_ray.errors import ConfigError, WorkerDeathError
-from hubert_ray.precision import effective_rate
+from hubert_ray.backend import metrics
+from hubert_ray.core.config import ExtractConfig, ModelConfig, compute_dtype, parse_layers
+from hubert_ray.core.errors import ConfigError, WorkerDeathError
+from hubert_ray.core.precision import effective_rate
+from hubert_ray.corpus import manifest, segments
+from hubert_ray.dataset import output
+from hubert_ray.io import storage
+from hubert_ray.model import families as models
+from hubert_ray.units import centroids as units
 
 log = logging.getLogger("hubert_ray")
 
@@ -52,7 +57,7 @@ def read_model_config(
         )
     with fs.open(cfg_path, "r") as f:
         cfg = json.load(f)
-    # A supported model family whose weights fit its config (hubert_ray.models).
+    # A supported model family whose weights fit its config (hubert_ray.model.families).
     models.check_model_files(fs, path, cfg, model_uri)
     return cfg
 
@@ -87,7 +92,7 @@ def redacted(cfg: ExtractConfig) -> dict:
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
 # job counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
-# small table, hubert_ray.segments.DoneIndex, built by Ray tasks and left in the object store:
+# small table, segments.DoneIndex, built by Ray tasks and left in the object store:
 # pipeline.done_index); the tasks that expand the manifest's recordings
 # into segments skip a recording whose rows are all there and drop, by id, the written segments
 # of one partly there (read from its own part files). It is exact because (1) a part file
@@ -145,7 +150,7 @@ def job_identity(
     cfg: ExtractConfig, layers, model_revision: str, codebooks: list[dict] | None = None
 ) -> dict:
     """What must match for a rerun to add to an existing output (``<output>/_job.json``):
-    ``codebooks`` are :func:`hubert_ray.units.check_files`' description of ``--units``."""
+    ``codebooks`` are :func:`hubert_ray.units.centroids.check_files`' description of ``--units``."""
     return {
         "format_version": 1,
         "model": cfg.model,
@@ -206,7 +211,7 @@ def prepare_output(
 ) -> dict | None:
     """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
     an existing one is compatible (:func:`check_identity`) and return its identity. What it
-    already holds is found per recording later (:func:`hubert_ray.segments.build_done_index`)."""
+    already holds is found per recording later (``segments.build_done_index``)."""
     fs, path = storage.filesystem(cfg.output, cfg.storage_options)
     base = path.rstrip("/")
     if overwrite:
@@ -280,7 +285,7 @@ def _trace(stage: str) -> None:
 
 def _decode(batch: pa.Table, config) -> pa.Table:
     """Task UDF: one DecodeStage per worker process (keeps its last-recording cache)."""
-    from hubert_ray.audio import DecodeStage
+    from hubert_ray.corpus.audio import DecodeStage
 
     _trace("decode")
 
@@ -346,7 +351,7 @@ def configure_scheduling() -> None:
 
 class ModelActor:
     """The model stage as Ray runs it (and names it: ``MapBatches(ModelActor)``), around
-    :class:`hubert_ray.extractor.ModelStage`: an async UDF, so that Ray hands it the next
+    :class:`hubert_ray.stages.extractor.ModelStage`: an async UDF, so that Ray hands it the next
     batch while the device still computes the last one.
 
     Each call is launched on one thread, in call order (the device's queue), and finished on
@@ -377,12 +382,13 @@ class ModelActor:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        from hubert_ray import extractor, faults
+        from hubert_ray.stages import extractor
+        from hubert_ray.testing import faults
 
         _trace("model")
         simulated = None
         if simulate:  # benchmarks and tests only (pipeline.run's argument)
-            from hubert_ray.device import SimulatedDevice
+            from hubert_ray.model.device import SimulatedDevice
 
             simulated = SimulatedDevice(**simulate)
         self.faults = faults.from_env()  # None unless a test set a hook
@@ -422,8 +428,8 @@ class ModelActor:
     def _sub_calls(self, batch: pa.Table) -> list[tuple[int, int]]:
         """Row ranges of ``batch`` holding at most ``call_seconds`` of decoded audio each (a
         longer segment alone): a call of a few long segments among short ones is split."""
-        from hubert_ray.chunking import split_by_seconds
-        from hubert_ray.config import SAMPLE_RATE_HZ
+        from hubert_ray.core.chunking import split_by_seconds
+        from hubert_ray.core.config import SAMPLE_RATE_HZ
 
         if not self.call_seconds or not batch.num_rows:
             return [(0, batch.num_rows)]
@@ -469,7 +475,7 @@ class ModelActor:
         being run again). Those become ``model_error`` rows and the rest is computed. When
         more than a tenth of the rows fail alone, the fault is not the segments' (a broken
         device, say): the call fails and Ray retries it."""
-        from hubert_ray.precision import PrecisionBreach
+        from hubert_ray.core.precision import PrecisionBreach
 
         deterministic = (PrecisionBreach, AssertionError)
         n = batch.num_rows
@@ -526,7 +532,7 @@ class ModelActor:
 
     @staticmethod
     async def _run(loop, executor, fn, *args):
-        from hubert_ray.precision import PrecisionBreach
+        from hubert_ray.core.precision import PrecisionBreach
 
         try:
             return await loop.run_in_executor(executor, fn, *args)
@@ -544,8 +550,8 @@ def _ok_ids(batch: pa.Table) -> list[str]:
 
 def _mark_model_errors(batch: pa.Table, bad: dict[int, str]) -> pa.Table:
     """``batch`` with rows ``bad`` turned into ``model_error`` rows (their messages)."""
-    from hubert_ray import errors
-    from hubert_ray.extractor import ERROR_FIELDS
+    from hubert_ray.core import errors
+    from hubert_ray.stages.extractor import ERROR_FIELDS
 
     cols = {name: batch.column(name).to_pylist() for name in ERROR_FIELDS}
     for i, message in bad.items():
@@ -597,7 +603,7 @@ class Journal:
 
 
 def _make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
-    """The Parquet sink; ``tally``: a :class:`hubert_ray.progress.Tally` actor it reports to."""
+    """The Parquet sink; ``tally``: a ``progress.Tally`` actor it reports to."""
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
@@ -686,7 +692,7 @@ def _quiet_ray() -> None:
     """What Ray Data would print that does not help this job's user:
 
     - its progress bars count blocks and rows of every operator; this job prints its own
-      progress in segments and audio hours (hubert_ray.progress). Ray logs a hint on how to
+      progress in segments and audio hours (hubert_ray.backend.progress). Ray logs a hint on how to
       turn its bars back on once per process (``log_once``): marked as given here.
     - Ray 2.60 deprecates the extra remote args of ``map_batches`` / ``write_datasink``
       (removal planned in 2.64) but names no replacement for ``max_retries`` /
@@ -839,7 +845,7 @@ def _write(ds, sink) -> None:
         if actor and exc.actor_init_failed:
             # The model actor's constructor raised (its model load or self-test): the cause,
             # not a process death. A precision breach goes up as it is (its own exit code).
-            from hubert_ray.precision import BREACH_MARKER
+            from hubert_ray.core.precision import BREACH_MARKER
 
             if BREACH_MARKER in str(exc):
                 raise
@@ -868,7 +874,7 @@ def job_manifest(cfg: ExtractConfig) -> tuple[str, dict | None, pa.Table | None]
     """``(uri the tasks read, its footer info, segment table still to write there)``: a
     validated canonical manifest is used as it is (its footer only is read here); any other is
     read and checked on the driver (exit 2 on a problem, before any Ray work) and returned for
-    :func:`hubert_ray.segments.write_validated` into the output."""
+    :func:`hubert_ray.corpus.segments.write_validated` into the output."""
     info = segments.manifest_info(cfg.manifest, cfg.storage_options)
     if info is not None:
         return cfg.manifest, info, None
@@ -926,7 +932,7 @@ INDEX_PARTS_PER_TASK = 2_000
 
 
 def done_index(cfg: ExtractConfig):
-    """``(ref, rows, storage retries)``: a :class:`hubert_ray.segments.DoneIndex` of
+    """``(ref, rows, storage retries)``: a :class:`hubert_ray.corpus.segments.DoneIndex` of
     ``cfg.output`` built by Ray tasks (one lists the part files, one per
     :data:`INDEX_PARTS_PER_TASK` parts reads their recording ids, one combines) and left in the
     object store, where the tasks that expand or check the manifest get it; the rows it counts;
@@ -970,7 +976,7 @@ def _combine_index(uri: str, files: list, *ranges: tuple) -> tuple:
 
 
 def summarize_output(cfg: ExtractConfig) -> tuple[dict, int]:
-    """:func:`hubert_ray.output.summarize_parts` of ``cfg.output`` in a task (it lists and
+    """:func:`hubert_ray.dataset.output.summarize_parts` of ``cfg.output`` in a task (it lists and
     reads every part file: at 100 M segments the driver's peak grew ~40 MiB doing it itself),
     and the storage retries it made."""
     import ray
@@ -1120,7 +1126,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = Non
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``).
 
     ``simulate``: model actors on a simulated accelerator instead of the model, the keyword
-    arguments of :class:`hubert_ray.device.SimulatedDevice` (``{"x_realtime": R}``; benchmarks
+    arguments of :class:`hubert_ray.model.device.SimulatedDevice` (``{"x_realtime": R}``; benchmarks
     and tests only, no CLI or config option selects it)."""
     t_start = time.time()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start))
@@ -1229,7 +1235,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = Non
         # The decode tasks get the resolved normalisation (auto -> on / off).
         resolved = dataclasses.replace(cfg, normalize="on" if prep.normalize else "off")
         ds = build_manifest_dataset(resolved, manifest_uri, info, index, placement, simulate)
-        from hubert_ray.progress import Reporter, Tally
+        from hubert_ray.backend.progress import Reporter, Tally
 
         tally = ray.remote(num_cpus=0)(Tally).remote()
         sink = _make_sink(cfg, metadata, tally)
@@ -1356,7 +1362,7 @@ def finished_summary(cfg: ExtractConfig) -> dict | None:
 def _write_report(cfg: ExtractConfig, summary: dict) -> None:
     """``<output>/report.html`` from the finished output; a failure is logged, never fatal
     (the dataset and its summary are already complete)."""
-    from hubert_ray.report import write_report
+    from hubert_ray.dataset.report import write_report
 
     try:
         log.info("report: %s", write_report(cfg.output, summary, cfg.storage_options))
@@ -1370,7 +1376,7 @@ UNITS_JOB = {"kind": "units", "format_version": 1}
 
 def _assign_parts(batch: pa.Table, km: str, out_dir: str, storage_options, device) -> pa.Table:
     """Task UDF: units of each feature part named in ``batch`` (one output part each)."""
-    from hubert_ray import kmeans
+    from hubert_ray.units import kmeans
 
     book = units.load(km, storage_options)
     done = [
@@ -1393,7 +1399,7 @@ def run_assign(
     output part named after its input part, so a rerun skips the parts already written
     (resume). Refuses (ConfigError) centroids of another model revision or hidden size, a layer
     not stored, or an ``out`` holding units of other centroids."""
-    from hubert_ray import kmeans
+    from hubert_ray.units import kmeans
 
     prov = units.read_provenance(km, storage_options)
     try:

@@ -136,7 +136,7 @@ def pad_batch(
 ) -> tuple[np.ndarray, list[int]]:
     """Zero-pad 1-D float32 arrays into one [len(items), padded_length(longest, multiple)]
     array; returns it and the lengths (exact batching masks the padding, see
-    hubert_ray.model). With ``out`` (a 1-D float32 buffer of at least that many values, e.g.
+    hubert_ray.model.encoder). With ``out`` (a 1-D float32 buffer of at least that many values, e.g.
     reused pinned memory) the batch is written into its head instead of a new array."""
     lengths = [len(x) for x in items]
     shape = (len(items), padded_length(max(lengths), multiple))

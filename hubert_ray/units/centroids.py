@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hubert_ray.errors import ConfigError
+from hubert_ray.core.errors import ConfigError
 
 META_KEY = "hubert_ray.kmeans"
 FORMAT = "hubert_ray.kmeans/1"
@@ -84,7 +84,7 @@ def to_bytes(centroids: np.ndarray, provenance: dict) -> bytes:
 
 def save(path: str, centroids: np.ndarray, provenance: dict, storage_options=None) -> str:
     """Write a centroid file to a local path or URL; returns ``path``."""
-    from hubert_ray import storage
+    from hubert_ray.io import storage
 
     data = to_bytes(centroids, provenance)
     fs, p = storage.filesystem(path, storage_options)
@@ -125,7 +125,7 @@ def _provenance_of(header: dict, name: str) -> dict:
 
 def read_provenance(path: str, storage_options=None) -> dict:
     """The provenance of a centroid file, reading its header only."""
-    from hubert_ray import storage
+    from hubert_ray.io import storage
 
     fs, p = storage.filesystem(path, storage_options)
     if not fs.exists(p):
@@ -154,7 +154,7 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Codebook:
 
 def load(path: str, storage_options=None) -> Codebook:
     """Read a centroid file (local path or URL)."""
-    from hubert_ray import storage
+    from hubert_ray.io import storage
 
     fs, p = storage.filesystem(path, storage_options)
     if not fs.exists(p):

@@ -35,7 +35,7 @@ import os
 import torch
 from torch import nn
 
-from hubert_ray.chunking import Geometry
+from hubert_ray.core.chunking import Geometry
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -314,12 +314,12 @@ def load_model(
     fp32_pos_conv: bool | None = None,
 ) -> ExactEncoder:
     """``from_pretrained`` on a local directory (safetensors) with the transformers class its
-    ``config.json`` names (:data:`hubert_ray.models.FAMILIES`), eval mode, on ``device``.
+    ``config.json`` names (:data:`hubert_ray.model.families.FAMILIES`), eval mode, on ``device``.
     ``fp32_pos_conv``: run the positional convolution in float32 (None: see
     :func:`positional_conv_fp32`)."""
     import transformers
 
-    from hubert_ray.models import model_spec
+    from hubert_ray.model.families import model_spec
 
     with open(os.path.join(model_dir, "config.json")) as f:
         spec = model_spec(json.load(f), os.path.join(model_dir, "config.json"))

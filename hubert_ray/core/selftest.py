@@ -16,8 +16,9 @@ import math
 
 import numpy as np
 
-from hubert_ray.config import SAMPLE_RATE_HZ
-from hubert_ray.precision import compare
+from hubert_ray.core.config import SAMPLE_RATE_HZ
+from hubert_ray.core.precision import compare
+from hubert_ray.core.signal import normalise, synth_signal
 
 # Short, medium and long items share micro-batches (padding); the last is 1.5 chunks (chunking).
 SHORT_SECONDS = (0.6, 1.9, 4.3)
@@ -26,8 +27,6 @@ SEED = 20_240_601
 
 def calibration_signals(chunk_seconds: float) -> list[np.ndarray]:
     """Deterministic normalised speech-like waveforms (16 kHz float32)."""
-    from hubert_ray.audio import normalise
-    from hubert_ray.synth import synth_signal
 
     seconds = [*SHORT_SECONDS, 1.5 * chunk_seconds]
     return [

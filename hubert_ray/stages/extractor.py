@@ -1,5 +1,5 @@
 """The model stage's Arrow adapter: decoded batches in, feature batches out, around a
-:class:`hubert_ray.engine.Engine` (which owns the model and everything numeric).
+:class:`hubert_ray.model.engine.Engine` (which owns the model and everything numeric).
 
 Strictly one row in, one row out: decode-error rows pass through untouched, every other row
 gets its features (or becomes an error row when the model output is non-finite even in FP32).
@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from hubert_ray import errors
-from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig
+from hubert_ray.core import errors
+from hubert_ray.core.config import SAMPLE_RATE_HZ, ModelConfig
 
 log = logging.getLogger("hubert_ray")
 
@@ -79,7 +79,7 @@ def unit_run_arrays(
 ) -> tuple[pa.Array, pa.Array]:
     """Run-length form of :func:`units_array`: ``list<uint16>`` deduplicated ids and
     ``list<uint32>`` their durations in frames, per row (null where not ``valid[i]``)."""
-    from hubert_ray import units
+    from hubert_ray.units import centroids as units
 
     values, lengths, valid_np = _valid_only(values, frames, valid)
     dedup, durations, counts = units.run_length_rows(values, lengths)
@@ -123,9 +123,9 @@ class ModelStage:
     a feature batch with the same rows in the same order."""
 
     def __init__(self, config: ModelConfig, self_test: bool = True, simulated=None):
-        from hubert_ray import model as hm
-        from hubert_ray.engine import Engine
-        from hubert_ray.storage import local_model_dir
+        from hubert_ray.io.storage import local_model_dir
+        from hubert_ray.model import encoder as hm
+        from hubert_ray.model.engine import Engine
 
         self.config = config
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10**12:012d}"
@@ -161,7 +161,7 @@ class ModelStage:
         self._reported, self._timing = dict(report), timing
         self._reported_at = time.monotonic()
         report["device_s"] = timing
-        from hubert_ray import storage
+        from hubert_ray.io import storage
 
         report = {"actor_id": self.actor_id, **report}
         fs, path = storage.filesystem(self.config.report_uri, self.config.storage_options)
@@ -218,7 +218,7 @@ class ModelStage:
 def assemble(batch: pa.Table, columns: dict, frames: list[int], res, identity: dict) -> pa.Table:
     """The model stage's output table: ``batch``'s rows with their ``columns`` (name -> Arrow
     array: ``layer_<k>``, ``units_<k>``, ...), frame counts, the engine's per-row outcome
-    ``res`` (:class:`hubert_ray.engine.Result`) and ``identity`` (model, model_revision,
+    ``res`` (:class:`hubert_ray.model.engine.Result`) and ``identity`` (model, model_revision,
     actor_id)."""
     n = batch.num_rows
     stage = batch.column("error_stage").to_pylist()

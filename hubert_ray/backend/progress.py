@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 
-log = logging.getLogger("hubert_ray.progress")
+log = logging.getLogger("hubert_ray.backend.progress")
 
 
 class Tally:

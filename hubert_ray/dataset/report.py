@@ -20,7 +20,8 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from hubert_ray import output, storage
+from hubert_ray.dataset import output
+from hubert_ray.io import storage
 
 REPORT_FILE = "report.html"
 

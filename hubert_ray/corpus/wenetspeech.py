@@ -16,16 +16,16 @@ object at a time with :meth:`json.JSONDecoder.raw_decode` over a buffered reader
 bounded by the read buffer plus the largest single audio object, whatever the file size.
 
 :func:`prepare` turns the recordings of one subset into the canonical manifest
-(:func:`hubert_ray.manifest.write_canonical`, written in row groups as it streams): ``aid`` →
+(:func:`hubert_ray.corpus.manifest.write_canonical`, written in row groups as it streams): ``aid`` →
 ``recording_id``, ``path`` resolved against the JSON's directory (the corpus root) →
 ``audio_uri``, ``duration`` → ``duration_s``, and per segment ``sid`` / ``begin_time`` /
 ``end_time`` → ``segment_id`` / ``start_s`` / ``end_s``. A segment belongs to a subset when the
 subset's tag is in its ``subsets`` list; tags are accepted as ``"{L}"`` (the real file) or
 ``"L"``. Recordings with no segment in the subset are left out. Per-segment subset tags are not
 stored (the canonical schema has no column for them); the subset filter is recorded in the
-Parquet file's key-value metadata under ``hubert_ray.wenetspeech``.
+Parquet file's key-value metadata under ``hubert_ray.corpus.wenetspeech``.
 
-Validation follows :mod:`hubert_ray.manifest`: every problem is collected and reported in one
+Validation follows :mod:`hubert_ray.corpus.manifest`: every problem is collected and reported in one
 :class:`ManifestError` (the written file is removed). Segment-id uniqueness is checked across
 the whole subset with 8-byte hashes (8 bytes per segment instead of a set of strings), and a
 hash collision is confirmed against the real ids in a second pass before it is reported.
@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from hubert_ray import storage
-from hubert_ray.errors import ManifestError
-from hubert_ray.manifest import Recording, Segment, _Problems, _source_name, write_canonical
+from hubert_ray.core.errors import ManifestError
+from hubert_ray.corpus.manifest import Recording, Segment, _Problems, _source_name, write_canonical
+from hubert_ray.io import storage
 
 SUBSETS = ("L", "M", "S", "DEV", "TEST_NET", "TEST_MEETING")
 """WenetSpeech subsets: S ⊂ M ⊂ L (training) and three separate evaluation sets."""

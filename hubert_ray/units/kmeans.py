@@ -33,8 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hubert_ray import output, storage, units
-from hubert_ray.errors import ConfigError
+from hubert_ray.core.errors import ConfigError
+from hubert_ray.dataset import output
+from hubert_ray.io import storage
+from hubert_ray.units import centroids as units
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ def choose_backend(backend: str = "auto", device: str = "auto", params=()) -> tu
     ``backend`` auto is torch on CUDA and :data:`CPU_BACKEND` on the CPU. ConfigError (naming
     the option) for an unknown value, CUDA without a GPU, scikit-learn on CUDA, or a parameter
     the chosen backend does not have."""
-    from hubert_ray import kmeans_torch
+    from hubert_ray.units import kmeans_torch
 
     if backend not in BACKENDS:
         raise ConfigError(f"{backend!r} is not one of {', '.join(BACKENDS)}", field="backend")
@@ -329,7 +331,7 @@ def learn(
     )
     t0 = time.perf_counter()
     if backend == "torch":
-        from hubert_ray import kmeans_torch
+        from hubert_ray.units import kmeans_torch
 
         centroids, algo = kmeans_torch.learn_torch(sample, k, seed, device, **params)
     else:
@@ -449,7 +451,7 @@ def export_fairseq(
     Rows are matched by segment id (never by position). A manifest segment without units
     (an error row, or not written) is an error unless ``skip_missing`` (then its line is left
     out of all three files)."""
-    from hubert_ray import manifest
+    from hubert_ray.corpus import manifest
 
     segs = manifest.read_segments(manifest_uri, storage_options)
     table = read_units(units_uri, layer, storage_options)

@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hubert_ray import output, storage
-from hubert_ray.manifest import CANONICAL_SCHEMA, SEGMENT_SCHEMA, _resolve_within
+from hubert_ray.corpus.manifest import CANONICAL_SCHEMA, SEGMENT_SCHEMA, _resolve_within
+from hubert_ray.dataset import output
+from hubert_ray.io import storage
 
 VALIDATED_KEY = b"hubert_ray.validated"
 """Parquet metadata key of a canonical manifest whose every rule (unique ids, valid times,
@@ -117,7 +118,7 @@ def mean_segment_seconds(
 def expand(recordings: pa.Table, base_dir: str) -> pa.Table:
     """Canonical manifest rows as segment rows (:data:`SEGMENT_SCHEMA`), recording by
     recording in manifest order; relative audio paths resolved against ``base_dir`` (the
-    manifest's directory), as :func:`hubert_ray.manifest.read_segments` does."""
+    manifest's directory), as :func:`hubert_ray.corpus.manifest.read_segments` does."""
     segs = recordings.column("segments").combine_chunks()
     if isinstance(segs, pa.ChunkedArray):
         segs = segs.chunk(0) if segs.num_chunks else pa.array([], segs.type)
@@ -368,7 +369,7 @@ def manifest_dir(uri: str) -> str:
 
 def write_validated(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
     """A validated segment table (:data:`SEGMENT_SCHEMA`, each recording's rows contiguous, as
-    :func:`hubert_ray.manifest.read_segments` returns) written as a validated canonical
+    :func:`hubert_ray.corpus.manifest.read_segments` returns) written as a validated canonical
     manifest: how a JSONL / TSV / unmarked Parquet manifest reaches the job's tasks."""
     rec = table.column("recording_id").combine_chunks()
     n = len(rec)

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hubert_ray import storage
-from hubert_ray.errors import ERROR_COLUMNS, TRANSIENT_COLUMN, TRANSIENT_REASONS
+from hubert_ray.core.errors import ERROR_COLUMNS, TRANSIENT_COLUMN, TRANSIENT_REASONS
+from hubert_ray.io import storage
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
@@ -391,7 +391,7 @@ def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
     """What the output holds, counted part file by part file (never the whole output at
     once): rows, errors by reason, audio seconds, frames, compute dtypes, precision, and the
     transient errors retried (ids in ``retried/``) and recovered (those now in ``features/``).
-    The manifest-wide checks (missing, duplicated) are :func:`hubert_ray.segments`' tasks."""
+    The manifest-wide checks (missing, duplicated) are :func:`hubert_ray.corpus.segments`' tasks."""
     from collections import Counter
 
     fs, feature_files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
@@ -442,7 +442,7 @@ def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
 def _precision_from_counts(
     uri: str, fallbacks, model_non_finite: int, storage_options: dict | None
 ) -> dict:
-    from hubert_ray.precision import summarize_layers
+    from hubert_ray.core.precision import summarize_layers
 
     checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
     rows = checks.to_pylist() if checks is not None else []

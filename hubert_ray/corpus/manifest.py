@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hubert_ray import storage
-from hubert_ray.config import SAMPLE_RATE_HZ
-from hubert_ray.errors import ESCAPED_URI_PREFIX, ManifestError
+from hubert_ray.core.config import SAMPLE_RATE_HZ
+from hubert_ray.core.errors import ESCAPED_URI_PREFIX, ManifestError
+from hubert_ray.io import storage
 
 MAX_LISTED = 20
 JSONL_EXTENSIONS = (".jsonl", ".ndjson", ".json")
@@ -317,10 +317,10 @@ def write_canonical(
     ``rows_per_group`` recordings or about ``segments_per_group`` segments, so a streamed corpus
     is never held in memory whole. ``metadata`` goes into the file's key-value metadata.
     ``validated`` (the caller checked every rule, as :func:`read_manifest` does) marks the file
-    so the job reads it without checking it again on its driver (``hubert_ray.segments``).
+    so the job reads it without checking it again on its driver (``hubert_ray.corpus.segments``).
     """
     if validated:
-        from hubert_ray.segments import stamp
+        from hubert_ray.corpus.segments import stamp
 
         metadata = stamp(metadata)
     schema = CANONICAL_SCHEMA.with_metadata(metadata) if metadata else CANONICAL_SCHEMA

@@ -4,15 +4,15 @@ One :class:`Engine` per model actor (one model per device). It owns everything b
 of decoded segments and their features:
 
 - chunking of long segments and packing of chunks into padded micro-batches
-  (:mod:`hubert_ray.chunking`), the exact padded forward (:mod:`hubert_ray.model`);
+  (:mod:`hubert_ray.core.chunking`), the exact padded forward (:mod:`hubert_ray.model.encoder`);
 - the non-finite guard: a chunk whose output is NaN/inf (or overflows the storage dtype) is
   recomputed in FP32, else its segment fails with ``non_finite``;
 - precision assurance against an FP32 reference of the same model on the same device:
-  a **self-test** before the first batch (:mod:`hubert_ray.selftest`), **sampled rechecks** of
+  a **self-test** before the first batch (:mod:`hubert_ray.core.selftest`), **sampled rechecks** of
   segments chosen by a hash of their id, and **escalation** when sampled breaches stop being
   rare (:class:`Escalation`): the engine then computes in FP32 for the rest of its life.
 
-The stage adapter (:mod:`hubert_ray.extractor`) turns Arrow batches into :meth:`Engine.run`
+The stage adapter (:mod:`hubert_ray.stages.extractor`) turns Arrow batches into :meth:`Engine.run`
 calls and :class:`Result` back into Arrow.
 """
 
@@ -29,15 +29,15 @@ from functools import cached_property
 
 import numpy as np
 
-from hubert_ray import selftest
-from hubert_ray.chunking import (
+from hubert_ray.core import selftest
+from hubert_ray.core.chunking import (
     pack_micro_batches,
     pad_batch,
     padded_length,
     plan_chunks,
 )
-from hubert_ray.config import SAMPLE_RATE_HZ, ModelConfig, compute_dtype, parse_layers
-from hubert_ray.precision import PrecisionBreach, is_sampled
+from hubert_ray.core.config import SAMPLE_RATE_HZ, ModelConfig, compute_dtype, parse_layers
+from hubert_ray.core.precision import PrecisionBreach, is_sampled
 
 log = logging.getLogger("hubert_ray")
 
@@ -70,7 +70,7 @@ FALLBACK_ESCALATED = "escalated"  # sampled breaches were systematic: the actor 
 @dataclass
 class ForwardCost:
     """What one forward micro-batch costs apart from its samples, in seconds of padded audio:
-    what the packing (:func:`hubert_ray.chunking.pack_micro_batches`) weighs against padding,
+    what the packing (:func:`hubert_ray.core.chunking.pack_micro_batches`) weighs against padding,
     on a device whose work is queued (a GPU, the simulated one).
 
     ``device_fixed_s`` and ``per_audio_s`` (device seconds per second of padded audio) are
@@ -246,12 +246,12 @@ class Engine:
 
     def __init__(self, config: ModelConfig, model_dir: str, self_test: bool = True, simulated=None):
         """``self_test=False`` skips the self-test (tests of the per-batch guards only);
-        ``simulated``: a :class:`hubert_ray.device.SimulatedDevice` instead of the model
+        ``simulated``: a :class:`hubert_ray.model.device.SimulatedDevice` instead of the model
         (benchmarks and tests of the engine's overlap; no checks, zeros out)."""
         import torch
 
-        from hubert_ray import device as dev
-        from hubert_ray import model as hm
+        from hubert_ray.model import device as dev
+        from hubert_ray.model import encoder as hm
 
         self.config = config
         self.device = torch.device("cpu") if simulated else resolve_device(config)
@@ -342,14 +342,14 @@ class Engine:
     @cached_property
     def revision(self) -> str:
         """The model's content hash (weights and configs; read once per engine)."""
-        from hubert_ray import model as hm
+        from hubert_ray.model import encoder as hm
 
         return hm.model_revision(self.model_dir)
 
     # -- units -----------------------------------------------------------------------------
     def _load_codebooks(self, config: ModelConfig) -> dict:
         """``{layer: (centroids, ||c||^2)}`` on the device, from ``config.units``."""
-        from hubert_ray import units
+        from hubert_ray.units import centroids as units
 
         books = {}
         for uri in config.units:
@@ -367,7 +367,7 @@ class Engine:
     def units_of(self, feats: dict) -> dict:
         """Unit ids (int32 [frames] tensors on the device) of the feature tensors
         ``feats[layer]`` [frames, hidden], for every layer with centroids."""
-        from hubert_ray import units
+        from hubert_ray.units import centroids as units
 
         return {k: units.assign(feats[k], c, c_sq) for k, (c, c_sq) in self.codebooks.items()}
 
@@ -378,7 +378,7 @@ class Engine:
 
     def _reference(self):
         if self._fp32 is None:
-            from hubert_ray import model as hm
+            from hubert_ray.model import encoder as hm
 
             self._fp32 = hm.load_model(
                 self.model_dir,
@@ -565,11 +565,11 @@ class Engine:
     def _launch_audit(self, w: _Work, launched: _Launched, rows: list[int]) -> _Audit:
         """Queue the FP32 forward of ``rows`` and the comparison of its features with those
         of ``launched`` (still on the device, as stored) on the device: per row and layer the
-        metrics of :func:`hubert_ray.precision.compare` and the frames whose unit differs.
+        metrics of :func:`hubert_ray.core.precision.compare` and the frames whose unit differs.
         Nothing waits for the device; only the [rows, layers, 6] result is copied back."""
         import torch
 
-        from hubert_ray.model import to_device
+        from hubert_ray.model.encoder import to_device
 
         chunks_of = w.chunks_of
         js = [j for i in rows for j in chunks_of[i]]
@@ -627,7 +627,7 @@ class Engine:
         all layers (NaN if any is NaN) to ``peak``. ``slot``: the input buffer."""
         import torch
 
-        from hubert_ray.model import to_device
+        from hubert_ray.model.encoder import to_device
 
         chunks = [w.chunks[j] for j in group]
         width = padded_length(max(len(c) for c in chunks), self.pad_multiple)

@@ -4,7 +4,7 @@ model directory's files before any Ray work (pure: no torch or Ray at import; on
 
 Supported (``config.json``'s ``model_type``): ``hubert``, ``wav2vec2``, ``wavlm``,
 ``data2vec-audio``, each with the group-norm or layer-norm conv frontend and, where the family
-has one, the stable-layer-norm (pre-LN) encoder. :class:`hubert_ray.model.ExactEncoder` runs
+has one, the stable-layer-norm (pre-LN) encoder. :class:`hubert_ray.model.encoder.ExactEncoder` runs
 each of them with exact padded batching. Anything else is refused with a message naming the
 file and field.
 """
@@ -15,9 +15,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from hubert_ray.chunking import Geometry
-from hubert_ray.config import NORMALIZE_OPTIONS, SAMPLE_RATE_HZ
-from hubert_ray.errors import ConfigError
+from hubert_ray.core.chunking import Geometry
+from hubert_ray.core.config import NORMALIZE_OPTIONS, SAMPLE_RATE_HZ
+from hubert_ray.core.errors import ConfigError
 
 # model_type -> transformers class
 FAMILIES: dict[str, str] = {
@@ -354,7 +354,7 @@ def check_run(
     """The per-run checks on the driver, before any Ray work: the model's geometry against
     the chunking, the dtype against the family, and the checkpoint's preprocessing. Returns
     the model's spec and the preprocessing (the ``normalize`` option resolved)."""
-    from hubert_ray import storage
+    from hubert_ray.io import storage
 
     spec = model_spec(cfg, f"{model_uri.rstrip('/')}/config.json")
     check_chunking(spec, chunk_samples)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from hubert_ray.errors import ConfigError
+from hubert_ray.core.errors import ConfigError
 
 SAMPLE_RATE_HZ = 16_000
 
@@ -27,7 +27,7 @@ the packer's dynamic programme) stays bounded."""
 MIN_SAMPLES = 400  # HuBERT's conv frontend: fewer samples give zero frames
 DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 STORAGE_DTYPES = ("float16", "float32")
-# Input normalisation: auto = the checkpoint's preprocessor_config.json (hubert_ray.models).
+# Input normalisation: auto = the checkpoint's preprocessor_config.json (hubert_ray.model.families).
 NORMALIZE_OPTIONS = ("auto", "on", "off")
 # torch.compile of the model actor's forward: none, or a torch.compile mode.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -202,7 +202,7 @@ class ModelConfig:
     num_threads: int = 0
     # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless set.
     allow_pickle_weights: bool = False
-    # Centroid files (hubert_ray.units): units_<layer> columns computed next to the forward.
+    # Centroid files (units.centroids): units_<layer> columns computed next to the forward.
     units: tuple[str, ...] = ()
     store: str = "features"  # features | units | both: which columns the stage emits
     units_form: str = "frames"  # frames | runs | both (UNITS_FORMS)
