@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m jobs.demo
+	$(VENV)/bin/hubert-ray demo
 
 test: install
 	$(PY) -m pytest -q

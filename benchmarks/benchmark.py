@@ -55,7 +55,7 @@ from benchmarks.paths import (
 )
 from benchmarks.tables import _loadavg, device_name, markdown, ratios, versions
 from benchmarks.workloads import ARCHS, make_lengths, make_model, make_raw, numbers, parse_dists
-from hubert_ray.core.config import COMPILE_MODES, compute_dtype
+from hubert_ray.core.stage_config import COMPILE_MODES, compute_dtype
 
 SR = 16_000
 MIXED_MIN_S, MIXED_MAX_S = 0.3, 20.0

@@ -7,7 +7,7 @@ Generates, in a temporary directory, a 16 kHz mono FLAC of ``--hours`` cut into 
 back-to-back segments and a 44.1 kHz stereo FLAC of ``--stereo-hours`` cut into 6 s segments
 (cheap synthetic signal: a tone plus noise, written minute by minute). Runs the job's decode
 stage on local Ray exactly as the pipeline does (blocks of whole recordings,
-``pipeline._decode`` tasks with ``stage_args("decode", ...)``); every task reports its worker
+``dataset._decode`` tasks with ``stage_args("decode", ...)``); every task reports its worker
 process's peak resident memory (``ru_maxrss``) and a digest of each segment's samples. A fresh
 process then decodes each file whole (``read_audio`` + ``to_mono_16k`` + ``cut_segment`` +
 ``normalise``, what the decode stage did before it streamed) and prints its own peak memory;
@@ -64,9 +64,9 @@ def _probe(batch, config):
     import numpy as np
     import pyarrow as pa
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import dataset
 
-    out = pipeline._decode(batch, config)
+    out = dataset._decode(batch, config)
     col = out.column("audio").combine_chunks()
     offsets = col.offsets.to_numpy()
     values = col.values.to_numpy(zero_copy_only=False)
@@ -93,11 +93,11 @@ def measure(path: str, times: list[tuple[str, float, float]], rec: str) -> dict:
     import pyarrow as pa
     import ray
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import placement
     from hubert_ray.core.config import ExtractConfig
 
     cfg = ExtractConfig(manifest="-", model="-", output="-", num_gpus=0)
-    placement = pipeline.Placement(1, False, cfg.model_config("cpu"), 16)
+    placement = placement.Placement(1, False, cfg.model_config("cpu"), 16)
     segments = pa.table(
         {
             "segment_id": [s for s, _, _ in times],
@@ -107,7 +107,7 @@ def measure(path: str, times: list[tuple[str, float, float]], rec: str) -> dict:
             "end_s": [b for _, _, b in times],
         }
     )
-    args = pipeline.stage_args("decode", cfg, placement)
+    args = placement.stage_args("decode", cfg, placement)
     t0 = time.perf_counter()
     rows = (
         ray.data.from_arrow([segments])  # one recording: one block, as the job's tasks give

@@ -8,7 +8,7 @@ output holding one feature row per segment (the columns the driver and the summa
 features; parts of 2,000 rows, the job's ``rows_per_file``). Then, in a fresh process with
 its own local Ray, runs what the job's driver does on a rerun: read the manifest's footer,
 take transient errors out for retry, index what the output holds per recording (Ray tasks,
-``pipeline.done_index``), run the tasks
+``checks.done_index``), run the tasks
 that expand the manifest (every segment already written: nothing to do), stream the summary
 and run its per-recording check; and reports that process's peak resident memory
 (``ru_maxrss``; Ray's worker processes are separate) and the wall seconds of each step.
@@ -32,7 +32,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import ray
 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 from hubert_ray.dataset import output
-from hubert_ray.backend import pipeline
+from hubert_ray.backend import checks
+from hubert_ray.backend import dataset
+from hubert_ray.backend import extract
+from hubert_ray.backend import placement
 from hubert_ray.corpus import segments
 from hubert_ray.core.config import ExtractConfig
 
@@ -44,21 +47,22 @@ def peak():
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 peaks["ray_started"] = peak()
 t = time.perf_counter()
-uri, info, table = pipeline.job_manifest(cfg)
+uri, table = extract.job_manifest(cfg)
+info = segments.manifest_info(uri)
 assert table is None, "expected a validated canonical manifest"
 times["manifest_footer"] = time.perf_counter() - t
 peaks["manifest_footer"] = peak()
 t = time.perf_counter()
 retried = output.retry_transient_errors(out)
-index, rows, _ = pipeline.done_index(cfg)
+index, rows = checks.done_index(cfg)
 times["done_index"] = time.perf_counter() - t
 peaks["done_index"] = peak()
 assert rows == info["segments"], (rows, info)
 t = time.perf_counter()
-placement = pipeline.Placement(1, False, cfg.model_config("cpu"), 16)
-per_task = pipeline.recordings_per_task(cfg, info)
-todo = pipeline.manifest_blocks(cfg, uri, info, per_task).map_batches(
-    pipeline._todo,
+placement = placement.Placement(1, False, cfg.model_config("cpu"), 16)
+per_task = dataset.recordings_per_task(cfg, info)
+todo = dataset.manifest_blocks(cfg, uri, info, per_task).map_batches(
+    dataset._todo,
     fn_kwargs={"base_dir": segments.manifest_dir(uri), "index": index, "storage_options": {}},
     batch_size=per_task,
     batch_format="pyarrow",
@@ -68,11 +72,11 @@ peaks["resume_expand"] = peak()
 assert todo == 0, todo
 del index
 t = time.perf_counter()
-summary, _ = pipeline.summarize_output(cfg)
+summary = checks.summarize_output(cfg)
 times["summary_stream"] = time.perf_counter() - t
 peaks["summary_stream"] = peak()
 t = time.perf_counter()
-summary.update(pipeline.check_output(cfg, uri, info))
+summary.update(checks.check_output(cfg, uri, info))
 times["summary_check"] = time.perf_counter() - t
 peaks["summary_check"] = peak()
 assert summary["segments_missing"] == summary["segments_duplicated"] == 0, summary

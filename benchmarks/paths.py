@@ -320,11 +320,11 @@ def _loop(bench: Bench, model_dir, manifest_path, dtype, batch_size):
 
 
 def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, calls=None):
-    """``hubert_ray.backend.pipeline.run`` on the running local Ray, as the job runs by default (its
+    """``hubert_ray.backend.extract.run`` on the running local Ray, as the job runs by default (its
     batch size and micro-batch budget are the job's defaults; ``calls``: calls per model actor,
     None = the job's default); returns summary, wall, config."""
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
 
     # The job's defaults, as a user gets them; only what the benchmark varies is set.
@@ -342,7 +342,7 @@ def run_pipeline(bench: Bench, model_dir, manifest_path, out_dir, dtype, calls=N
         **extra,
     )
     t0 = time.perf_counter()
-    summary = pipeline.run(cfg, overwrite=True)
+    summary = extract.run(cfg, overwrite=True)
     return summary, time.perf_counter() - t0, cfg
 
 

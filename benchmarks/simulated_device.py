@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
 
     (dist, secs, mixed), *_ = parse_dists(args.utt_seconds)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     busy0, total0 = cpu_jiffies()
     t0 = time.perf_counter()
     simulate = {"x_realtime": args.x_realtime, "forward_s": args.forward_ms / 1e3}
-    summary = pipeline.run(cfg, overwrite=True, simulate=simulate)
+    summary = extract.run(cfg, overwrite=True, simulate=simulate)
     wall = time.perf_counter() - t0
     busy1, total1 = cpu_jiffies()
     ray.shutdown()

@@ -6,11 +6,11 @@ source trees side by side:
 On a GPU node the model is fast and every stage around it (decode, the actor's own work, moving
 features through the object store, Parquet writing) needs to keep up with ~1.5 GB/s of float16
 features per GPU at the 20,000x goal. The tiny test model's 32-dim features hide that cost;
-this runs ``pipeline.run`` on local Ray with a random HuBERT of hidden size 768 whose compute is
+this runs ``extract.run`` on local Ray with a random HuBERT of hidden size 768 whose compute is
 small (8 conv channels, no transformer layer: the stored layer is 0), on one generated corpus of
 WenetSpeech-like mixed-length FLAC, once per tree per repeat (alternating, each in a fresh
 process with its own local Ray, that tree first on ``PYTHONPATH``). Prints the wall time of
-``pipeline.run`` (model load included) and x-realtime.
+``extract.run`` (model load included) and x-realtime.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import ray
 manifest, model, out = sys.argv[1:4]
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-from hubert_ray.backend import pipeline
+from hubert_ray.backend import extract
 from hubert_ray.core.config import ExtractConfig
 cfg = ExtractConfig(manifest=manifest, model=model, output=out, num_gpus=0)
 t = time.perf_counter()
-summary = pipeline.run(cfg, overwrite=True)
+summary = extract.run(cfg, overwrite=True)
 wall = time.perf_counter() - t
 assert summary["segments_missing"] == summary["segments_duplicated"] == 0, summary
 print(f"RESULT {summary['segments_ok']} {summary['audio_seconds']:.1f} {wall:.2f} "

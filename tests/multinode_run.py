@@ -7,7 +7,7 @@ cannot share a process with the test session's ``ray.init``. The cluster is a he
 CPUs (like a real head that only schedules), one node with a (fake) GPU and 1 CPU, and two
 CPU-only nodes with 2 CPUs each. The model actor asks for ``num_gpus=1`` and falls back to CPU
 inside (no CUDA here). ``HUBERT_RAY_TRACE_DIR`` makes every decode task and model actor record
-its node id (``hubert_ray.backend.pipeline._trace``); workers inherit it from this process.
+its node id (``hubert_ray.backend.context.trace``); workers inherit it from this process.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
 
     common = dict(object_store_memory=100 * 2**20, include_dashboard=False)
@@ -67,7 +67,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
         decode_memory_mb=256,
     )
     t1 = time.time()
-    multi = pipeline.run(ExtractConfig(output=os.path.join(work, "multi"), **cfg))
+    multi = extract.run(ExtractConfig(output=os.path.join(work, "multi"), **cfg))
     multi_s = time.time() - t1
     ray.shutdown()
     cluster.shutdown()
@@ -77,7 +77,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     os.environ.pop("HUBERT_RAY_TRACE_DIR")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t2 = time.time()
-    single = pipeline.run(
+    single = extract.run(
         ExtractConfig(output=os.path.join(work, "single"), num_gpus=0, num_cpu_actors=1, **cfg)
     )
     single_s = time.time() - t2

@@ -34,7 +34,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     from multinode_run import _trace
     from ray.cluster_utils import Cluster
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import dataset, extract
     from hubert_ray.core.config import ExtractConfig
     from hubert_ray.corpus import manifest
 
@@ -76,13 +76,13 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     remover.start()
     recovered_by, first_error = "ray", None
     try:
-        summary = pipeline.run(ExtractConfig(output=out, **cfg))
+        summary = extract.run(ExtractConfig(output=out, **cfg))
     except Exception as exc:  # Ray could not recover: resume into the same output
         first_error = f"{type(exc).__name__}: {exc}"[:2000]
         done.set()
         remover.join()
         recovered_by = "resume"
-        summary = pipeline.run(ExtractConfig(output=out, **cfg))
+        summary = extract.run(ExtractConfig(output=out, **cfg))
     done.set()
     remover.join()
     run_s = time.time() - t1
@@ -96,13 +96,13 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
         "recordings": len(recordings),
         "segments": sum(len(r.segments) for r in recordings),
     }
-    per_task = pipeline.recordings_per_task(ExtractConfig(output="-", **cfg), sizes)
+    per_task = dataset.recordings_per_task(ExtractConfig(output="-", **cfg), sizes)
     # Blocks of whole recordings the decode tasks get (fewer tasks if Ray bundles small ones).
     blocks = -(-sizes["recordings"] // per_task)
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t2 = time.time()
-    reference = pipeline.run(
+    reference = extract.run(
         ExtractConfig(output=os.path.join(work, "reference"), num_gpus=0, num_cpu_actors=1, **cfg)
     )
     reference_s = time.time() - t2

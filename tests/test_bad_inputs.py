@@ -135,8 +135,8 @@ def test_manifest_line_not_json_exits_2_before_ray(tmp_path, tiny_model):
 def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_model):
     import torch
 
-    from hubert_ray.backend import pipeline
     from hubert_ray.core.errors import ConfigError
+    from hubert_ray.model import files
     from hubert_ray.model.encoder import load_model
 
     d = tmp_path / "pickled"
@@ -145,8 +145,8 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_model):
     net = load_model(tiny_model, "cpu")
     torch.save(net.model.state_dict(), d / "pytorch_model.bin")
     with pytest.raises(ConfigError, match="allow-pickle-weights"):
-        pipeline.read_model_config(str(d))
-    assert pipeline.read_model_config(str(d), allow_pickle=True)["hidden_size"] == 32
+        files.read_model_config(str(d))
+    assert files.read_model_config(str(d), allow_pickle=True)["hidden_size"] == 32
     load_model(str(d), "cpu", allow_pickle=True)
 
 

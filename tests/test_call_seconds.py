@@ -47,7 +47,7 @@ def test_long_segments_split_into_bounded_calls(ray_session, tiny_model, tmp_pat
     7.3 s). With ``call_seconds=61`` Ray hands the actor 9 rows at a time from one block of
     33 (one decode batch): every such call holds a 60 s segment with 2 s ones (> 61 s), so
     only the actor's split keeps its calls within the bound."""
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     lines, ids = [], []
     for r in range(3):
@@ -68,7 +68,7 @@ def test_long_segments_split_into_bounded_calls(ray_session, tiny_model, tmp_pat
         decode_batch_size=33,
         num_cpu_actors=1,
     )
-    summary = pipeline.run(cfg)
+    summary = extract.run(cfg)
     feats = output.read_table(os.path.join(out, output.FEATURES_DIR), ["segment_id"])
     assert sorted(feats.column("segment_id").to_pylist()) == sorted(ids)  # each once
     assert summary["segments_ok"] == 33 and summary["segments_duplicated"] == 0

@@ -1,4 +1,6 @@
-"""The entry point: option errors (exit 2, naming the option), config files, a real CLI run."""
+"""The command line: `hubert-ray` and its subcommands (installed, `python -m hubert_ray.cli`,
+the old `python -m jobs.<name>`), option errors (exit 2, naming the option), option groups and
+the tables made from them, config files, a real CLI run."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import sys
 
 import pytest
 
-from jobs import extract
+from hubert_ray.cli import extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +20,7 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [sys.executable, "-m", "jobs.extract", *args],
+        [sys.executable, "-m", "hubert_ray.cli", "extract", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -166,7 +168,7 @@ def test_model_actor_that_cannot_start_exits_4_with_its_cause(corpus, tiny_model
 
 
 def test_cli_subprocess_embedded_ray(corpus, tiny_model, tmp_path):
-    """`python -m jobs.extract` as a user runs it: starts its own local Ray, prints the summary."""
+    """`hubert-ray extract` as a user runs it: starts its own local Ray, prints the summary."""
     out = tmp_path / "out"
     res = run_cli(
         "--manifest",
@@ -201,11 +203,15 @@ def test_cli_subprocess_embedded_ray(corpus, tiny_model, tmp_path):
 
 
 def test_readme_options_table_is_the_generated_one():
-    """One definition per option: the README's table is what the CLI generates from the
-    config's fields (regenerate it with ``python -m jobs.extract --options-table``)."""
+    """One definition per option: the README's table (the primary options) and
+    docs/operations.md's (every other option, by group) are what the CLI generates from the
+    config's fields (regenerate them with ``hubert-ray extract --options-table`` and
+    ``hubert-ray extract --options-table groups``)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert extract.options_table() in readme
+    with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+        assert extract.options_table("groups") in f.read()
 
 
 def test_every_config_field_is_a_cli_option():
@@ -216,3 +222,152 @@ def test_every_config_field_is_a_cli_option():
     parser = extract.build_parser()
     flags = {a.dest for a in parser._actions}
     assert {f.name for f in dataclasses.fields(ExtractConfig)} <= flags
+
+
+# -- the command, its groups of options and its help ---------------------------------------------
+
+
+def test_every_option_has_one_group_and_the_primary_ones_are_few():
+    from hubert_ray.core.options import GROUPS, PRIMARY
+
+    by_group = extract._by_group()
+    assert list(by_group) == list(GROUPS) and all(by_group.values())
+    flags = [s.flag for specs in by_group.values() for s in specs]
+    assert len(flags) == len(set(flags)) == len(extract.options()) + len(extract.CLI_ONLY)
+    primary = {s.name for s in by_group[PRIMARY]}
+    assert 12 <= len(primary) <= 15, sorted(primary)
+    assert {"manifest", "model", "output", "layers", "dtype", "units", "config"} <= primary
+    assert {"storage_options", "overwrite", "num_gpus"} <= primary
+
+
+def test_help_shows_the_primary_options_and_names_every_other(capsys):
+    """`--help`: what each primary option does, every other flag by group; `--help-all`: what
+    every option does. Both parsers accept every option."""
+    from hubert_ray.core.options import PRIMARY
+
+    with pytest.raises(SystemExit) as exc:
+        extract.main(["--help"])
+    assert exc.value.code == 0
+    short = capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        extract.main(["--help-all"])
+    assert exc.value.code == 0
+    full = capsys.readouterr().out
+    assert short.startswith("usage: hubert-ray extract") and full.startswith("usage: hubert-ray")
+    flat_short, flat_full = " ".join(short.split()), " ".join(full.split())
+    for group, specs in extract._by_group().items():
+        for s in specs:
+            assert s.flag in short and s.flag in full, s.flag
+            help_ = " ".join(extract._cli_help(s.help).split())[:40]
+            assert (help_ in flat_short) == (group == PRIMARY), s.flag
+            assert help_ in flat_full, s.flag
+        if group != PRIMARY:
+            assert f"{group} options:" in short and f"{group} options:" in full
+    assert len(short.splitlines()) < 80 < len(full.splitlines())
+    for show_all in (False, True):  # the same options and meanings either way
+        parser = extract.build_parser(show_all=show_all)
+        args = parser.parse_args(["--queue-depth", "3", "--no-retry-transient", "--quiet"])
+        assert (args.queue_depth, args.retry_transient, args.quiet) == (3, False, True)
+
+
+def test_options_tables_split_by_group():
+    from hubert_ray.core.options import PRIMARY
+
+    primary = extract.options_table()
+    groups = extract.options_table("groups")
+    for s in [*extract.options().values(), *extract.CLI_ONLY.values()]:
+        assert (f"`{s.flag}`" in primary) == (s.group == PRIMARY), s.flag
+        assert (f"`{s.flag}`" in groups) == (s.group != PRIMARY), s.flag
+
+
+def test_subcommand_parsers_are_named_after_the_command():
+    from hubert_ray.cli import kmeans, plan, prepare
+
+    assert extract.build_parser().prog == "hubert-ray extract"
+    assert plan.build_parser().prog == "hubert-ray plan"
+    assert prepare._parser().prog == "hubert-ray prepare"
+    assert kmeans.build_parser().prog == "hubert-ray kmeans"
+
+
+def test_main_dispatches_to_the_subcommand(capsys):
+    from hubert_ray.cli.main import main
+
+    assert main(["plan", "--hours", "10", "--gpus", "1", "--decode-cores", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hours"] == 10
+    for argv in ([], ["nope"], ["--hours", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+    assert "usage: hubert-ray" in capsys.readouterr().err
+    assert main(["extract", "--layers", "2"]) == 2  # the subcommand's own errors and exit codes
+    assert "--manifest" in capsys.readouterr().err
+
+
+def _installed(name: str) -> str:
+    """A console script of the environment running the tests (``pip install -e .``)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: run `pip install -e .` (pyproject [project.scripts])")
+    return path
+
+
+def test_installed_command_lists_its_subcommands():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [_installed("hubert-ray"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    top = run("--help")
+    assert top.returncode == 0, top.stderr
+    assert top.stdout.startswith("usage: hubert-ray")
+    for name in ("extract", "prepare", "plan", "kmeans", "demo"):
+        assert f"    {name} " in top.stdout, name
+    sub = run("extract", "--help")
+    assert sub.returncode == 0, sub.stderr
+    assert sub.stdout.startswith("usage: hubert-ray extract")
+    for flag in ("--manifest", "--model", "--output", "--layers", "--config", "--help-all"):
+        assert flag in sub.stdout, flag
+    for group in ("precision", "decode", "output", "tuning"):
+        assert f"{group} options:" in sub.stdout, group
+    bad = run("extract", "--manifest", "m", "--model", "m", "--output", "o", "--dtype", "fp8")
+    assert bad.returncode == 2 and "--dtype" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--hours", "100", "--gpus", "2", "--decode-cores", "64", "--json"],
+        ["extract", "--options-table", "groups"],
+        ["prepare", "--manifest", "m.jsonl", "--output", "o.parquet", "--storage-options", "[1]"],
+        ["kmeans"],
+    ],
+)
+def test_old_entry_points_behave_as_the_command(argv):
+    """`python -m jobs.<name>` (scheduled pipelines) = `python -m hubert_ray.cli <name>`: the
+    same output and exit code."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-m", *cmd, *argv[1:]],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        for cmd in (["jobs." + argv[0]], ["hubert_ray.cli", argv[0]])
+    ]
+    assert runs[0].returncode == runs[1].returncode, (runs[0].stderr, runs[1].stderr)
+    assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stderr == runs[1].stderr
+
+
+def test_command_line_imports_neither_torch_nor_ray():
+    """Parsing and --help stay light; `extract` sets Ray's auth mode before Ray is imported."""
+    code = (
+        "import sys, hubert_ray.cli.main, hubert_ray.cli.extract, hubert_ray.cli.plan, "
+        "hubert_ray.cli.prepare, hubert_ray.cli.kmeans, hubert_ray.cli.demo, jobs.extract; "
+        "sys.exit(int('torch' in sys.modules or 'ray' in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

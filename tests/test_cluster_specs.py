@@ -25,8 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
+from hubert_ray.cli import extract
 from hubert_ray.core.config import ExtractConfig
-from jobs import extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster")
@@ -138,8 +138,8 @@ def test_rayjob(rayjob_validator):
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "jobs.extract"]
-    args = extract.build_parser().parse_args(argv[3:])
+    assert argv[:2] == ["hubert-ray", "extract"]  # the command the image installs
+    args = extract.build_parser().parse_args(argv[2:])
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
     _check_cluster_spec(spec["rayClusterSpec"])
     # The --config file is the ConfigMap mounted into the head (the driver runs there).
@@ -206,10 +206,31 @@ def test_dockerfile_installs_the_package():
     for path in ("pyproject.toml", "hubert_ray", "jobs"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M)
     assert "pip install --no-cache-dir ." in text
+    assert "hubert-ray extract --help" in text  # the build checks the installed command
     assert f"-t {IMAGE} ." in text
     with open(os.path.join(CLUSTER, "Dockerfile.dockerignore")) as f:
         allowed = {ln[1:].rstrip("/") for ln in f.read().split() if ln.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "hubert_ray", "jobs"}
+
+
+def test_entrypoints_use_the_command_the_image_installs():
+    """The specs run `hubert-ray extract`: the console script pyproject.toml declares, which
+    the image has because it pip-installs the package (not editable, not from a mount)."""
+    assert re.search(
+        r'^\[project\.scripts\]\nhubert-ray = "hubert_ray\.cli\.main:main"$', _PYPROJECT, re.M
+    )
+    with open(os.path.join(CLUSTER, "Dockerfile")) as f:
+        assert re.search(r"pip install --no-cache-dir \.\s", f.read())
+    cron = _one("cronjob.yaml", "ConfigMap")["data"]["rayjob.yaml"]
+    entrypoints = [
+        _one("rayjob.yaml", "RayJob")["spec"]["entrypoint"],
+        yaml.safe_load(cron)["spec"]["entrypoint"],
+    ]
+    for entrypoint in entrypoints:
+        assert shlex.split(entrypoint)[:2] == ["hubert-ray", "extract"], entrypoint
+    for name in ("cluster-launcher.yaml", "raycluster.yaml", "rayjob.yaml", "cronjob.yaml"):
+        with open(os.path.join(CLUSTER, name)) as f:
+            assert "python -m jobs." not in f.read(), name
 
 
 # -- the scheduled run ---------------------------------------------------------------------------
@@ -260,8 +281,8 @@ def test_cronjob_creates_a_date_partitioned_rayjob(tmp_path, rayjob_validator):
     (job,) = docs
     assert job["metadata"]["name"] == f"hubert-features-{today}"
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "jobs.extract"]
-    args = extract.build_parser().parse_args(argv[3:])
+    assert argv[:2] == ["hubert-ray", "extract"]
+    args = extract.build_parser().parse_args(argv[2:])
     assert args.output == f"s3://my-bucket/features/dt={today}"
     assert args.manifest == f"s3://my-bucket/manifests/dt={today}/manifest.parquet"
     assert not args.overwrite
@@ -274,7 +295,7 @@ def test_cronjob_creates_a_date_partitioned_rayjob(tmp_path, rayjob_validator):
             assert job["spec"][key] == one_off["spec"][key], key
     assert (
         args.config
-        == extract.build_parser().parse_args(shlex.split(one_off["spec"]["entrypoint"])[3:]).config
+        == extract.build_parser().parse_args(shlex.split(one_off["spec"]["entrypoint"])[2:]).config
     )
 
 

@@ -31,8 +31,9 @@ def _audio(seconds: float, seed: int) -> np.ndarray:
 
 
 def test_launch_returns_before_the_device_is_done_and_finish_waits(tiny):
-    device = SimulatedDevice(x_realtime=4.0)  # 1 s of audio = 0.25 s of device time
-    engine = Engine(ModelConfig(model_uri=tiny, layers="last"), tiny, simulated=device)
+    spec = SimulatedDevice(x_realtime=4.0)  # 1 s of audio = 0.25 s of device time
+    engine = Engine(ModelConfig(model_uri=tiny, layers="last"), tiny, device=spec)
+    device = engine.device
     first = engine.launch(["a", "b"], [_audio(1.0, 0), _audio(2.0, 1)])
     second = engine.launch(["c"], [_audio(1.5, 2)])
     queued_until = device.record()
@@ -51,8 +52,9 @@ def test_forward_cost_is_measured_on_the_device(tiny, forward_ms):
     (4 ms = 4 s of padded audio), not counting the measurement as work. The packing's cost is
     the larger of the device's fixed time and the host's time per micro-batch: with 4 ms,
     mixed lengths share padded micro-batches."""
-    device = SimulatedDevice(x_realtime=1000.0, forward_s=forward_ms / 1e3)
-    engine = Engine(ModelConfig(model_uri=tiny, layers="last"), tiny, simulated=device)
+    spec = SimulatedDevice(x_realtime=1000.0, forward_s=forward_ms / 1e3)
+    engine = Engine(ModelConfig(model_uri=tiny, layers="last"), tiny, device=spec)
+    device = engine.device
     cost = engine.forward_cost
     assert cost.device_fixed_s == pytest.approx(forward_ms / 1e3, abs=1e-6)
     assert cost.per_audio_s == pytest.approx(1e-3, rel=1e-6)
@@ -69,9 +71,7 @@ def test_forward_cost_is_measured_on_the_device(tiny, forward_ms):
 
 
 def test_rows_without_audio_pass_through(tiny):
-    engine = Engine(
-        ModelConfig(model_uri=tiny, layers="last"), tiny, simulated=SimulatedDevice(1e6)
-    )
+    engine = Engine(ModelConfig(model_uri=tiny, layers="last"), tiny, device=SimulatedDevice(1e6))
     res = engine.run(["a", "gone", "b"], [_audio(0.5, 0), None, _audio(0.3, 1)])
     assert res.valid == [True, False, True]
     assert res.frames[1] == 0 and res.compute_dtype[1] is None

@@ -66,7 +66,7 @@ def test_stage_float16_on_cuda_with_precision_checks(base_model):
         precision=PrecisionConfig(precision_sample_rate=1.0),
     )
     stage = ModelStage(cfg)
-    assert stage.engine.device.type == "cuda" and stage.engine.dtype == "float16"
+    assert stage.engine.device.torch_device.type == "cuda" and stage.engine.dtype == "float16"
     rows = [(f"s{i}", _audio(n, i), None) for i, n in enumerate([16_000, 250_000, 3_000])]
     out = stage(_decoded_batch(rows))
     assert out.column("compute_dtype").to_pylist() in (["float16"] * 3, ["float32"] * 3)
@@ -103,11 +103,11 @@ def test_compiled_stage_on_cuda_matches_eager(tiny_model, mode):
 
 @pytest.mark.ray
 def test_pipeline_uses_the_gpu(ray_session, corpus, tiny_model, tmp_path):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
-    summary = pipeline.run(cfg)
+    summary = extract.run(cfg)
     assert summary["device"] == "gpu" and summary["model_actors"] == 1
     assert summary["segments_missing"] == summary["segments_duplicated"] == 0
     assert set(summary["compute_dtype_counts"]) <= {"float16", "float32"}

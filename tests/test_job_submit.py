@@ -5,8 +5,10 @@ ports, and is stopped by signalling that process (``ray start --block`` stops it
 and then killing whatever is left in that session by pid — never ``ray stop``, which would kill
 every Ray on the machine, the test session's own included.
 
-The job runs the synthetic WenetSpeech corpus end to end: ``jobs.prepare --wenetspeech`` then
-``jobs.extract --config``, uploaded with ``--working-dir .`` (the repository) as in the README.
+The job runs the synthetic WenetSpeech corpus end to end: ``hubert-ray prepare --wenetspeech``
+then ``hubert-ray extract --config``, uploaded with ``--working-dir .`` (the repository) as in the
+README: the installed command (the venv's ``hubert-ray``, on the head's ``PATH``) running the
+uploaded code.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def head():
         **os.environ,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": token,
-        # `python` in the job's entrypoint must be this interpreter (hubert_ray's dependencies).
+        # `hubert-ray` in the job's entrypoint must be this venv's (hubert_ray's dependencies).
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
     }
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "HUBERT_RAY_TRACE_DIR"):
@@ -143,8 +145,8 @@ def test_job_submit_runs_prepare_and_extract(head, wenetspeech_corpus, tiny_mode
     )
     # Ray quotes each entrypoint word: two commands need their own shell.
     entrypoint = (
-        f"python -m jobs.prepare --wenetspeech {wenetspeech_corpus} --subset M "
-        f"--output {manifest_path} && python -m jobs.extract --config {config} --quiet"
+        f"hubert-ray prepare --wenetspeech {wenetspeech_corpus} --subset M "
+        f"--output {manifest_path} && hubert-ray extract --config {config} --quiet"
     )
     proc = subprocess.run(
         [_ray_bin(), "job", "submit", "--address", address, "--working-dir", ".",
@@ -198,7 +200,7 @@ def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path)
     manifest_path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "out"
     entrypoint = [
-        "python", "-m", "jobs.extract", "--manifest", str(manifest_path), "--model", tiny_model,
+        "hubert-ray", "extract", "--manifest", str(manifest_path), "--model", tiny_model,
         "--output", str(out), "--num-gpus", "0", "--batch-size", "4", "--decode-batch-size", "8",
         "--rows-per-file", "3", "--quiet",
     ]  # fmt: skip

@@ -103,7 +103,7 @@ def value(d, name, **labels):
 
 @pytest.mark.ray
 def test_pipeline_metrics_reach_prometheus(ray_session, corpus, tiny_model, tmp_path):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     node = ray_session._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
@@ -136,7 +136,7 @@ def test_pipeline_metrics_reach_prometheus(ray_session, corpus, tiny_model, tmp_
         precision_warn=1e-9,
         precision_limit=1e-9,
     )
-    summary = pipeline.run(cfg)
+    summary = extract.run(cfg)
     fallbacks = summary["precision"]["fallbacks_self_test"]
     assert fallbacks == summary["segments_ok"] > 0
 

@@ -207,9 +207,9 @@ def _with_config(src: str, dst, **changes) -> str:
 
 
 def test_weights_fit_the_config(large_dir):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.model import files
 
-    assert pipeline.read_model_config(large_dir)["do_stable_layer_norm"] is True
+    assert files.read_model_config(large_dir)["do_stable_layer_norm"] is True
 
 
 @pytest.mark.parametrize(
@@ -225,14 +225,14 @@ def test_weights_fit_the_config(large_dir):
     ],
 )
 def test_weights_not_matching_the_config_refused(large_dir, tmp_path, changes, words):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.model import files
 
     d = _with_config(large_dir, tmp_path / "m", **changes)
     if not words:
-        pipeline.read_model_config(d)
+        files.read_model_config(d)
         return
     with pytest.raises(ConfigError) as info:
-        pipeline.read_model_config(d)
+        files.read_model_config(d)
     msg = str(info.value)
     assert msg.startswith(f"{d}/model.safetensors: the weights do not match config.json")
     for w in words:
@@ -244,7 +244,7 @@ def test_weights_of_a_task_model_and_legacy_names_accepted(large_dir, tmp_path):
     conv's weight norm under its pre-parametrisation names (``weight_g`` / ``weight_v``)."""
     from safetensors.numpy import load_file, save_file
 
-    from hubert_ray.backend import pipeline
+    from hubert_ray.model import files
 
     d = tmp_path / "ctc"
     shutil.copytree(large_dir, d)
@@ -256,11 +256,11 @@ def test_weights_of_a_task_model_and_legacy_names_accepted(large_dir, tmp_path):
         renamed["hubert." + k] = v
     renamed["lm_head.weight"] = np.zeros((5, 32), np.float32)
     save_file(renamed, str(d / "model.safetensors"))
-    pipeline.read_model_config(str(d))
+    files.read_model_config(str(d))
     del renamed["hubert.encoder.pos_conv_embed.conv.weight_v"]
     save_file(renamed, str(d / "model.safetensors"))
     with pytest.raises(ConfigError, match="pos_conv_embed.conv.parametrizations.weight.original1"):
-        pipeline.read_model_config(str(d))
+        files.read_model_config(str(d))
 
 
 # -- through the CLI ---------------------------------------------------------------------------

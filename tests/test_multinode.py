@@ -1,6 +1,6 @@
 """Multi-node placement and exactness on a local ``ray.cluster_utils.Cluster``.
 
-Head (0 CPUs) + one node with a fake GPU + two CPU-only nodes, running ``pipeline.run`` on the
+Head (0 CPUs) + one node with a fake GPU + two CPU-only nodes, running ``extract.run`` on the
 synthetic WenetSpeech corpus. Runs ``tests/multinode_run.py`` in a subprocess: a Cluster cannot
 share a process with the session's local Ray (``ray_session``).
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from hubert_ray.dataset import output
+from hubert_ray.dataset import summary as dataset_summary
 
 
 def _features(ids):
@@ -43,7 +44,7 @@ def test_summarize_parts_counts_part_by_part(tmp_path):
     output.write_part(_features(["c", "x"]), feats, None)
     output.write_part(_errors(["d", "e"], "too_short"), f"{out}/{output.ERRORS_DIR}", None)
     output.write_part(_errors(["f"], "decode_failed"), f"{out}/{output.ERRORS_DIR}", None)
-    s = output.summarize_parts(out)
+    s = dataset_summary.summarize_parts(out)
     assert (s["segments_ok"], s["segments_failed"]) == (5, 3)
     assert s["errors_by_reason"] == {"decode_failed": 1, "too_short": 2}
     assert s["compute_dtype_counts"] == {"float16": 3, "float32": 2}
@@ -52,7 +53,7 @@ def test_summarize_parts_counts_part_by_part(tmp_path):
 
 
 def test_summarize_parts_of_an_empty_output(tmp_path):
-    s = output.summarize_parts(str(tmp_path))
+    s = dataset_summary.summarize_parts(str(tmp_path))
     assert (s["segments_ok"], s["segments_failed"], s["audio_seconds"]) == (0, 0, 0.0)
 
 

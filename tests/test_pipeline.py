@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def job(ray_session, corpus, tiny_model, tmp_path_factory):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     out = str(tmp_path_factory.mktemp("out") / "features-run")
     cfg = ExtractConfig(
@@ -33,7 +33,7 @@ def job(ray_session, corpus, tiny_model, tmp_path_factory):
         num_cpu_actors=2,
         decode_batch_size=6,
     )
-    summary = pipeline.run(cfg)
+    summary = extract.run(cfg)
     return cfg, summary
 
 
@@ -200,28 +200,28 @@ def test_summary_file(job):
 
 def test_existing_output_resumed_then_overwritten(job, ray_session):
     """A rerun of a finished job does nothing (tests/test_resume.py covers resume in depth)."""
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     cfg, summary = job
-    assert pipeline.run(cfg) == json.load(open(os.path.join(cfg.output, "_summary.json")))
-    again = pipeline.run(cfg, overwrite=True)
+    assert extract.run(cfg) == json.load(open(os.path.join(cfg.output, "_summary.json")))
+    again = extract.run(cfg, overwrite=True)
     assert again["segments_ok"] == summary["segments_ok"]
     assert again["segments_duplicated"] == 0
 
 
 def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_path):
     """Decode must stay CPU tasks (placeable on CPU-only nodes), not run inside model actors."""
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import dataset, extract, placement
     from hubert_ray.corpus import manifest, segments
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
-    uri, _, table = pipeline.job_manifest(cfg)
+    uri, table = extract.job_manifest(cfg)
     (tmp_path / "o").mkdir()
     segments.write_validated(table, uri)
     info = segments.manifest_info(uri)
     index = segments.build_done_index(cfg.output)
-    placement = pipeline.plan_placement(cfg, cluster_gpus=0)
-    ds = pipeline.build_manifest_dataset(cfg, uri, info, index, placement).materialize()
+    placement = placement.plan_placement(cfg, cluster_gpus=0)
+    ds = dataset.build_manifest_dataset(cfg, uri, info, index, placement).materialize()
     stats = ds.stats()
     assert "MapBatches(_decode)->MapBatches(ModelActor)" not in stats
     assert "MapBatches(_decode)" in stats and "MapBatches(ModelActor)" in stats
@@ -229,51 +229,51 @@ def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_
 
 
 def test_placement_plan():
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import placement
     from hubert_ray.core.errors import ConfigError
 
     cfg = ExtractConfig(manifest="m.jsonl", model="m", output="o")
-    gpu = pipeline.plan_placement(cfg, cluster_gpus=4)
+    gpu = placement.plan_placement(cfg, cluster_gpus=4)
     assert gpu.gpu and gpu.pool == 4 and gpu.model_config.device == "auto"
-    cpu = pipeline.plan_placement(cfg, cluster_gpus=0)
+    cpu = placement.plan_placement(cfg, cluster_gpus=0)
     assert not cpu.gpu and cpu.pool == 1 and cpu.model_config.device == "cpu"
     two = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_gpus=2)
-    assert pipeline.plan_placement(two, cluster_gpus=4).pool == 2
+    assert placement.plan_placement(two, cluster_gpus=4).pool == 2
     with pytest.raises(ConfigError, match="num_gpus"):
-        pipeline.plan_placement(two, cluster_gpus=1)
+        placement.plan_placement(two, cluster_gpus=1)
     forced_cpu = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_gpus=0)
-    assert not pipeline.plan_placement(forced_cpu, cluster_gpus=4).gpu
+    assert not placement.plan_placement(forced_cpu, cluster_gpus=4).gpu
     # rows per call: 256 for one stored layer, fewer for more layers, or as configured
-    assert [pipeline.plan_placement(cfg, 1, n).rows_per_call for n in (1, 3, 13, 40)] == [
+    assert [placement.plan_placement(cfg, 1, n).rows_per_call for n in (1, 3, 13, 40)] == [
         256,
         85,
         19,
         16,
     ]
     fixed = ExtractConfig(manifest="m.jsonl", model="m", output="o", batch_size=7)
-    assert pipeline.plan_placement(fixed, 1, 13).rows_per_call == 7
+    assert placement.plan_placement(fixed, 1, 13).rows_per_call == 7
     # CPU actors: torch threads = the node's cores shared among its actors (unknown: the
     # reserved CPUs) unless torch_threads says
     assert cpu.model_config.num_threads == 1
-    assert pipeline.plan_placement(cfg, 0, node_cpus=16).model_config.num_threads == 16
+    assert placement.plan_placement(cfg, 0, node_cpus=16).model_config.num_threads == 16
     four = ExtractConfig(manifest="m.jsonl", model="m", output="o", num_cpu_actors=4)
-    assert pipeline.plan_placement(four, 0, node_cpus=16).model_config.num_threads == 4
+    assert placement.plan_placement(four, 0, node_cpus=16).model_config.num_threads == 4
     more = ExtractConfig(manifest="m.jsonl", model="m", output="o", cpus_per_actor=3.0)
-    assert pipeline.plan_placement(more, 0).model_config.num_threads == 3
+    assert placement.plan_placement(more, 0).model_config.num_threads == 3
     given = ExtractConfig(manifest="m.jsonl", model="m", output="o", torch_threads=2)
-    assert pipeline.plan_placement(given, 0).model_config.num_threads == 2
+    assert placement.plan_placement(given, 0).model_config.num_threads == 2
     # calls in flight per model actor: by device unless calls_per_actor says
-    assert pipeline.plan_placement(cfg, 1).calls_per_actor == pipeline.GPU_CALLS_PER_ACTOR
-    assert cpu.calls_per_actor == pipeline.CPU_CALLS_PER_ACTOR
+    assert placement.plan_placement(cfg, 1).calls_per_actor == placement.GPU_CALLS_PER_ACTOR
+    assert cpu.calls_per_actor == placement.CPU_CALLS_PER_ACTOR
     three = ExtractConfig(manifest="m.jsonl", model="m", output="o", calls_per_actor=3)
-    assert pipeline.plan_placement(three, 1).calls_per_actor == 3
-    assert pipeline.plan_placement(three, 0).calls_per_actor == 3
-    args = pipeline.stage_args("model", three, pipeline.plan_placement(three, 0))
+    assert placement.plan_placement(three, 1).calls_per_actor == 3
+    assert placement.plan_placement(three, 0).calls_per_actor == 3
+    args = placement.stage_args("model", three, placement.plan_placement(three, 0))
     assert args["compute"].max_concurrent_calls_per_actor == 3
     # torch.compile: off unless asked, then in the model actors of either device
     assert cpu.model_config.compile == gpu.model_config.compile == "none"
     compiled = ExtractConfig(manifest="m.jsonl", model="m", output="o", compile="max-autotune")
-    assert pipeline.plan_placement(compiled, 1).model_config.compile == "max-autotune"
+    assert placement.plan_placement(compiled, 1).model_config.compile == "max-autotune"
     with pytest.raises(ConfigError, match="compile"):
         ExtractConfig(manifest="m.jsonl", model="m", output="o", compile="yes")
 

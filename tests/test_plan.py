@@ -1,4 +1,4 @@
-"""Capacity planner arithmetic and CLI (python -m jobs.plan)."""
+"""Capacity planner arithmetic and CLI (hubert-ray plan)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from hubert_ray.cli import plan as planner
 from hubert_ray.core import rates
-from jobs import plan as planner
 
 
 def test_wenetspeech_l_on_one_8_gpu_node():

@@ -265,7 +265,7 @@ def test_overflow_model_job_fails_with_message(
 
 @pytest.mark.ray
 def test_sampled_job_reports_precision_section(ray_session, corpus, tiny_model, tmp_path):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
     from hubert_ray.dataset import output
 
@@ -279,7 +279,7 @@ def test_sampled_job_reports_precision_section(ray_session, corpus, tiny_model, 
         precision_warn=0.5,
         precision_limit=0.9,
     )
-    summary = pipeline.run(cfg)
+    summary = extract.run(cfg)
     prec = summary["precision"]
     # A small run is checked whole at the default 1 % (at least 64 segments are).
     assert prec["sample_rate"] == 0.01 and prec["effective_sample_rate"] == 1.0
@@ -313,13 +313,13 @@ def test_recompute_suspect_redoes_exactly_the_rows_written_before_an_escalation(
 ):
     """Rows an actor wrote in float16 before its checks escalated it to float32 are listed in
     the summary; ``--recompute-suspect`` recomputes exactly those and nothing else."""
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
     from hubert_ray.dataset import output
 
     out = str(tmp_path / "o")
     common = dict(manifest=corpus, model=tiny_model, output=out, dtype="float16", layers="2")
-    first = pipeline.run(ExtractConfig(**common, precision_limit=0.9, precision_warn=0.5))
+    first = extract.run(ExtractConfig(**common, precision_limit=0.9, precision_warn=0.5))
     feats = output.read_table(f"{out}/features", ["segment_id", "actor_id", "compute_dtype"])
     (actor,) = set(feats.column("actor_id").to_pylist())
     assert set(feats.column("compute_dtype").to_pylist()) == {"float16"}
@@ -330,9 +330,9 @@ def test_recompute_suspect_redoes_exactly_the_rows_written_before_an_escalation(
     path.write_text(json.dumps(report))
     before = read_features(out, layer=2)
 
-    summary = pipeline.run(ExtractConfig(**common, recompute_suspect=False))  # complete: no-op
+    summary = extract.run(ExtractConfig(**common, recompute_suspect=False))  # complete: no-op
     assert summary["segments_ok"] == first["segments_ok"]
-    redo = pipeline.run(ExtractConfig(**common, recompute_suspect=True))
+    redo = extract.run(ExtractConfig(**common, recompute_suspect=True))
     assert redo["segments_missing"] == redo["segments_duplicated"] == 0
     assert redo["segments_ok"] == first["segments_ok"]
     assert redo["precision"]["suspect_segments"] == 0

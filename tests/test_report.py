@@ -64,7 +64,7 @@ def check_page(page: str) -> Checker:
 
 @pytest.fixture(scope="module")
 def run(ray_session, corpus, tiny_model, tmp_path_factory):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     cfg = ExtractConfig(
         manifest=corpus,
@@ -79,7 +79,7 @@ def run(ray_session, corpus, tiny_model, tmp_path_factory):
         dtype="int8",  # CPU dynamic quantisation: sampled FP32 rechecks give precision stats
         precision_sample_rate=0.5,
     )
-    return cfg, pipeline.run(cfg)
+    return cfg, extract.run(cfg)
 
 
 @pytest.mark.ray

@@ -187,13 +187,13 @@ def test_with_retries_backoff_and_count():
 
 def test_aws_chain_from_environment(aws_env, data):
     """No storage options at all: credentials and endpoint come from the AWS environment."""
-    from hubert_ray.backend import pipeline
     from hubert_ray.corpus import manifest
+    from hubert_ray.model import files
 
     recs = manifest.read_manifest(data["manifest"])
     uris = [r.audio_uri for r in recs]
     assert all(u.startswith(f"s3://{BUCKET}/corpus/audio/") for u in uris)
-    assert pipeline.read_model_config(data["model"])["num_hidden_layers"] == 2
+    assert files.read_model_config(data["model"])["num_hidden_layers"] == 2
     fs, path = storage.filesystem(data["model"])
     assert fs.client_kwargs == {} and "endpoint_url" not in fs.storage_options
 
@@ -249,9 +249,9 @@ def test_decode_from_s3_equals_local(aws_env, data):
 
 def test_file_urls_take_the_same_path(corpus, tiny_model, tmp_path):
     """``file://`` URLs work wherever a local path does, through the same fsspec code."""
-    from hubert_ray.backend import pipeline
     from hubert_ray.corpus import manifest
     from hubert_ray.corpus.audio import DecodeStage, clear_cache
+    from hubert_ray.model import files
 
     recs = manifest.read_manifest("file://" + corpus)
     assert all(r.audio_uri.startswith("file://") for r in recs)
@@ -262,7 +262,7 @@ def test_file_urls_take_the_same_path(corpus, tiny_model, tmp_path):
     for col in ("segment_id", "num_samples", "error_reason", "audio"):
         assert via_url.column(col) == via_path.column(col), col
     assert storage.local_model_dir("file://" + tiny_model) == tiny_model
-    assert pipeline.read_model_config("file://" + tiny_model)["num_hidden_layers"] == 2
+    assert files.read_model_config("file://" + tiny_model)["num_hidden_layers"] == 2
     url = output.write_part(output.ERROR_SCHEMA.empty_table(), f"file://{tmp_path}/e", None)
     assert url.startswith("file://") and os.listdir(tmp_path / "e") == [url.rsplit("/", 1)[1]]
 
@@ -381,9 +381,9 @@ def test_permanent_errors_become_error_rows(s3, data):
 
 # -- whole job on local Ray -------------------------------------------------------------------
 def _run(cfg):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
-    return pipeline.run(cfg, overwrite=True)
+    return extract.run(cfg, overwrite=True)
 
 
 def _features(uri, opts=None):
@@ -549,9 +549,9 @@ def test_read_error_is_retried_by_a_rerun(ray_session, s3, data):
 
 
 def pipeline_run(cfg, overwrite):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
-    return pipeline.run(cfg, overwrite=overwrite)
+    return extract.run(cfg, overwrite=overwrite)
 
 
 def _assert_no_secret_in_output(out: str, opts: dict):

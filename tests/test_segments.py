@@ -16,6 +16,7 @@ import pytest
 from hubert_ray.corpus import manifest, segments
 from hubert_ray.corpus.manifest import Recording, Segment
 from hubert_ray.dataset import output
+from hubert_ray.dataset import summary as dataset_summary
 
 
 def _recordings(base: str) -> list[Recording]:
@@ -166,7 +167,7 @@ def test_transient_errors_are_taken_out_for_a_retry(tmp_path, canonical):
     assert "r1-1" not in todo.column("segment_id").to_pylist()  # permanent: skipped
 
     _features(out, [("r1-0", "r1"), ("r2-0", "r2")], "recovered")  # what the rerun writes
-    summary = output.summarize_parts(out)
+    summary = dataset_summary.summarize_parts(out)
     assert summary["segments_retried"] == 3 and summary["segments_recovered"] == 2
     assert summary["segments_ok"] == 5 and summary["segments_failed"] == 2
     assert summary["errors_by_reason"] == {"missing_file": 1, "too_short": 1}
@@ -199,12 +200,12 @@ def test_runs_totals():
         {"wall_seconds": None, "audio_seconds": 0.0},  # killed: no wall time
         {"wall_seconds": 30.0, "audio_seconds": 100.0},
     ]
-    assert output.runs_totals(runs) == {
+    assert dataset_summary.runs_totals(runs) == {
         "runs": 3,
         "runs_interrupted": 1,
         "audio_seconds": 600.0,
         "wall_seconds": 40.0,
         "x_realtime": 15.0,
     }
-    assert output.runs_totals([])["x_realtime"] is None
-    assert np.isclose(output.runs_totals(runs[:1])["x_realtime"], 50.0)
+    assert dataset_summary.runs_totals([])["x_realtime"] is None
+    assert np.isclose(dataset_summary.runs_totals(runs[:1])["x_realtime"], 50.0)

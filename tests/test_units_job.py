@@ -44,12 +44,12 @@ def _cfg(corpus, model, out, **kw):
 def learned(ray_session, corpus, tiny_model, tmp_path_factory):
     """A float32 feature dataset and centroids learned on layers 2 (scikit-learn) and 1 (the
     torch backend, through the CLI) of it."""
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
     from jobs import kmeans as cli
 
     root = tmp_path_factory.mktemp("units")
     feats = str(root / "features-run")
-    pipeline.run(_cfg(corpus, tiny_model, feats))
+    extract.run(_cfg(corpus, tiny_model, feats))
     km2, km1 = str(root / "km2.safetensors"), str(root / "km1.safetensors")
     kmeans.learn(feats, 2, K, 0.02, km2, seed=0, n_init=4, backend="sklearn")
     args = ["learn", "--features", feats, "--layer", "1", "--k", str(K), "--sample-hours"]
@@ -76,11 +76,11 @@ def test_learned_provenance_names_the_dataset(learned, tiny_model):
 
 
 def test_extract_units_equal_argmin_of_stored_features(learned, corpus, tiny_model):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     root, _, km2, km1 = learned
     out = str(root / "with-units")
-    summary = pipeline.run(_cfg(corpus, tiny_model, out, units=(km2, km1)))
+    summary = extract.run(_cfg(corpus, tiny_model, out, units=(km2, km1)))
     assert summary["store"] == "both" and summary["unit_layers"] == [1, 2]
     table = output.read_table(os.path.join(out, "features"))
     assert table.schema.field("units_2").type == kmeans.UNIT_TYPE
@@ -107,7 +107,7 @@ def test_extract_units_equal_argmin_of_stored_features(learned, corpus, tiny_mod
 def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_model):
     """--store units writes no feature columns; bfloat16 with every segment rechecked records
     each segment's unit flip rate against FP32, summed in the summary and report."""
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import extract
 
     root, feats, km2, _ = learned
     out = str(root / "units-only")
@@ -123,7 +123,7 @@ def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_m
         precision_sample_rate=1.0,
         on_precision_breach="warn",
     )
-    summary = pipeline.run(cfg)
+    summary = extract.run(cfg)
     names = pq.read_schema(kmeans.part_files(os.path.join(out, "features"))[1][0]).names
     assert "units_2" in names and not any(n.startswith("layer_") for n in names)
     runs = output.read_table(os.path.join(out, "features"))
@@ -170,15 +170,15 @@ def test_units_only_with_reduced_precision_and_flip_rate(learned, corpus, tiny_m
     from hubert_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="store"):
-        pipeline.run(ExtractConfig(**{**cfg.to_dict(), "store": "both"}))
+        extract.run(ExtractConfig(**{**cfg.to_dict(), "store": "both"}))
 
 
 def test_assign_job_resumes_and_matches_extract(learned, corpus, tmp_path):
-    from hubert_ray.backend import pipeline
+    from hubert_ray.backend import assign
 
     root, feats, km2, _ = learned
     out = str(tmp_path / "assigned")
-    first = pipeline.run_assign(feats, km2, out)
+    first = assign.run_assign(feats, km2, out)
     parts = kmeans.part_files(os.path.join(out, "units"))[1]
     assert first["parts"] == len(parts) >= 2 and first["parts_resumed"] == 0
     c = units.load(km2).centroids
@@ -192,7 +192,7 @@ def test_assign_job_resumes_and_matches_extract(learned, corpus, tmp_path):
     # Resume: a lost part is redone, the others are kept as they are.
     keep = {p: os.path.getmtime(p) for p in parts[1:]}
     os.remove(parts[0])
-    again = pipeline.run_assign(feats, km2, out)
+    again = assign.run_assign(feats, km2, out)
     assert again["parts_resumed"] == len(parts) - 1 and again["segments"] == first["segments"]
     assert all(os.path.getmtime(p) == t for p, t in keep.items())
     assert os.path.exists(parts[0])

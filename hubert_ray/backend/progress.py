@@ -1,7 +1,8 @@
-"""Progress of a running job in segments and audio hours, with an ETA (Ray at the edge).
+"""Progress of a running job in segments and audio hours, with an ETA, and its storage retries.
 
-Write tasks report what they wrote to a small actor (:class:`Tally`, no CPU reserved); a
-thread on the driver prints a line every ``interval`` seconds::
+Write tasks report what they wrote to a small actor (:class:`Tally`, no CPU reserved, named so
+that every task and actor of the job finds it); a thread on the driver prints a line every
+``interval`` seconds::
 
     progress: 41,230 / 146,000 segments (28.2 %), 31.4 h audio, 2,130x realtime, ETA 0:06:12
 
@@ -14,14 +15,17 @@ import logging
 import threading
 import time
 
-log = logging.getLogger("hubert_ray.backend.progress")
+log = logging.getLogger("hubert_ray.progress")
+
+TALLY_NAME = "hubert-ray-tally"
+"""The run's :class:`Tally` (named actors are scoped to the job's Ray namespace)."""
 
 
 class Tally:
     """Counts (a Ray actor: ``ray.remote(num_cpus=0)(Tally)``)."""
 
     def __init__(self):
-        self.ok = self.failed = 0
+        self.ok = self.failed = self.retries = 0
         self.audio_s = 0.0
         self.first: float | None = None
 
@@ -32,8 +36,42 @@ class Tally:
         self.failed += failed
         self.audio_s += audio_s
 
+    def add_retries(self, n: int) -> None:
+        self.retries += n
+
     def get(self) -> dict:
-        return {"ok": self.ok, "failed": self.failed, "audio_s": self.audio_s, "first": self.first}
+        return {
+            "ok": self.ok,
+            "failed": self.failed,
+            "audio_s": self.audio_s,
+            "first": self.first,
+            "retries": self.retries,
+        }
+
+
+def start_tally():
+    """A new tally for this run (an earlier run's, left by a crash, is replaced)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(TALLY_NAME))
+    except ValueError:
+        pass
+    return ray.remote(num_cpus=0)(Tally).options(name=TALLY_NAME).remote()
+
+
+def report_retries(n: int) -> None:
+    """A :func:`hubert_ray.io.storage.on_retries` listener: a Ray worker's storage retries go
+    to the run's tally as they happen (retries are rare; the driver counts its own)."""
+    import ray
+    from ray._private.worker import WORKER_MODE
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != WORKER_MODE:
+        return
+    try:
+        ray.get(ray.get_actor(TALLY_NAME).add_retries.remote(n), timeout=30)
+    except Exception:  # a statistic is never worth failing a task
+        log.warning("could not report %d storage retries to the run's tally", n)
 
 
 def line(done: dict, total: int, started: float, now: float) -> str:

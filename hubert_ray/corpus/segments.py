@@ -181,7 +181,7 @@ def done_part_files(uri: str, storage_options: dict | None = None) -> list[str]:
     a :class:`DoneIndex`'s part indices refer to."""
     files: list[str] = []
     for sub in (output.FEATURES_DIR, output.ERRORS_DIR):
-        files.extend(output._part_files(storage.join(uri, sub), storage_options)[1])
+        files.extend(output.part_files(storage.join(uri, sub), storage_options)[1])
     return files
 
 

@@ -184,7 +184,7 @@ def write_part(
     return storage.join(directory, name)
 
 
-def _part_files(directory: str, storage_options: dict | None) -> tuple[object, list[str]]:
+def part_files(directory: str, storage_options: dict | None) -> tuple[object, list[str]]:
     fs, path = storage.filesystem(directory, storage_options)
     # Other processes wrote these files: a listing this process cached (s3fs) may predate them.
     fs.invalidate_cache(path)
@@ -219,7 +219,7 @@ def read_table(
     filters=None,
 ) -> pa.Table | None:
     """All part files of one output directory as a table (``None`` if there are none)."""
-    fs, files = _part_files(directory, storage_options)
+    fs, files = part_files(directory, storage_options)
     if not files:
         return None
     return pq.ParquetDataset(files, filesystem=fs, filters=filters).read(columns=columns)
@@ -227,7 +227,7 @@ def read_table(
 
 def run_metadata(uri: str, storage_options: dict | None = None) -> dict:
     """The run config stored in the features files' Parquet metadata."""
-    fs, files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
+    fs, files = part_files(storage.join(uri, FEATURES_DIR), storage_options)
     if not files:
         return {}
     meta = pq.read_schema(files[0], filesystem=fs).metadata or {}
@@ -254,7 +254,7 @@ def read_features(
                 "the dataset may be incomplete",
                 stacklevel=2,
             )
-    fs, files = _part_files(directory, storage_options)
+    fs, files = part_files(directory, storage_options)
     if not files:
         return {}
     names = pq.read_schema(files[0], filesystem=fs).names
@@ -327,7 +327,7 @@ def drop_segments(directory: str, segment_ids, storage_options: dict | None = No
     (written first, named by their ids) and then deleted: a crash in between leaves both, and
     running the same drop again converges (the same new part, then the delete)."""
     drop = pa.array(list(segment_ids), pa.string())
-    fs, files = _part_files(directory, storage_options)
+    fs, files = part_files(directory, storage_options)
     dropped = 0
     for name in files:
         ids = pq.read_table(name, columns=["segment_id"], filesystem=fs).column("segment_id")
@@ -346,7 +346,7 @@ def drop_segments(directory: str, segment_ids, storage_options: dict | None = No
     return dropped
 
 
-def _counts(values) -> dict:
+def value_counts(values) -> dict:
     """``{value: occurrences}`` of an Arrow array or chunked array (column-wise)."""
     vc = pc.value_counts(values)
     return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
@@ -366,7 +366,7 @@ def retry_transient_errors(uri: str, storage_options: dict | None = None) -> int
     the same name), then the error part is rewritten without them (same name: replaced whole)
     or removed. A kill in between leaves both; the next run moves the rows again (replacing
     the same retried part), so no row is lost or counted twice."""
-    fs, files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
+    fs, files = part_files(storage.join(uri, ERRORS_DIR), storage_options)
     moved = 0
     for path in files:
         table = read_part(fs, path)
@@ -385,149 +385,3 @@ def retry_transient_errors(uri: str, storage_options: dict | None = None) -> int
             storage.with_retries(fs.rm, path)
         moved += n
     return moved
-
-
-def summarize_parts(uri: str, storage_options: dict | None = None) -> dict:
-    """What the output holds, counted part file by part file (never the whole output at
-    once): rows, errors by reason, audio seconds, frames, compute dtypes, precision, and the
-    transient errors retried (ids in ``retried/``) and recovered (those now in ``features/``).
-    The manifest-wide checks (missing, duplicated) are :func:`hubert_ray.corpus.segments`' tasks."""
-    from collections import Counter
-
-    fs, feature_files = _part_files(storage.join(uri, FEATURES_DIR), storage_options)
-    _, error_files = _part_files(storage.join(uri, ERRORS_DIR), storage_options)
-    retried = read_table(storage.join(uri, RETRIED_DIR), ["segment_id"], storage_options)
-    retried_ids = (
-        pc.unique(retried.column("segment_id").combine_chunks())
-        if retried is not None
-        else pa.array([], pa.string())
-    )
-    reasons: Counter = Counter()
-    dtypes: Counter = Counter()
-    fallbacks: Counter = Counter()
-    ok = failed = frames = recovered = model_non_finite = 0
-    audio = 0.0
-    cols = ["segment_id", "start_s", "end_s", "num_frames", "compute_dtype", "fallback_reason"]
-    for path in feature_files:
-        t = read_part(fs, path, cols)
-        ok += t.num_rows
-        audio += float(pc.sum(pc.subtract(t.column("end_s"), t.column("start_s"))).as_py() or 0)
-        frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
-        dtypes.update(_counts(t.column("compute_dtype")))
-        fallbacks.update(_counts(t.column("fallback_reason").drop_null()))
-        if len(retried_ids):
-            recovered += int(pc.sum(pc.is_in(t.column("segment_id"), retried_ids)).as_py() or 0)
-    for path in error_files:
-        t = read_part(fs, path, ["stage", "reason"])
-        failed += t.num_rows
-        reasons.update(_counts(t.column("reason")))
-        is_model_nf = pc.and_(
-            pc.equal(t.column("stage"), "model"), pc.equal(t.column("reason"), "non_finite")
-        )
-        model_non_finite += int(pc.sum(is_model_nf).as_py() or 0)
-    summary = {
-        "segments_ok": ok,
-        "segments_failed": failed,
-        "errors_by_reason": dict(sorted(reasons.items())),
-        "segments_retried": len(retried_ids),
-        "segments_recovered": recovered,
-        "audio_seconds": round(audio, 3),
-        "frames": frames,
-        "compute_dtype_counts": dict(dtypes),
-    }
-    summary["precision"] = _precision_from_counts(uri, fallbacks, model_non_finite, storage_options)
-    return summary
-
-
-def _precision_from_counts(
-    uri: str, fallbacks, model_non_finite: int, storage_options: dict | None
-) -> dict:
-    from hubert_ray.core.precision import summarize_layers
-
-    checks = read_table(storage.join(uri, PRECISION_DIR), None, storage_options)
-    rows = checks.to_pylist() if checks is not None else []
-    rows = list({(r["segment_id"], r["layer"]): r for r in rows}.values())
-    worst: dict[str, str] = {}
-    for r in rows:
-        worst[r["segment_id"]] = r["action"]
-    reports = actor_reports(uri, storage_options)
-    suspect = suspect_segment_ids(uri, reports, storage_options)
-    return {
-        "sampled": len(worst),
-        "warned": sum(1 for a in worst.values() if a != "none"),
-        "breaches": sum(1 for a in worst.values() if a in ("fallback", "breach_ignored")),
-        "fallbacks": sum(fallbacks.values()),
-        "fallbacks_precision": fallbacks.get("precision", 0),
-        "fallbacks_non_finite": fallbacks.get("non_finite", 0),
-        "fallbacks_self_test": fallbacks.get("self_test", 0),
-        "fallbacks_escalated": fallbacks.get("escalated", 0),
-        "non_finite": fallbacks.get("non_finite", 0) + model_non_finite,
-        "non_finite_errors": model_non_finite,
-        "layers": summarize_layers(rows) if rows else {},
-        "self_test": [_self_test_row(r) for r in reports if r.get("self_test")],
-        "self_test_breaches": sum(1 for r in reports if (r.get("self_test") or {}).get("breach")),
-        "escalations": [
-            {k: r.get(k) for k in ("actor_id", "device", "requested_dtype", "checks", "breaches")}
-            | {"segments_written_before": r.get("reduced_rows_before_escalation", 0)}
-            for r in reports
-            if r.get("escalated")
-        ],
-        # Rows an escalated actor wrote in its reduced dtype before the switch (still in the
-        # output): ``--recompute-suspect`` recomputes exactly these.
-        "suspect_segments": len(suspect),
-        "suspect_segment_ids": suspect.slice(0, SUSPECT_IDS_SHOWN).to_pylist(),
-        "audit_device_share": _audit_share(reports),
-    }
-
-
-def _audit_share(reports: list[dict]) -> float | None:
-    """The sampled FP32 rechecks' share of the model actors' device time (their cost), from
-    the actors' records (device times rewritten every ``REPORT_INTERVAL_S``); None if none."""
-    times = [r["device_s"] for r in reports if r.get("device_s")]
-    total = sum(t["forward"] + t["audit"] for t in times)
-    return round(sum(t["audit"] for t in times) / total, 4) if total > 0 else None
-
-
-SUSPECT_IDS_SHOWN = 1000  # the summary lists at most this many suspect segment ids
-
-
-def _self_test_row(report: dict) -> dict:
-    st = report["self_test"]
-    keys = ("device", "dtype", "worst_layer", "worst_rel_l2", "limit", "breach", "action")
-    return {"actor_id": report["actor_id"], **{k: st[k] for k in keys}} | {
-        "seconds": st["seconds"],
-        "layers": st["layers"],
-    }
-
-
-# -- runs into one output -----------------------------------------------------------------------
-def read_runs(uri: str, storage_options: dict | None = None) -> list[dict]:
-    """The entries of ``<uri>/_runs.json`` (empty if none)."""
-    fs, path = storage.filesystem(uri, storage_options)
-    runs_path = f"{path.rstrip('/')}/{RUNS_FILE}"
-    fs.invalidate_cache(path)
-    if not fs.exists(runs_path):
-        return []
-    with fs.open(runs_path, "r") as f:
-        return json.load(f).get("runs", [])
-
-
-def write_runs(uri: str, runs: list[dict], storage_options: dict | None = None) -> None:
-    fs, path = storage.filesystem(uri, storage_options)
-    data = json.dumps({"runs": runs}, indent=2).encode()
-    storage.with_retries(fs.pipe_file, f"{path.rstrip('/')}/{RUNS_FILE}", data)
-
-
-def runs_totals(runs: list[dict]) -> dict:
-    """Audio seconds, wall seconds and x-realtime of these runs together (runs that ended;
-    one that was killed has no wall time and is counted in ``runs_interrupted``)."""
-    ended = [r for r in runs if r.get("wall_seconds") is not None]
-    audio = round(sum(r.get("audio_seconds", 0.0) for r in ended), 3)
-    wall = round(sum(r["wall_seconds"] for r in ended), 3)
-    return {
-        "runs": len(runs),
-        "runs_interrupted": len(runs) - len(ended),
-        "audio_seconds": audio,
-        "wall_seconds": wall,
-        "x_realtime": round(audio / wall, 2) if wall > 0 else None,
-    }

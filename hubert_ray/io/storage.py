@@ -10,8 +10,9 @@ Object storage (``s3://`` through s3fs/botocore):
   options or ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS`` say otherwise). Whole operations that still
   fail transiently (an audio read, a part-file upload, a model file copy) are retried again by
   :func:`with_retries`. Permanent errors (missing object, access denied) are never retried.
-- :func:`retry_count` counts this process' retries of both kinds; the pipeline sums the counts
-  of every process into the summary's ``storage_retries``. Not counted: the one transparent
+- :func:`retry_count` counts this process' retries of both kinds, and :func:`on_retries`
+  listeners hear of each as it happens (the backend reports a worker's to the run's tally, which
+  the summary's ``storage_retries`` sums). Not counted: the one transparent
   re-send aiohttp makes when a connection drops before an idempotent request is answered, and
   re-calls s3fs makes on its own after botocore gave up or when a body breaks off mid-stream.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import posixpath
@@ -44,6 +46,7 @@ MODEL_CACHE_ENV = "HUBERT_RAY_MODEL_CACHE"
 
 _count_lock = threading.Lock()
 _retries = 0
+_listeners: list[Callable[[int], None]] = []
 
 
 def retry_count() -> int:
@@ -52,10 +55,18 @@ def retry_count() -> int:
     return _retries
 
 
+def on_retries(listener: Callable[[int], None]) -> None:
+    """Call ``listener(n)`` whenever this process counts ``n`` more retries (once per listener)."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
 def _add_retries(n: int) -> None:
     global _retries
     with _count_lock:
         _retries += n
+    for listener in _listeners:
+        listener(n)
 
 
 def _on_s3_call(context: dict | None = None, **_: Any) -> None:
@@ -222,6 +233,24 @@ def parent(uri: str) -> str:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_json(uri: str, storage_options: dict | None = None) -> dict | None:
+    """The JSON object at ``uri``; ``None`` if there is none."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_json(uri: str, obj: Any, storage_options: dict | None = None) -> None:
+    """``obj`` as indented JSON at ``uri``: serialised first, written in one call (never half a
+    file), its local directory created."""
+    fs, path = filesystem(uri, storage_options)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with_retries(fs.pipe_file, path, json.dumps(obj, indent=2).encode())
 
 
 def local_model_dir(

@@ -90,6 +90,12 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def input_dtype(net) -> torch.dtype:
+    """The dtype a model's input is cast to: its parameters' (float32 for an int8 model)."""
+    param = next(net.parameters())
+    return param.dtype if param.dtype.is_floating_point else torch.float32
+
+
 def _masked(h: torch.Tensor, keep: torch.Tensor | None, time_dim: int) -> torch.Tensor:
     """``h`` with the padded frames (``keep`` [B, T] False) zeroed; ``time_dim``: 1 for
     [B, T, C], 2 for [B, C, T]."""

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 
 from hubert_ray.core.chunking import Geometry
-from hubert_ray.core.config import NORMALIZE_OPTIONS, SAMPLE_RATE_HZ
 from hubert_ray.core.errors import ConfigError
+from hubert_ray.core.stage_config import NORMALIZE_OPTIONS, SAMPLE_RATE_HZ
 
 # model_type -> transformers class
 FAMILIES: dict[str, str] = {

@@ -122,15 +122,24 @@ class ModelStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
 
-    def __init__(self, config: ModelConfig, self_test: bool = True, simulated=None):
+    def __init__(self, config: ModelConfig, self_test: bool = True, device=None, simulated=None):
+        """``device``: a spec of the device the engine runs on
+        (:class:`hubert_ray.model.device.DeviceSpec`, e.g. a
+        :class:`~hubert_ray.model.device.SimulatedDevice`); ``None``: the real device
+        ``config.device`` names. ``simulated``: the same, under the name the backend's model
+        actor still passes (to be removed once it passes ``device``)."""
         from hubert_ray.io.storage import local_model_dir
         from hubert_ray.model import encoder as hm
         from hubert_ray.model.engine import Engine
 
+        if simulated is not None:
+            if device is not None:
+                raise TypeError("ModelStage: pass device or simulated, not both")
+            device = simulated
         self.config = config
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10**12:012d}"
         model_dir = local_model_dir(config.model_uri, config.storage_options)
-        self.engine = Engine(config, model_dir, self_test=self_test, simulated=simulated)
+        self.engine = Engine(config, model_dir, self_test=self_test, device=device)
 
         self.layers = self.engine.layers
         self.identity = {

@@ -73,7 +73,7 @@ def features_dir(uri: str) -> str:
 
 def part_files(directory: str, storage_options=None) -> tuple[object, list[str]]:
     """(filesystem, sorted part paths) of one dataset directory."""
-    return output._part_files(directory, storage_options)
+    return output.part_files(directory, storage_options)
 
 
 def open_parquet(fs, path: str) -> pq.ParquetFile:

@@ -1,0 +1,922 @@
+"""Host capacity: how close the whole job gets to decoding alone, and where the host's CPU goes.
+
+    python -m benchmarks.host_capacity --format opus|flac|wav --recording-minutes M \\
+        --coverage C --hours H [--repeats 2] [--profile] --json PATH
+
+The corpus (WenetSpeech-like, cached under ``--corpus-dir``): ``H`` hours of 16 kHz mono
+recordings of ``M`` minutes in ``--format`` (Ogg Opus, FLAC PCM_16 or WAV PCM_16), each cut
+back to back into contiguous segments of 0.6-9 s (gamma shape 2, mean ~2.6 s before
+clipping); ``--unique-recordings`` distinct signals are synthesised and encoded
+(:func:`hubert_ray.core.signal.synth_signal`; Opus encodes at ~20x realtime) and the other
+recordings are hard links of them under their own names (decoding cost is real, encoding is
+not repeated). The manifest lists a fraction ``C`` of each recording's segments
+(``--coverage``), spread evenly through it (segment ``j`` is listed when ``floor((j+1)C) >
+floor(jC)``).
+
+Measured side by side in one run, alternating (``--repeats`` rounds):
+
+* ``raw``: soundfile decoding every recording file whole (``sf.read(path, dtype="float32")``)
+  in this one process: x-realtime per core, of the recordings' audio.
+* ``job``: :func:`hubert_ray.backend.pipeline.run` with the job's defaults on local Ray (one
+  simulated GPU, ``--x-realtime`` 1e6: the host alone sets the pace), x-realtime of the listed
+  segments' audio: ``whole`` (wall of ``pipeline.run``: start-up, manifest conversion, the
+  summary pass included) and ``steady`` (benchmarks/simulated_device.py's definition: the audio
+  of every model call after the actor's first, over the span from its first to its last
+  finished call). ``per core`` = x-realtime / the CPUs Ray schedules on
+  (``ray.cluster_resources()["CPU"]``); ``ratio`` = job per core / raw per core.
+
+While each job runs, a sampler process reads ``/proc/<pid>/stat`` (and each thread's
+``/proc/<pid>/task/<tid>/stat``) of every process descended from this one every
+``--interval`` seconds and attributes each CPU-time delta to the process's role, from its
+title (Ray sets ``ray::<TaskOrActor>``: ``/proc/<pid>/cmdline``): decode tasks, the model
+actor, write tasks, manifest tasks, idle workers, the driver (Ray Data's executor), Ray's own
+daemons (raylet, gcs_server, agents). CPU seconds per audio hour are reported per role for
+the whole run and for the steady window; ``other_host`` is what the rest of the machine
+(other users) used meanwhile.
+
+``--profile`` adds one more job run under py-spy (``--native``, one ``py-spy record`` per job
+worker process, speedscope output): its samples split each role's CPU into stages by the
+functions on the stack (:data:`STAGE_RULES`): decode, cut/normalise, decode-side Arrow
+building, transfers/serialisation (Ray's object store, pickling, Ray Data's block
+batching), the model actor's host work (packing, staging, copy-out into Arrow), write
+(Parquet), Ray/other. The profiled run is slower (py-spy shares the cores) and is reported
+apart; its stage shares are applied to the timed runs' role CPU. A thread that py-spy cannot
+see (Ray's C++ threads) shows in the per-thread ``/proc`` table instead.
+
+``--write-probe`` also times :func:`hubert_ray.dataset.output.write_part` on one core with the
+simulated device's features (zeros) against random float16 features, and Parquet options
+(compression, dictionary, batch rows): the simulated device writes zeros, which compress to
+nothing, so the job's write cost here is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SR = 16_000
+SEG_MIN_S, SEG_MAX_S, SEG_MEAN_S = 0.6, 9.0, 2.6
+FORMATS = {"opus": "opus", "flac": "flac", "wav": "wav16"}  # -> synth.write_audio's fmt
+EXT = {"opus": "opus", "flac": "flac", "wav": "wav"}
+
+
+# -- corpus ---------------------------------------------------------------------------------------
+def segment_times(duration_s: float, seed: int) -> list[tuple[float, float]]:
+    """Contiguous segments covering ``[0, duration_s)``: gamma(2) durations with mean
+    :data:`SEG_MEAN_S` clipped to [0.6, 9] s; a last piece under 0.6 s is left out."""
+    rng = np.random.default_rng(seed)
+    out, t = [], 0.0
+    while True:
+        d = float(np.clip(rng.gamma(2.0, SEG_MEAN_S / 2.0), SEG_MIN_S, SEG_MAX_S))
+        end = min(t + d, duration_s)
+        if end - t < SEG_MIN_S:
+            break
+        out.append((round(t, 4), round(end, 4)))
+        t = end
+    return out
+
+
+def make_audio(root: str, fmt: str, minutes: float, count: int, unique: int) -> list[str]:
+    """``count`` recording files under ``root/audio`` (cached: kept between runs)."""
+    from hubert_ray.core.signal import synth_signal
+    from hubert_ray.testing.synth import write_audio
+
+    audio = os.path.join(root, "audio")
+    os.makedirs(audio, exist_ok=True)
+    unique = max(1, min(unique, count))
+    sources = []
+    for u in range(unique):
+        path = os.path.join(audio, f"u{u:03d}.{EXT[fmt]}")
+        if not os.path.exists(path):
+            t0 = time.perf_counter()
+            x = synth_signal(minutes * 60, SR, 1, seed=1000 + u)
+            tmp = path + ".tmp." + EXT[fmt]
+            write_audio(tmp, x, SR, FORMATS[fmt])
+            os.replace(tmp, path)
+            print(f"# generated {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+        sources.append(path)
+    paths = []
+    for i in range(count):
+        path = os.path.join(audio, f"rec{i:05d}.{EXT[fmt]}")
+        if not os.path.exists(path):
+            try:
+                os.link(sources[i % unique], path)
+            except OSError:
+                shutil.copyfile(sources[i % unique], path)
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: str, files: list[str], minutes: float, coverage: float) -> dict:
+    """A JSONL manifest of ``coverage`` of each recording's segments; returns its counts."""
+    listed = segments = 0
+    listed_s = 0.0
+    with open(path, "w") as f:
+        for i, audio in enumerate(files):
+            rid = f"rec{i:05d}"
+            segs = []
+            for j, (a, b) in enumerate(segment_times(minutes * 60, seed=i)):
+                segments += 1
+                if math.floor((j + 1) * coverage + 1e-9) > math.floor(j * coverage + 1e-9):
+                    segs.append({"id": f"{rid}-{j:05d}", "start_s": a, "end_s": b})
+                    listed_s += b - a
+            listed += len(segs)
+            f.write(json.dumps({"id": rid, "audio": audio, "segments": segs}) + "\n")
+    return {
+        "recordings": len(files),
+        "segments_in_recordings": segments,
+        "segments_listed": listed,
+        "listed_audio_s": round(listed_s, 2),
+        "mean_listed_segment_s": round(listed_s / max(1, listed), 3),
+    }
+
+
+# -- side by side: raw decode, the job ------------------------------------------------------------
+def load() -> dict:
+    """``uptime``'s load averages and the whole host's busy share since the last call."""
+    return {"loadavg": [round(v, 2) for v in os.getloadavg()], "uptime": _uptime()}
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def host_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def raw_decode(files: list[str], seconds_each: float) -> dict:
+    """soundfile decoding every file whole, in this process (one core)."""
+    import soundfile as sf
+
+    busy0, total0 = host_jiffies()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    frames = 0
+    for path in files:
+        x, _ = sf.read(path, dtype="float32")
+        frames += x.shape[0]
+        del x
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    busy1, total1 = host_jiffies()
+    audio = frames / SR
+    return {
+        "audio_s": round(audio, 1),
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "x_realtime_per_core": round(audio / wall, 1),
+        "x_realtime_per_cpu_second": round(audio / cpu, 1),
+        "host_busy_share": round((busy1 - busy0) / max(1, total1 - total0), 3),
+        "load": load(),
+    }
+
+
+def run_pipeline(cfg, x_realtime: float) -> dict:
+    """The job with a simulated device of ``x_realtime``, through whichever interface the
+    backend has at the time (it is being reorganised): ``run`` in ``hubert_ray.backend.pipeline``
+    or ``hubert_ray.backend.extract``; the device as ``simulate={...}`` (SimulatedDevice's
+    arguments) or as a device object (``simulate=`` / ``device=`` a SimulatedDevice)."""
+    import importlib
+    import inspect
+
+    run = None
+    for name in ("hubert_ray.backend.pipeline", "hubert_ray.backend.extract", "hubert_ray.backend"):
+        try:
+            run = getattr(importlib.import_module(name), "run", None)
+        except ImportError:
+            continue
+        if run is not None:
+            break
+    if run is None:
+        raise RuntimeError("no hubert_ray.backend run() found")
+    params = inspect.signature(run).parameters
+    for name in ("simulate", "device", "simulated", "simulated_device"):
+        if name not in params:
+            continue
+        note = str(params[name].annotation)
+        if "dict" in note:
+            return run(cfg, overwrite=True, **{name: {"x_realtime": x_realtime}})
+        from hubert_ray.model.device import SimulatedDevice
+
+        return run(cfg, overwrite=True, **{name: SimulatedDevice(x_realtime=x_realtime)})
+    raise RuntimeError(f"run{inspect.signature(run)}: no simulated device argument")
+
+
+def steady(reports: list[dict]) -> dict:
+    """benchmarks/simulated_device.py's steady state: audio of every call after each actor's
+    first, over the span from its first to its last finished call (monotonic clock)."""
+    out = {"x_realtime": None, "window": None, "audio_s": 0.0, "calls": 0}
+    rates, windows = [], []
+    for report in reports:
+        calls = (report.get("simulated") or {}).get("calls") or []
+        out["calls"] += len(calls)
+        if len(calls) >= 2:
+            audio = sum(samples for _, samples in calls[1:]) / SR
+            span = calls[-1][0] - calls[0][0]
+            rates.append(audio / span)
+            windows.append((calls[0][0], calls[-1][0]))
+            out["audio_s"] += audio
+    if rates:
+        out["x_realtime"] = round(sum(rates), 1)
+        out["window"] = (min(a for a, _ in windows), max(b for _, b in windows))
+        out["span_s"] = round(out["window"][1] - out["window"][0], 3)
+    out["audio_s"] = round(out["audio_s"], 1)
+    return out
+
+
+def job_run(
+    manifest: str, model: str, work: str, x_realtime: float, interval: float, profile_dir=None
+) -> dict:
+    import ray
+
+    from hubert_ray.core.config import ExtractConfig
+    from hubert_ray.dataset import output
+
+    out_dir = os.path.join(work, "out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(address="local", num_gpus=1, include_dashboard=False)
+    cpus = ray.cluster_resources().get("CPU", os.cpu_count())
+    cfg = ExtractConfig(manifest=manifest, model=model, output=out_dir)
+    samples = os.path.join(work, "samples.json")
+    sampler = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.host_capacity", "--_sample", samples,
+         "--_root", str(os.getpid()), "--interval", str(interval)],
+        cwd=ROOT,
+    )
+    spies = None
+    if profile_dir:
+        spies = Spies(profile_dir, os.getpid(), exclude={sampler.pid})
+        spies.start()
+    time.sleep(max(0.3, 3 * interval))  # the sampler's baseline
+    ld = load()
+    busy0, total0 = host_jiffies()
+    t_mono0, t0 = time.monotonic(), time.perf_counter()
+    summary = run_pipeline(cfg, x_realtime)
+    wall = time.perf_counter() - t0
+    t_mono1 = time.monotonic()
+    busy1, total1 = host_jiffies()
+    if spies:
+        spies.stop()
+    sampler.send_signal(signal.SIGTERM)
+    sampler.wait(60)
+    ray.shutdown()
+    with open(samples) as f:
+        ticks = json.load(f)
+    audio = summary["audio_seconds"]
+    st = steady(output.actor_reports(out_dir))
+    res = {
+        "audio_s": round(audio, 1),
+        "segments_ok": summary["segments_ok"],
+        "segments_failed": summary.get("segments_failed"),
+        "wall_s": round(wall, 2),
+        "phase_seconds": summary.get("phase_seconds"),
+        "ray_cpus": cpus,
+        "x_realtime_whole": round(audio / wall, 1),
+        "x_realtime_steady": st["x_realtime"],
+        "steady": {k: v for k, v in st.items() if k != "window"},
+        "host_busy_share": round((busy1 - busy0) / max(1, total1 - total0), 3),
+        "load_before": ld,
+        "load_after": load(),
+        "profiled": bool(profile_dir),
+    }
+    res["cpu"] = attribute(ticks, (t_mono0, t_mono1), st["window"], audio, st["audio_s"])
+    if spies:
+        res["spies"] = spies.report()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return res
+
+
+# -- /proc sampler ------------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(path: str) -> tuple[str, int, int] | None:
+    """(comm, ppid, utime + stime ticks) of a /proc stat file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    lp, rp = data.find(b"("), data.rfind(b")")
+    fields = data[rp + 2 :].split()
+    return data[lp + 1 : rp].decode(errors="replace"), int(fields[1]), int(fields[11]) + int(
+        fields[12]
+    )
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return "?"
+    parts = [p for p in raw.split(b"\0") if p]
+    if not parts:
+        return "?"
+    first = parts[0].decode(errors="replace").strip()
+    if first.startswith("ray::"):
+        return first
+    text = " ".join(p.decode(errors="replace") for p in parts[:4])
+    return text[:200]
+
+
+def sample_loop(out_path: str, root: int, interval: float) -> None:
+    """Every ``interval`` s: CPU-time deltas of ``root``'s descendants (and their threads),
+    by title, and the whole host's busy jiffies; written as JSON on SIGTERM."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    me = os.getpid()
+    last_cpu: dict[int, int] = {}
+    last_title: dict[int, str] = {}
+    last_thread: dict[tuple[int, int], int] = {}
+    ticks = []
+    first = True
+    while not stop:
+        t = time.monotonic()
+        stats = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                s = _stat(f"/proc/{name}/stat")
+                if s is not None:
+                    stats[int(name)] = s
+        children: dict[int, list[int]] = {}
+        for pid, (_, ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        ours, todo = [], [root]
+        while todo:
+            pid = todo.pop()
+            ours.append(pid)
+            todo.extend(children.get(pid, []))
+        procs, threads = {}, {}
+        for pid in ours:
+            if pid == me or pid not in stats:
+                continue
+            cpu = stats[pid][2]
+            title = "driver" if pid == root else _title(pid)
+            prev_title = last_title.get(pid, title)
+            delta = cpu - last_cpu.get(pid, 0 if not first else cpu)
+            last_cpu[pid], last_title[pid] = cpu, title
+            if delta <= 0:
+                continue
+            key = title if prev_title == title else f"{prev_title} | {title}"
+            procs[key] = procs.get(key, 0) + delta
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                s = _stat(f"/proc/{pid}/task/{tid}/stat")
+                if s is None:
+                    continue
+                k = (pid, int(tid))
+                d = s[2] - last_thread.get(k, 0 if not first else s[2])
+                last_thread[k] = s[2]
+                if d > 0:
+                    tk = f"{key}\t{s[0]}"
+                    threads[tk] = threads.get(tk, 0) + d
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]
+        ticks.append({"t": t, "procs": procs, "threads": threads, "host_busy": busy})
+        first = False
+        time.sleep(max(0.0, interval - (time.monotonic() - t)))
+    with open(out_path, "w") as f:
+        json.dump({"clk_tck": CLK_TCK, "sampler_pid": me, "ticks": ticks}, f)
+
+
+# Role of a process title (the first rule that matches: a fused Ray Data task's title names
+# every operator it runs).
+ROLE_RULES = (
+    ("decode", ("_decode",)),
+    ("model_actor", ("ModelActor",)),
+    ("write", ("Write", "HubertFeatures", "write_datasink")),
+    ("manifest", ("_todo", "_read_manifest", "ReadRange", "FromItems", "Repartition", "from_items")),
+    ("summary", ("_summarize", "_check_slice", "_unexpected", "_list_parts", "_index_range",
+                 "_combine_index", "mean_segment_seconds")),
+    ("worker_idle", ("ray::IDLE",)),
+    ("driver", ("driver",)),
+    ("ray_daemons", ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor",
+                     "monitor.py", "agent")),
+)
+
+
+def role_of(title: str) -> str:
+    # "A | B": the title changed within the tick; the later one's role (the sampler saw it
+    # at the tick's end) unless it is idle.
+    parts = [p.strip() for p in title.split(" | ")]
+    for part in reversed(parts):
+        r = _role(part)
+        if r != "worker_idle":
+            return r
+    return _role(parts[-1])
+
+
+def _role(title: str) -> str:
+    for role, keys in ROLE_RULES:
+        if any(k in title for k in keys):
+            return role
+    return "ray_other" if title.startswith("ray::") else "other_process"
+
+
+def attribute(samples: dict, run: tuple, window, audio_s: float, steady_audio_s: float) -> dict:
+    """CPU seconds per role (and per role and thread name) over the run and the steady window;
+    per audio hour."""
+    hz = samples["clk_tck"]
+    ticks = samples["ticks"]
+
+    def collect(lo, hi):
+        roles, threads, titles = {}, {}, {}
+        host = 0
+        prev_busy = None
+        for tk in ticks:
+            inside = lo < tk["t"] <= hi
+            if inside and prev_busy is not None:
+                host += tk["host_busy"] - prev_busy
+            prev_busy = tk["host_busy"]
+            if not inside:
+                continue
+            for title, d in tk["procs"].items():
+                r = role_of(title)
+                roles[r] = roles.get(r, 0) + d / hz
+                titles[title] = titles.get(title, 0) + d / hz
+            for key, d in tk["threads"].items():
+                title, comm = key.split("\t")
+                k = f"{role_of(title)}/{comm}"
+                threads[k] = threads.get(k, 0) + d / hz
+        ours = sum(roles.values())
+        return {
+            "seconds": round(hi - lo, 3),
+            "cpu_s": {k: round(v, 2) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])},
+            "job_cpu_s": round(ours, 2),
+            "host_busy_cpu_s": round(host / hz, 2),
+            "other_host_cpu_s": round(host / hz - ours, 2),
+            "threads_cpu_s": {
+                k: round(v, 2) for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 0.05
+            },
+            "titles_cpu_s": {
+                k: round(v, 2) for k, v in sorted(titles.items(), key=lambda kv: -kv[1]) if v >= 0.05
+            },
+        }
+
+    out = {"whole": collect(*run)}
+    out["whole"]["audio_h"] = round(audio_s / 3600, 4)
+    out["whole"]["per_audio_hour"] = {
+        k: round(v / (audio_s / 3600), 1) for k, v in out["whole"]["cpu_s"].items()
+    }
+    out["whole"]["job_per_audio_hour"] = round(out["whole"]["job_cpu_s"] / (audio_s / 3600), 1)
+    if window:
+        s = collect(*window)
+        h = steady_audio_s / 3600
+        s["audio_h"] = round(h, 4)
+        s["per_audio_hour"] = {k: round(v / h, 1) for k, v in s["cpu_s"].items()}
+        s["job_per_audio_hour"] = round(s["job_cpu_s"] / h, 1)
+        s["job_cores_busy"] = round(s["job_cpu_s"] / s["seconds"], 3)
+        out["steady"] = s
+    return out
+
+
+# -- py-spy ---------------------------------------------------------------------------------------
+class Spies:
+    """One ``py-spy record --native`` per job worker process (polled as they appear)."""
+
+    def __init__(self, out_dir: str, root: int, exclude: set[int], rate: int = 100):
+        import threading
+
+        self.dir, self.root, self.exclude, self.rate = out_dir, root, set(exclude), rate
+        os.makedirs(out_dir, exist_ok=True)
+        self.procs: dict[int, tuple[subprocess.Popen, str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            stats = {}
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    s = _stat(f"/proc/{name}/stat")
+                    if s is not None:
+                        stats[int(name)] = s
+            children: dict[int, list[int]] = {}
+            for pid, (_, ppid, _) in stats.items():
+                children.setdefault(ppid, []).append(pid)
+            todo, ours = [self.root], []
+            while todo:
+                pid = todo.pop()
+                ours.append(pid)
+                todo.extend(children.get(pid, []))
+            spy_pids = {p.pid for p, _, _ in self.procs.values()}
+            for pid in ours:
+                if pid in self.procs or pid in self.exclude or pid in spy_pids:
+                    continue
+                title = _title(pid)
+                if not (title.startswith("ray::") or pid == self.root):
+                    continue  # raylet, gcs_server: C++ (their CPU is in the /proc table)
+                out = os.path.join(self.dir, f"{pid}.speedscope.json")
+                log = open(os.path.join(self.dir, f"{pid}.log"), "w")
+                proc = subprocess.Popen(
+                    [self.spy, "record", "--native", "--nonblocking", "--rate", str(self.rate),
+                     "--format", "speedscope", "-o", out, "--pid", str(pid)],
+                    stdout=log, stderr=subprocess.STDOUT,
+                )
+                self.procs[pid] = (proc, out, "driver" if pid == self.root else title)
+            self._stop.wait(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for proc, _, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, _, _ in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def report(self) -> dict:
+        return {str(pid): {"title": title, "file": out} for pid, (_, out, title) in self.procs.items()}
+
+
+# Stage of a py-spy sample: the first rule (in this order) whose any key occurs in any frame
+# of the stack, searched from the innermost frame outwards, e.g. a numpy copy under
+# ``_cut`` is cut/normalise, under ``features_array`` model-actor host work.
+STAGE_RULES = (
+    # Parquet writing (write tasks)
+    ("write", ("write_table", "parquet", "write_part", "ParquetWriter", "FeatureSink")),
+    # the model actor's host work
+    ("model_host", ("features_array", "units_array", "assemble", "audio_views", "pad_batch",
+                    "_micro_batch", "_staging", "pack_micro_batches", "plan_chunks", "_work",
+                    "engine.py", "extractor.py", "SimulatedModel", "_collect", "_launch",
+                    "ModelStage", "_with_retries_column", "_sub_calls")),
+    # cutting and normalising in the decode task
+    ("cut_normalise", ("normalise", "_cut", "samples (", "isfinite", "segment_bounds",
+                       "release")),
+    # decoding (libsndfile, libopus, libFLAC, soxr)
+    ("decode", ("sf_readf", "sf_read", "opus", "FLAC", "flac", "soxr", "_window", "fill",
+                "libsndfile", "vorbis", "ogg_", "psf_", "RecordingStream", "read_frames",
+                "_cdata_io", "soundfile.py")),
+    # building the decode stage's Arrow output
+    ("decode_arrow", ("DecodeStage.__call__", "LargeListArray", "audio.py")),
+    # Ray's object store and serialisation, Ray Data's block handling (both ends)
+    ("transfer", ("serializ", "pickle", "plasma", "put_object", "get_objects", "store_task",
+                  "deserializ", "_raylet", "object_store", "Memcopy", "memcpy", "memmove",
+                  "BlockAccessor", "batcher", "Batcher", "concat", "combine_chunks",
+                  "block_builder", "arrow_block", "table_block", "to_batches",
+                  "ray/data/", "ray\\data")),
+)
+
+
+def stage_of(frames: list[str]) -> str:
+    for stage, keys in STAGE_RULES:
+        for fr in frames:
+            if any(k in fr for k in keys):
+                return stage
+    return "other"
+
+
+def speedscope_split(path: str) -> dict:
+    """Samples per stage (and the top innermost frames) of one speedscope profile."""
+    with open(path) as f:
+        data = json.load(f)
+    frames = [
+        f"{fr['name']} ({os.path.basename(fr.get('file') or '')}:{fr.get('line', '')})"
+        for fr in data["shared"]["frames"]
+    ]
+    stages: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    for prof in data["profiles"]:
+        n = 0
+        for sample, weight in zip(prof["samples"], prof["weights"], strict=False):
+            stack = [frames[i] for i in sample][::-1]  # innermost first
+            s = stage_of(stack)
+            stages[s] = stages.get(s, 0) + weight
+            if stack:
+                key = f"{s}: {stack[0]}"
+                leaves[key] = leaves.get(key, 0) + weight
+            n += weight
+        threads[prof.get("name", "?")] = threads.get(prof.get("name", "?"), 0) + n
+    return {"stages": stages, "leaves": leaves, "threads": threads}
+
+
+def profile_split(spies: dict) -> dict:
+    """Per role: samples per stage, shares, and the top innermost frames."""
+    by_role: dict[str, dict] = {}
+    for info in spies.values():
+        if not os.path.exists(info["file"]):
+            continue
+        role = role_of(info["title"])
+        try:
+            split = speedscope_split(info["file"])
+        except (ValueError, KeyError):
+            continue
+        r = by_role.setdefault(role, {"stages": {}, "leaves": {}})
+        for k in ("stages", "leaves"):
+            for name, v in split[k].items():
+                r[k][name] = r[k].get(name, 0) + v
+    out = {}
+    for role, r in by_role.items():
+        total = sum(r["stages"].values()) or 1
+        out[role] = {
+            "samples": total,
+            "share": {k: round(v / total, 4) for k, v in sorted(r["stages"].items(),
+                                                                 key=lambda kv: -kv[1])},
+            "top_leaves": {k: round(v / total, 4) for k, v in sorted(
+                r["leaves"].items(), key=lambda kv: -kv[1])[:25]},
+        }
+    return out
+
+
+# Stages of a role's CPU with no profile: all of it in one.
+ROLE_STAGE = {
+    "decode": "decode",
+    "model_actor": "model_host",
+    "write": "write",
+    "driver": "ray_overhead",
+    "ray_daemons": "ray_overhead",
+    "worker_idle": "ray_overhead",
+    "ray_other": "ray_overhead",
+    "manifest": "manifest_summary",
+    "summary": "manifest_summary",
+    "other_process": "ray_overhead",
+}
+STAGES = ("decode", "cut_normalise", "decode_arrow", "transfer", "model_host", "write",
+          "manifest_summary", "ray_overhead", "other")
+
+
+def stage_table(cpu: dict, split: dict | None) -> dict:
+    """CPU seconds per audio hour by stage: each role's CPU, split by its profile's shares."""
+    out = dict.fromkeys(STAGES, 0.0)
+    for role, per_h in cpu["per_audio_hour"].items():
+        shares = (split or {}).get(role, {}).get("share")
+        if not shares or role not in ("decode", "model_actor", "write"):
+            out[ROLE_STAGE.get(role, "other")] += per_h
+            continue
+        for stage, share in shares.items():
+            if stage == "other":
+                stage = ROLE_STAGE[role]
+            out[stage] += per_h * share
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+# -- write probe --------------------------------------------------------------------------------
+def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
+    """output.write_part's x-realtime on one core: zero features (the simulated device's)
+    against random float16 ones, and a few Parquet options on the random ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hubert_ray.dataset import output
+    from hubert_ray.stages.extractor import features_array
+
+    rng = np.random.default_rng(0)
+    durs = [b - a for a, b in segment_times(rows * SEG_MEAN_S * 1.2, 0)][:rows]
+    frames = [max(1, int((d * SR - 400) // 320) + 1) for d in durs]
+    audio_s = sum(durs)
+    n = sum(frames)
+
+    def table(values):
+        feats = features_array(values, frames, [True] * len(frames), "float16")
+        ids = [f"r-{i:06d}" for i in range(len(frames))]
+        return pa.table({
+            "segment_id": ids, "recording_id": ["r"] * len(ids),
+            "start_s": pa.array(np.zeros(len(ids))), "end_s": pa.array(durs),
+            "num_frames": pa.array(frames, pa.int32()), "layer_9": feats,
+        })
+
+    tables = {
+        "zeros": table(np.zeros((n, 768), np.float16)),
+        "random": table(rng.standard_normal((n, 768), dtype=np.float32).astype(np.float16)),
+    }
+    variants = {
+        "job_options_zeros": ("zeros", None),
+        "job_options_random": ("random", None),
+        "random_no_compression": ("random", {"compression": "none"}),
+        "random_zstd1": ("random", {"compression": "zstd", "compression_level": 1}),
+        "random_dictionary_on": ("random", {"use_dictionary": True}),
+        "random_batch_2000": ("random", {"_batch": 100000}),
+        "random_batch_16": ("random", {"_batch": 16}),
+    }
+    res: dict[str, dict] = {k: {"x_realtime": [], "bytes": None} for k in variants}
+    d = os.path.join(work, "probe")
+    os.makedirs(d, exist_ok=True)
+    for _ in range(repeats):
+        for name, (src, opts) in variants.items():
+            t = tables[src]
+            t0 = time.process_time()
+            if opts is None:
+                path = output.write_part(t, d, {"x": 1}, key=name)
+                path = path.replace("file://", "")
+            else:
+                opts = dict(opts)
+                batch = opts.pop("_batch", output.WRITE_BATCH_ROWS)
+                tb = pa.Table.from_batches(t.to_batches(batch), t.schema)
+                o = output.parquet_options(t.schema) | opts
+                path = os.path.join(d, f"{name}.parquet")
+                pq.write_table(tb, path, **o)
+            cpu = time.process_time() - t0
+            res[name]["x_realtime"].append(round(audio_s / cpu))
+            res[name]["bytes"] = os.path.getsize(path)
+    shutil.rmtree(d, ignore_errors=True)
+    for r in res.values():
+        r["median"] = float(np.median(r["x_realtime"]))
+        r["cpu_s_per_audio_hour"] = round(3600 / r["median"], 1)
+        r["bytes_per_audio_s"] = round(r["bytes"] / audio_s)
+    return {"rows": len(frames), "audio_s": round(audio_s, 1), "variants": res}
+
+
+# -- main -----------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return round(float(np.median(xs)), 3) if xs else None
+
+
+def summarise(rounds: list[dict], split: dict | None) -> dict:
+    raws = [r["raw"]["x_realtime_per_core"] for r in rounds]
+    out = {"rows": []}
+    for r in rounds:
+        job, raw = r["job"], r["raw"]
+        cpus = job["ray_cpus"]
+        row = {
+            "round": r["round"],
+            "raw_x_per_core": raw["x_realtime_per_core"],
+            "job_x_steady": job["x_realtime_steady"],
+            "job_x_whole": job["x_realtime_whole"],
+            "job_x_steady_per_core": round(job["x_realtime_steady"] / cpus, 1)
+            if job["x_realtime_steady"] else None,
+            "job_x_whole_per_core": round(job["x_realtime_whole"] / cpus, 1),
+            "load_raw": raw["load"]["loadavg"],
+            "load_job": job["load_before"]["loadavg"],
+            "load_job_after": job["load_after"]["loadavg"],
+            "other_host_cpu_s_steady": (job["cpu"].get("steady") or {}).get("other_host_cpu_s"),
+            "profiled": job["profiled"],
+        }
+        if row["job_x_steady_per_core"]:
+            row["ratio_steady"] = round(row["job_x_steady_per_core"] / raw["x_realtime_per_core"], 3)
+        row["ratio_whole"] = round(row["job_x_whole_per_core"] / raw["x_realtime_per_core"], 3)
+        w = job["cpu"].get("steady") or job["cpu"]["whole"]
+        row["job_cpu_per_audio_hour_steady"] = w["job_per_audio_hour"]
+        row["job_cpu_per_audio_hour_whole"] = job["cpu"]["whole"]["job_per_audio_hour"]
+        # the same ratio in CPU time (load-proof: other users' processes take wall time, not
+        # CPU time): raw decode's CPU seconds per audio hour / the job's
+        raw_cpu_h = 3600 / raw["x_realtime_per_cpu_second"]
+        row["raw_cpu_per_audio_hour"] = round(raw_cpu_h, 1)
+        row["ratio_cpu_steady"] = round(raw_cpu_h / w["job_per_audio_hour"], 3)
+        row["ratio_cpu_whole"] = round(raw_cpu_h / row["job_cpu_per_audio_hour_whole"], 3)
+        row["job_cores_busy_steady"] = w.get("job_cores_busy")
+        row["stages_per_audio_hour_steady"] = stage_table(w, split)
+        row["stages_per_audio_hour_whole"] = stage_table(job["cpu"]["whole"], split)
+        out["rows"].append(row)
+    timed = [row for row in out["rows"] if not row["profiled"]]
+    out["median_raw_x_per_core"] = median(raws)
+    out["median_ratio_steady"] = median([row.get("ratio_steady") for row in timed])
+    out["median_ratio_whole"] = median([row["ratio_whole"] for row in timed])
+    out["median_ratio_cpu_steady"] = median([row["ratio_cpu_steady"] for row in timed])
+    out["median_ratio_cpu_whole"] = median([row["ratio_cpu_whole"] for row in timed])
+    out["raw_cpu_s_per_audio_hour"] = round(3600 / out["median_raw_x_per_core"], 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host_capacity",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", choices=sorted(FORMATS), default="opus")
+    p.add_argument("--recording-minutes", type=float, default=10.0)
+    p.add_argument("--coverage", type=float, default=1.0, help="fraction of segments listed")
+    p.add_argument("--hours", type=float, default=2.0, help="hours of recordings")
+    p.add_argument("--x-realtime", type=float, default=1e6, help="simulated device speed")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of raw decode + job")
+    p.add_argument("--unique-recordings", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="one more job run under py-spy")
+    p.add_argument("--write-probe", action="store_true", help="time write_part on one core")
+    p.add_argument("--interval", type=float, default=0.05, help="/proc sampling period, s")
+    p.add_argument("--corpus-dir", default=os.path.join(tempfile.gettempdir(),
+                                                       "host-capacity-corpus"))
+    p.add_argument("--profile-dir", help="keep the py-spy profiles here")
+    p.add_argument("--json", help="write the result here too")
+    p.add_argument("--_sample", help=argparse.SUPPRESS)
+    p.add_argument("--_root", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._sample:
+        sample_loop(args._sample, args._root, args.interval)
+        return 0
+    if not 0 < args.coverage <= 1:
+        p.error("--coverage must be in (0, 1]")
+
+    count = max(1, round(args.hours * 60 / args.recording_minutes))
+    root = os.path.join(args.corpus_dir, f"{args.format}-{args.recording_minutes:g}min")
+    files = make_audio(root, args.format, args.recording_minutes, count, args.unique_recordings)
+    work = tempfile.mkdtemp(prefix="host-capacity-")
+    manifest = os.path.join(work, "manifest.jsonl")
+    corpus = write_manifest(manifest, files, args.recording_minutes, args.coverage)
+    corpus |= {
+        "format": args.format,
+        "recording_minutes": args.recording_minutes,
+        "coverage": args.coverage,
+        "recording_hours": round(count * args.recording_minutes / 60, 3),
+        "bytes_per_audio_s": round(os.path.getsize(files[0]) / (args.recording_minutes * 60)),
+        "unique_recordings": min(args.unique_recordings, count),
+    }
+    from benchmarks.workloads import make_model
+
+    model = make_model("tiny", os.path.join(work, "model"))  # its config only: zeros out
+    result = {
+        "meta": {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python -m benchmarks.host_capacity " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            "git": git("rev-parse", "--short", "HEAD"),
+            "dirty_product_files": git("status", "--porcelain", "hubert_ray").splitlines(),
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "x_realtime_device": args.x_realtime,
+            "interval_s": args.interval,
+            "python": platform.python_version(),
+        },
+        "corpus": corpus,
+        "rounds": [],
+    }
+    print(json.dumps(result["meta"] | {"corpus": corpus}, indent=2), flush=True)
+    for k in range(args.repeats):
+        raw = raw_decode(files, args.recording_minutes * 60)
+        print(f"round {k}: raw decode {raw['x_realtime_per_core']}x per core "
+              f"(load {raw['load']['loadavg']})", flush=True)
+        job = job_run(manifest, model, work, args.x_realtime, args.interval)
+        print(f"round {k}: job steady {job['x_realtime_steady']}x, whole "
+              f"{job['x_realtime_whole']}x on {job['ray_cpus']} CPUs "
+              f"(load {job['load_before']['loadavg']} -> {job['load_after']['loadavg']})",
+              flush=True)
+        result["rounds"].append({"round": k, "raw": raw, "job": job})
+    split = None
+    if args.profile:
+        prof_dir = args.profile_dir or os.path.join(work, "profiles")
+        shutil.rmtree(prof_dir, ignore_errors=True)
+        raw = raw_decode(files, args.recording_minutes * 60)
+        job = job_run(manifest, model, work, args.x_realtime, args.interval, prof_dir)
+        split = profile_split(job["spies"])
+        print(f"profiled: job steady {job['x_realtime_steady']}x, whole "
+              f"{job['x_realtime_whole']}x", flush=True)
+        result["rounds"].append({"round": args.repeats, "raw": raw, "job": job})
+        result["profile_split"] = split
+    if args.write_probe:
+        result["write_probe"] = write_probe(work)
+    result["summary"] = summarise(result["rounds"], split)
+    text = json.dumps(result, indent=2)
+    print(json.dumps(result["summary"], indent=2))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
