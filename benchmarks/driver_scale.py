@@ -36,7 +36,7 @@ from hubert_ray.backend import checks
 from hubert_ray.backend import dataset
 from hubert_ray.backend import extract
 from hubert_ray.backend import placement
-from hubert_ray.corpus import segments
+from hubert_ray.corpus import canonical
 from hubert_ray.core.config import ExtractConfig
 
 manifest, out = sys.argv[1], sys.argv[2]
@@ -48,7 +48,7 @@ def peak():
 peaks["ray_started"] = peak()
 t = time.perf_counter()
 uri, table = extract.job_manifest(cfg)
-info = segments.manifest_info(uri)
+info = canonical.manifest_info(uri)
 assert table is None, "expected a validated canonical manifest"
 times["manifest_footer"] = time.perf_counter() - t
 peaks["manifest_footer"] = peak()
@@ -63,7 +63,7 @@ placement = placement.Placement(1, False, cfg.model_config("cpu"), 16)
 per_task = dataset.recordings_per_task(cfg, info)
 todo = dataset.manifest_blocks(cfg, uri, info, per_task).map_batches(
     dataset._todo,
-    fn_kwargs={"base_dir": segments.manifest_dir(uri), "index": index, "storage_options": {}},
+    fn_kwargs={"base_dir": canonical.manifest_dir(uri), "index": index, "storage_options": {}},
     batch_size=per_task,
     batch_format="pyarrow",
 ).count()
@@ -160,8 +160,7 @@ def make_inputs(work: str, n_segments: int, per: int, rows_per_part: int = 2000)
 
     import pyarrow.parquet as pq
 
-    from hubert_ray.corpus.manifest import CANONICAL_SCHEMA
-    from hubert_ray.corpus.segments import stamp
+    from hubert_ray.corpus.manifest import CANONICAL_SCHEMA, stamp
     from hubert_ray.dataset import output
 
     path = os.path.join(work, "manifest.parquet")

@@ -37,7 +37,7 @@ def make_inputs(work: str, n_segments: int, per: int, seconds: float) -> tuple[s
     their validated canonical manifest; returns its path and the segment ids in order."""
     import pyarrow as pa
 
-    from hubert_ray.corpus import manifest, segments
+    from hubert_ray.corpus import canonical, manifest
     from hubert_ray.testing.synth import synth_signal, write_audio
 
     ids, rows = [], []
@@ -54,7 +54,7 @@ def make_inputs(work: str, n_segments: int, per: int, seconds: float) -> tuple[s
     cols = {name: list(col) for name, col in zip(names, zip(*rows, strict=True), strict=True)}
     table = pa.table(cols, schema=manifest.SEGMENT_SCHEMA)
     uri = os.path.join(work, "manifest.parquet")
-    segments.write_validated(table, uri)
+    canonical.write_validated(table, uri)
     return uri, ids
 
 

@@ -68,7 +68,7 @@ import time
 import numpy as np
 
 SR = 16_000
-SEG_MIN_S, SEG_MAX_S, SEG_MEAN_S = 0.6, 9.0, 2.6
+SEG_MIN_S, SEG_MAX_S, SEG_MEAN_S = 0.6, 9.0, 2.65  # gamma mean before clipping: ~2.6 s after
 FORMATS = {"opus": "opus", "flac": "flac", "wav": "wav16"}  # -> synth.write_audio's fmt
 EXT = {"opus": "opus", "flac": "flac", "wav": "wav"}
 
@@ -80,10 +80,10 @@ def segment_times(duration_s: float, seed: int) -> list[tuple[float, float]]:
     rng = np.random.default_rng(seed)
     out, t = [], 0.0
     while True:
+        if duration_s - t < SEG_MIN_S:
+            break
         d = float(np.clip(rng.gamma(2.0, SEG_MEAN_S / 2.0), SEG_MIN_S, SEG_MAX_S))
         end = min(t + d, duration_s)
-        if end - t < SEG_MIN_S:
-            break
         out.append((round(t, 4), round(end, 4)))
         t = end
     return out

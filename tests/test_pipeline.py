@@ -212,14 +212,15 @@ def test_existing_output_resumed_then_overwritten(job, ray_session):
 def test_decode_not_fused_into_model_actor(ray_session, corpus, tiny_model, tmp_path):
     """Decode must stay CPU tasks (placeable on CPU-only nodes), not run inside model actors."""
     from hubert_ray.backend import dataset, extract, placement
-    from hubert_ray.corpus import manifest, segments
+    from hubert_ray.corpus import canonical, manifest
+    from hubert_ray.dataset import resume
 
     cfg = ExtractConfig(manifest=corpus, model=tiny_model, output=str(tmp_path / "o"))
     uri, table = extract.job_manifest(cfg)
     (tmp_path / "o").mkdir()
-    segments.write_validated(table, uri)
-    info = segments.manifest_info(uri)
-    index = segments.build_done_index(cfg.output)
+    canonical.write_validated(table, uri)
+    info = canonical.manifest_info(uri)
+    index = resume.build_done_index(cfg.output)
     placement = placement.plan_placement(cfg, cluster_gpus=0)
     ds = dataset.build_manifest_dataset(cfg, uri, info, index, placement).materialize()
     stats = ds.stats()

@@ -1,6 +1,6 @@
-"""What the job's tasks do instead of the driver (hubert_ray.corpus.segments): expand a validated
-canonical manifest into segments, skip what an output already holds per recording, count the
-summary's checks, and take transient errors out for a retry. No Ray: the task functions are
+"""What the job's tasks do instead of the driver (corpus.canonical, dataset.resume): expand
+a validated canonical manifest into segments, skip what an output already holds per
+recording, count the summary's checks, and take transient errors out for a retry. No Ray: the task functions are
 called directly on Arrow tables, the output is real Parquet parts."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hubert_ray.corpus import manifest, segments
+from hubert_ray.corpus import canonical as canon
+from hubert_ray.corpus import manifest
 from hubert_ray.corpus.manifest import Recording, Segment
-from hubert_ray.dataset import output
+from hubert_ray.dataset import output, resume
 from hubert_ray.dataset import summary as dataset_summary
 
 
@@ -72,13 +73,13 @@ def _errors(out: str, rows: list[tuple[str, str, str]], name: str) -> None:
 
 
 def test_manifest_info_reads_the_footer_of_validated_manifests_only(tmp_path, canonical):
-    assert segments.manifest_info(canonical) == {"recordings": 4, "segments": 14, "row_groups": 1}
+    assert canon.manifest_info(canonical) == {"recordings": 4, "segments": 14, "row_groups": 1}
     plain = str(tmp_path / "plain.parquet")
     manifest.write_canonical(_recordings(str(tmp_path)), plain)  # not marked validated
-    assert segments.manifest_info(plain) is None
+    assert canon.manifest_info(plain) is None
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"id": "a", "audio": "a.wav"}) + "\n")
-    assert segments.manifest_info(str(jsonl)) is None
+    assert canon.manifest_info(str(jsonl)) is None
 
 
 def test_write_validated_round_trip(tmp_path):
@@ -102,9 +103,9 @@ def test_write_validated_round_trip(tmp_path):
     )
     table = manifest.read_segments(str(jsonl))
     copy = str(tmp_path / "out" / "_manifest.parquet")
-    segments.write_validated(table, copy)
-    assert segments.manifest_info(copy)["segments"] == table.num_rows
-    again = segments.expand(pq.read_table(copy), segments.manifest_dir(copy))
+    canon.write_validated(table, copy)
+    assert canon.manifest_info(copy)["segments"] == table.num_rows
+    again = canon.expand(pq.read_table(copy), canon.manifest_dir(copy))
     assert again.equals(table)
     assert again.equals(manifest.read_segments(copy))
 
@@ -116,33 +117,33 @@ def test_todo_skips_written_segments_per_recording(tmp_path, canonical):
     _features(out, [("r0-0", "r0"), ("r0-1", "r0"), ("r1-0", "r1"), ("x-0", "x")], "a")
     _features(out, [("r0-2", "r0"), ("r1-3", "r1")], "b")
     _errors(out, [("r2-1", "r2", "too_short")], "c")
-    index = segments.build_done_index(out)
+    index = resume.build_done_index(out)
     assert index.rows == 7
     rows, parts = index.lookup(pa.array(["r0", "r1", "r2", "r3"]))
     assert rows.tolist() == [3, 2, 1, 0]
     assert [len(p) for p in parts] == [2, 2, 1, 0]
 
     batch = pq.read_table(canonical)
-    todo = segments.todo_segments(batch, segments.manifest_dir(canonical), index)
+    todo = resume.todo_segments(batch, canon.manifest_dir(canonical), index)
     assert todo.schema.equals(manifest.SEGMENT_SCHEMA)
     assert todo.column("segment_id").to_pylist() == [
         "r1-1", "r1-2", "r2-0", "r3-0", "r3-1", "r3-2", "r3-3", "r3-4"
     ]  # fmt: skip
     # An empty output: every segment, in manifest order.
-    empty = segments.build_done_index(str(tmp_path / "none"))
-    assert segments.todo_segments(batch, "/", empty).num_rows == 14
+    empty = resume.build_done_index(str(tmp_path / "none"))
+    assert resume.todo_segments(batch, "/", empty).num_rows == 14
 
-    check = segments.check_segments(batch, index).to_pylist()[0]
+    check = resume.check_segments(batch, index).to_pylist()[0]
     assert check == {"segments": 14, "written": 6, "duplicated": 0, "unexpected": 0}
-    assert segments.unexpected_recordings(index, canonical, None) == 1
+    assert resume.unexpected_recordings(index, canonical, None) == 1
 
 
 def test_check_counts_duplicates_and_strays(tmp_path, canonical):
     out = str(tmp_path / "out")
     _features(out, [("r0-0", "r0"), ("r0-1", "r0"), ("r0-9", "r0")], "a")
     _features(out, [("r0-1", "r0")], "b")  # written twice
-    index = segments.build_done_index(out)
-    check = segments.check_segments(pq.read_table(canonical), index).to_pylist()[0]
+    index = resume.build_done_index(out)
+    check = resume.check_segments(pq.read_table(canonical), index).to_pylist()[0]
     assert check == {"segments": 14, "written": 2, "duplicated": 1, "unexpected": 1}
 
 
@@ -161,8 +162,8 @@ def test_transient_errors_are_taken_out_for_a_retry(tmp_path, canonical):
     assert sorted(retried.column("segment_id").to_pylist()) == ["r1-0", "r2-0", "r2-1"]
     assert output.retry_transient_errors(out) == 0  # nothing left to move
 
-    index = segments.build_done_index(out)
-    todo = segments.todo_segments(pq.read_table(canonical), "/", index)
+    index = resume.build_done_index(out)
+    todo = resume.todo_segments(pq.read_table(canonical), "/", index)
     assert {"r1-0", "r2-0", "r2-1"} <= set(todo.column("segment_id").to_pylist())
     assert "r1-1" not in todo.column("segment_id").to_pylist()  # permanent: skipped
 

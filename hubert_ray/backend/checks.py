@@ -8,7 +8,8 @@ import logging
 from hubert_ray.backend.context import MAX_PROCESS_DEATHS
 from hubert_ray.backend.dataset import recordings_per_task, resolve
 from hubert_ray.core.config import ExtractConfig
-from hubert_ray.corpus import segments
+from hubert_ray.corpus import canonical
+from hubert_ray.dataset import resume
 from hubert_ray.dataset.summary import summarize_parts
 
 log = logging.getLogger("hubert_ray")
@@ -20,7 +21,7 @@ INDEX_PARTS_PER_TASK = 2_000
 
 
 def done_index(cfg: ExtractConfig):
-    """``(ref, rows)``: a :class:`~hubert_ray.corpus.segments.DoneIndex` of
+    """``(ref, rows)``: a :class:`~hubert_ray.corpus.canonical.DoneIndex` of
     ``cfg.output`` built by Ray tasks (one lists the part files, one per
     :data:`INDEX_PARTS_PER_TASK` parts reads their recording ids, one combines) and left in the
     object store, where the tasks that expand or check the manifest get it; and the rows it
@@ -44,18 +45,18 @@ def done_index(cfg: ExtractConfig):
 
 def _list_parts(uri: str, storage_options: dict) -> tuple[list[str], int]:
     """Task of :func:`done_index`: the part files, and their number."""
-    files = segments.done_part_files(uri, storage_options)
+    files = resume.done_part_files(uri, storage_options)
     return files, len(files)
 
 
 def _index_range(uri: str, files: list, lo: int, hi: int, storage_options: dict):
     """Task of :func:`done_index`: parts ``lo..hi`` per recording."""
-    return segments.index_parts(uri, files, lo, hi, storage_options)
+    return resume.index_parts(uri, files, lo, hi, storage_options)
 
 
 def _combine_index(uri: str, files: list, *ranges) -> tuple:
     """Task of :func:`done_index`: the index, and its rows."""
-    index = segments.combine_index(uri, files, list(ranges))
+    index = resume.combine_index(uri, files, list(ranges))
     return index, index.rows
 
 
@@ -79,7 +80,7 @@ def mean_segment_seconds(cfg: ExtractConfig, manifest_uri: str, info: dict) -> f
 
     if cfg.batch_size:  # rows set by the user: not needed
         return None
-    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(segments.mean_segment_seconds)
+    task = ray.remote(num_cpus=1, max_retries=MAX_PROCESS_DEATHS)(canonical.mean_segment_seconds)
     return ray.get(task.remote(manifest_uri, info["row_groups"], cfg.storage_options))
 
 
@@ -124,7 +125,7 @@ def _check_counts(cfg: ExtractConfig, manifest_uri: str, index, per_task: int) -
     if not isinstance(index, ray.ObjectRef):
         index = ray.put(index)  # once, not with every task
     refs = []
-    for g, n in enumerate(segments.row_group_sizes(manifest_uri, opts)):
+    for g, n in enumerate(canonical.row_group_sizes(manifest_uri, opts)):
         slices = min(-(-n // per_task), CHECK_SLICES_PER_ROW_GROUP)
         size = -(-n // max(1, slices))
         refs += [
@@ -143,11 +144,11 @@ def _check_counts(cfg: ExtractConfig, manifest_uri: str, index, per_task: int) -
 
 def _check_slice(uri: str, group: int, lo: int, hi: int, index, storage_options: dict) -> dict:
     """Task of :func:`_check_counts`: recordings ``lo..hi`` of row group ``group``."""
-    rows = segments.read_row_group(uri, group, storage_options).slice(lo, hi - lo)
-    return segments.check_segments(rows, resolve(index), storage_options).to_pylist()[0]
+    rows = canonical.read_row_group(uri, group, storage_options).slice(lo, hi - lo)
+    return resume.check_segments(rows, resolve(index), storage_options).to_pylist()[0]
 
 
 def _unexpected(index, manifest_uri: str, storage_options: dict) -> int:
     """Task of :func:`check_output` (it reads every recording id of the manifest): rows under
     recordings the manifest lacks."""
-    return segments.unexpected_recordings(index, manifest_uri, storage_options)
+    return resume.unexpected_recordings(index, manifest_uri, storage_options)

@@ -15,7 +15,8 @@ from hubert_ray.backend.actor import ModelActor
 from hubert_ray.backend.context import MAX_PROCESS_DEATHS, trace
 from hubert_ray.backend.placement import Placement, stage_args
 from hubert_ray.core.config import ExtractConfig
-from hubert_ray.corpus import segments
+from hubert_ray.corpus import canonical
+from hubert_ray.dataset import resume
 
 log = logging.getLogger("hubert_ray")
 
@@ -50,7 +51,7 @@ def _read_manifest(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table
     """Task UDF: these row groups of the canonical manifest (its recording rows), read through
     the job's storage layer so its retries are counted (Ray's own Parquet reader's are not)."""
     return pa.concat_tables(
-        segments.read_row_group(uri, int(g), storage_options)
+        canonical.read_row_group(uri, int(g), storage_options)
         for g in batch.column("row_group").to_pylist()
     )
 
@@ -73,7 +74,7 @@ def manifest_blocks(cfg: ExtractConfig, manifest_uri: str, info: dict, per_block
 
 def _todo(batch: pa.Table, base_dir: str, index, storage_options: dict) -> pa.Table:
     """Task UDF: manifest recordings → their segments not yet in the output."""
-    return segments.todo_segments(batch, base_dir, resolve(index), storage_options)
+    return resume.todo_segments(batch, base_dir, resolve(index), storage_options)
 
 
 def resolve(index):
@@ -104,7 +105,7 @@ def build_manifest_dataset(
     ds = ds.map_batches(
         _todo,
         fn_kwargs={
-            "base_dir": segments.manifest_dir(manifest_uri),
+            "base_dir": canonical.manifest_dir(manifest_uri),
             "index": index,
             "storage_options": cfg.storage_options,
         },

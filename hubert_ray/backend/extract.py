@@ -24,7 +24,7 @@ from hubert_ray.backend.placement import Placement, plan_placement
 from hubert_ray.backend.sink import make_sink, write
 from hubert_ray.core.config import ExtractConfig, compute_dtype, parse_layers
 from hubert_ray.core.precision import effective_rate
-from hubert_ray.corpus import manifest, segments
+from hubert_ray.corpus import canonical, manifest
 from hubert_ray.dataset import identity as ident
 from hubert_ray.dataset import output
 from hubert_ray.dataset.summary import read_runs, run_summary, write_runs
@@ -162,7 +162,7 @@ def job_manifest(cfg: ExtractConfig) -> tuple[str, pa.Table | None]:
     manifest is used as it is (its footer only is read here); any other is read and checked on
     the driver (exit 2 on a problem, before any Ray work) and returned for
     :func:`write_manifest` to write into the output."""
-    if segments.manifest_info(cfg.manifest, cfg.storage_options) is not None:
+    if canonical.manifest_info(cfg.manifest, cfg.storage_options) is not None:
         return cfg.manifest, None
     table = manifest.read_segments(cfg.manifest, cfg.storage_options)
     return storage.join(cfg.output, ident.MANIFEST_COPY), table
@@ -174,8 +174,8 @@ def write_manifest(cfg: ExtractConfig, manifest_uri: str, to_convert: pa.Table |
     if to_convert is not None:
         if not storage.is_remote(cfg.output):
             os.makedirs(storage.filesystem(cfg.output)[1], exist_ok=True)
-        segments.write_validated(to_convert, manifest_uri, cfg.storage_options)
-    return segments.manifest_info(manifest_uri, cfg.storage_options)
+        canonical.write_validated(to_convert, manifest_uri, cfg.storage_options)
+    return canonical.manifest_info(manifest_uri, cfg.storage_options)
 
 
 def _retry_earlier_errors(cfg: ExtractConfig, overwrite: bool) -> int:

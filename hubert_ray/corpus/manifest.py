@@ -52,6 +52,19 @@ PARQUET_EXTENSIONS = (".parquet",)
 TSV_EXTENSIONS = (".tsv",)
 ALLOWED_EXTENSIONS = JSONL_EXTENSIONS + PARQUET_EXTENSIONS + TSV_EXTENSIONS
 
+VALIDATED_KEY = b"hubert_ray.validated"
+"""Parquet metadata key of a canonical manifest whose every rule (unique ids, valid times,
+non-empty segment lists) was checked when it was written (``jobs.prepare``)."""
+
+
+def stamp(metadata: dict | None = None) -> dict:
+    """Parquet key-value metadata marking a canonical manifest as validated."""
+    out = {k: v for k, v in (metadata or {}).items()}
+    out[VALIDATED_KEY.decode()] = json.dumps({"format_version": 1})
+    return out
+
+
+
 SEGMENT_STRUCT = pa.struct(
     [
         pa.field("segment_id", pa.string(), nullable=False),
@@ -317,11 +330,9 @@ def write_canonical(
     ``rows_per_group`` recordings or about ``segments_per_group`` segments, so a streamed corpus
     is never held in memory whole. ``metadata`` goes into the file's key-value metadata.
     ``validated`` (the caller checked every rule, as :func:`read_manifest` does) marks the file
-    so the job reads it without checking it again on its driver (``hubert_ray.corpus.segments``).
+    so the job reads it without checking it again on its driver (``hubert_ray.corpus.canonical``).
     """
     if validated:
-        from hubert_ray.corpus.segments import stamp
-
         metadata = stamp(metadata)
     schema = CANONICAL_SCHEMA.with_metadata(metadata) if metadata else CANONICAL_SCHEMA
     fs, path = storage.filesystem(uri, storage_options)

@@ -25,7 +25,7 @@ def redacted(cfg: ExtractConfig) -> dict:
 # -- resume --------------------------------------------------------------------------------
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
 # job counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
-# small table, segments.DoneIndex, built by Ray tasks and left in the object store:
+# small table, resume.DoneIndex, built by Ray tasks and left in the object store:
 # pipeline.done_index); the tasks that expand the manifest's recordings
 # into segments skip a recording whose rows are all there and drop, by id, the written segments
 # of one partly there (read from its own part files). It is exact because (1) a part file
@@ -121,7 +121,7 @@ def prepare_output(
 ) -> dict | None:
     """Make ``cfg.output`` ready: with ``overwrite`` remove any dataset there; otherwise check
     an existing one is compatible (:func:`check_identity`) and return its identity. What it
-    already holds is found per recording later (``segments.build_done_index``)."""
+    already holds is found per recording later (``resume.build_done_index``)."""
     if overwrite:
         remove_entries(
             cfg.output,
