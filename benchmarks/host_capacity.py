@@ -302,7 +302,17 @@ def job_run(
     }
     res["cpu"] = attribute(ticks, (t_mono0, t_mono1), st["window"], audio, st["audio_s"])
     if spies:
-        res["spies"] = spies.report()
+        # each profiled process's role: the one it spent most CPU in (a worker process can
+        # run several kinds of task in turn)
+        rep = spies.report()
+        for pid, info in rep.items():
+            roles: dict[str, float] = {}
+            for title, cpu in ticks.get("by_pid", {}).get(pid, {}).items():
+                r = role_of(title)
+                roles[r] = roles.get(r, 0.0) + cpu / ticks["clk_tck"]
+            info["roles_cpu_s"] = {k: round(v, 2) for k, v in roles.items()}
+            info["role"] = max(roles, key=roles.get) if roles else role_of(info["title"])
+        res["spies"] = rep
     shutil.rmtree(out_dir, ignore_errors=True)
     return res
 
@@ -351,6 +361,7 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
     last_title: dict[int, str] = {}
     last_thread: dict[tuple[int, int], int] = {}
     ticks = []
+    by_pid: dict[str, dict[str, int]] = {}  # pid -> title -> CPU ticks
     first = True
     while not stop:
         t = time.monotonic()
@@ -377,10 +388,13 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
             prev_title = last_title.get(pid, title)
             delta = cpu - last_cpu.get(pid, 0 if not first else cpu)
             last_cpu[pid], last_title[pid] = cpu, title
-            if delta <= 0:
+            if delta <= 0 and not first:
                 continue
             key = title if prev_title == title else f"{prev_title} | {title}"
-            procs[key] = procs.get(key, 0) + delta
+            if delta > 0:
+                procs[key] = procs.get(key, 0) + delta
+                per_pid = by_pid.setdefault(str(pid), {})
+                per_pid[key] = per_pid.get(key, 0) + delta
             try:
                 tids = os.listdir(f"/proc/{pid}/task")
             except OSError:
@@ -402,7 +416,7 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
         first = False
         time.sleep(max(0.0, interval - (time.monotonic() - t)))
     with open(out_path, "w") as f:
-        json.dump({"clk_tck": CLK_TCK, "sampler_pid": me, "ticks": ticks}, f)
+        json.dump({"clk_tck": CLK_TCK, "sampler_pid": me, "ticks": ticks, "by_pid": by_pid}, f)
 
 
 # Role of a process title (the first rule that matches: a fused Ray Data task's title names
@@ -415,6 +429,7 @@ ROLE_RULES = (
     ("summary", ("_summarize", "_check_slice", "_unexpected", "_list_parts", "_index_range",
                  "_combine_index", "mean_segment_seconds")),
     ("worker_idle", ("ray::IDLE",)),
+    ("worker_startup", ("default_worker.py",)),
     ("driver", ("driver",)),
     ("ray_daemons", ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor",
                      "monitor.py", "agent")),
@@ -539,7 +554,7 @@ class Spies:
                 out = os.path.join(self.dir, f"{pid}.speedscope.json")
                 log = open(os.path.join(self.dir, f"{pid}.log"), "w")
                 proc = subprocess.Popen(
-                    [self.spy, "record", "--native", "--nonblocking", "--rate", str(self.rate),
+                    [self.spy, "record", "--native", "--rate", str(self.rate),
                      "--format", "speedscope", "-o", out, "--pid", str(pid)],
                     stdout=log, stderr=subprocess.STDOUT,
                 )
@@ -630,7 +645,7 @@ def profile_split(spies: dict) -> dict:
     for info in spies.values():
         if not os.path.exists(info["file"]):
             continue
-        role = role_of(info["title"])
+        role = info.get("role") or role_of(info["title"])
         try:
             split = speedscope_split(info["file"])
         except (ValueError, KeyError):
@@ -664,6 +679,7 @@ ROLE_STAGE = {
     "manifest": "manifest_summary",
     "summary": "manifest_summary",
     "other_process": "ray_overhead",
+    "worker_startup": "ray_overhead",
 }
 STAGES = ("decode", "cut_normalise", "decode_arrow", "transfer", "model_host", "write",
           "manifest_summary", "ray_overhead", "other")

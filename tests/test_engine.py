@@ -77,6 +77,28 @@ def test_rows_without_audio_pass_through(tiny):
     assert res.frames[1] == 0 and res.compute_dtype[1] is None
 
 
+def test_simulated_device_is_a_picklable_spec_opened_per_engine(tiny):
+    """The spec travels (a Ray actor's constructor argument); each engine opens its own device
+    (its own queue and time); the stage adapter hands it to its engine, whose report carries
+    the device's time."""
+    import pickle
+
+    from hubert_ray.model.device import SimulatedRun
+    from hubert_ray.stages.extractor import ModelStage
+
+    spec = SimulatedDevice(x_realtime=1e6, forward_s=1e-4, hidden=16)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    config = ModelConfig(model_uri=tiny, layers="last")
+    a, b = Engine(config, tiny, device=spec), Engine(config, tiny, device=spec)
+    assert isinstance(a.device, SimulatedRun) and a.device is not b.device
+    a.run(["x"], [_audio(0.5, 0)])
+    assert a.device.forwards == 1 and b.device.forwards == 0
+    assert a.hidden == 16 and a.report()["simulated"]["calls"][0][1] == int(0.5 * SR)
+    for stage in (ModelStage(config, device=spec), ModelStage(config, simulated=spec)):
+        assert isinstance(stage.engine.device, SimulatedRun)
+        assert stage.engine.report()["simulated"]["x_realtime"] == 1e6
+
+
 def test_sampled_checks_are_computed_on_the_device_like_the_host_metrics(tiny):
     """The audit's on-device metrics (queued behind the call, read back with it) equal the
     host's float64 ``compare`` of the stored reduced-dtype features with a separate FP32 run;

@@ -1,34 +1,161 @@
-"""The architecture's import rules (docs/design.md): the pure core imports no Ray and no Arrow,
-and only the model modules import torch; Ray is imported by the wiring alone."""
+"""The house's import rules (docs/design.md, "Packages and what each may import"), checked over
+every import of every module of the package, at module level and inside functions: each
+subpackage imports only the ones below it, third-party libraries only where they belong, and
+no module imports another that imports it back."""
 
 from __future__ import annotations
 
+import ast
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-CORE = ["chunking", "precision", "selftest", "config", "errors", "device", "engine", "units"]
-NO_TORCH = ["chunking", "precision", "selftest", "config", "errors", "device", "engine"]
-NO_RAY = [*CORE, "model", "models", "audio", "manifest", "segments", "output", "extractor"]
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hubert_ray"
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+# Each subpackage and the subpackages it may import (all of them lower in the house).
+MAY_IMPORT = {
+    "core": set(),
+    "io": {"core"},
+    "corpus": {"core", "io"},
+    "dataset": {"core", "io", "corpus"},
+    "units": {"core", "io", "corpus", "dataset"},
+    "model": {"core", "io", "units"},
+    "stages": {"core", "io", "corpus", "dataset", "units", "model"},
+    "backend": {"core", "io", "corpus", "dataset", "units", "model", "stages"},
+    "testing": {"core", "io", "corpus", "dataset", "units", "model"},
+    "cli": {"core", "io", "corpus", "dataset", "units", "model", "stages", "backend", "testing"},
+    "": {"core", "dataset", "units"},  # hubert_ray/__init__.py: the public readers
+}
+# Third-party libraries each subpackage may import (besides the standard library and numpy).
+THIRD_PARTY = {
+    "core": set(),
+    "io": {"fsspec", "s3fs", "botocore", "aiobotocore", "aiohttp"},
+    "corpus": {"pyarrow", "soundfile", "soxr", "fsspec"},
+    "dataset": {"pyarrow", "fsspec"},
+    "units": {"pyarrow", "torch", "sklearn", "fsspec", "safetensors"},
+    "model": {"torch", "transformers", "safetensors"},
+    "stages": {"pyarrow", "torch"},
+    "backend": {"ray", "pyarrow"},
+    "testing": {"soundfile", "transformers", "torch", "pyarrow"},
+    "cli": {"yaml", "pyarrow", "fsspec"},
+    "": set(),
+}
 
 
-def _imported(module: str) -> set[str]:
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(name: str, path: pathlib.Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import in the file, at any depth."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.append((node.lineno, base))
+            # ``from hubert_ray.x import y``: y may be a module of its own
+            found += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    return found
+
+
+MODULES = _modules()
+
+
+
+def _layer(module: str) -> str:
+    """The subpackage a module of hubert_ray belongs to (``""``: the package's own __init__)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_each_module_imports_only_what_its_layer_may(module):
+    layer = _layer(module)
+    assert layer in MAY_IMPORT, f"{module}: a subpackage the rules do not know"
+    wrong = []
+    for line, imported in _imports(module, MODULES[module]):
+        top = imported.split(".")[0]
+        if top == "hubert_ray":
+            target = _layer(imported)
+            if target and target != layer and target not in MAY_IMPORT[layer]:
+                wrong.append(f"line {line}: {imported} ({target} is not below {layer or 'root'})")
+        elif top not in STDLIB and top != "numpy" and top not in THIRD_PARTY[layer]:
+            wrong.append(f"line {line}: {imported} (third-party, not allowed in {layer})")
+    assert not wrong, f"{module}:\n" + "\n".join(wrong)
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for module, path in MODULES.items():
+        edges = set()
+        for _, imported in _imports(module, path):
+            while imported and imported not in MODULES:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != module and not module.startswith(imported + "."):
+                edges.add(imported)
+        graph[module] = edges
+    return graph
+
+
+def test_no_import_cycles():
+    """No module reaches itself through the modules it imports (a package's ``__init__`` is
+    not counted as importing its own submodules' importers)."""
+    graph = _graph()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_product_code_never_imports_the_testing_package():
+    """Only the demo command generates data; the fault hooks are loaded by name, when a test
+    sets one (backend.actor)."""
+    users = {
+        module
+        for module, path in MODULES.items()
+        for _, imported in _imports(module, path)
+        if _layer(imported) == "testing" and _layer(module) not in ("testing",)
+    }
+    assert users <= {"hubert_ray.cli.demo"}, users
+
+
+def test_the_rules_hold_at_run_time():
+    """What importing the lower layers really loads: no Ray below the backend, no torch in the
+    core, the corpus and the dataset."""
     code = (
-        f"import sys, hubert_ray.{module}\n"
-        "print(' '.join(m for m in ('ray', 'pyarrow', 'torch') if m in sys.modules))\n"
+        "import sys, hubert_ray, hubert_ray.core.config, hubert_ray.core.chunking,"
+        " hubert_ray.core.selftest, hubert_ray.corpus.audio, hubert_ray.dataset.resume,"
+        " hubert_ray.dataset.summary, hubert_ray.stages.extractor, hubert_ray.model.engine\n"
+        "print(' '.join(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    return set(out.stdout.split())
-
-
-@pytest.mark.parametrize("module", sorted(set(CORE) | set(NO_RAY)))
-def test_import_rules(module):
-    found = _imported(module)
-    assert "ray" not in found
-    if module in CORE:
-        assert "pyarrow" not in found
-    if module in NO_TORCH:
-        assert "torch" not in found
+    assert out.stdout.split() == []

@@ -1,7 +1,7 @@
 """What the job's tasks do instead of the driver (corpus.canonical, dataset.resume): expand
 a validated canonical manifest into segments, skip what an output already holds per
-recording, count the summary's checks, and take transient errors out for a retry. No Ray: the task functions are
-called directly on Arrow tables, the output is real Parquet parts."""
+recording, count the summary's checks, and take transient errors out for a retry. No Ray: the
+task functions are called directly on Arrow tables, the output is real Parquet parts."""
 
 from __future__ import annotations
 

@@ -61,10 +61,11 @@ def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = Non
     driver_retries = storage.retry_count()
     manifest_uri, to_convert = job_manifest(cfg)
     plan = preflight(cfg, manifest_uri)
-    previous = ident.prepare_output(cfg, overwrite, plan.identity)
-    info = write_manifest(cfg, manifest_uri, to_convert)
+    with storage.writing_to(cfg.output):
+        previous = ident.prepare_output(cfg, overwrite, plan.identity)
+        info = write_manifest(cfg, manifest_uri, to_convert)
+        retried = _retry_earlier_errors(cfg, overwrite)
     del to_convert
-    retried = _retry_earlier_errors(cfg, overwrite)
     init_ray()
     quiet_ray()
     tally = progress.start_tally()
@@ -80,7 +81,8 @@ def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = Non
         return finished
     sample_rate = effective_rate(cfg.precision_sample_rate, info["segments"])
     placement = place(plan, info, sample_rate)
-    runs = _start_run(plan, previous, placement.gpu, overwrite, t_start)
+    with storage.writing_to(cfg.output):
+        runs = _start_run(plan, previous, placement.gpu, overwrite, t_start)
     phases: dict[str, float] = {}  # wall seconds: before the first read, writing, the summary
     run_audio = 0.0
     if todo:
@@ -106,8 +108,9 @@ def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = Non
         storage_retries=_tally_retries(tally) + storage.retry_count() - driver_retries,
         spilled_mib=spilled_mib(),
     )
-    write_runs(cfg.output, summary["runs"], cfg.storage_options)
-    ident.write_summary(cfg, summary)
+    with storage.writing_to(cfg.output):
+        write_runs(cfg.output, summary["runs"], cfg.storage_options)
+        ident.write_summary(cfg, summary)
     _write_report(cfg, summary)
     return summary
 

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from hubert_ray.backend.context import MAX_PROCESS_DEATHS
 from hubert_ray.core.config import ExtractConfig
-from hubert_ray.core.errors import WorkerDeathError
+from hubert_ray.core.errors import OutputError, WorkerDeathError
 from hubert_ray.dataset import output
 from hubert_ray.io import storage
 
@@ -45,14 +45,15 @@ def make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
                     key=output.part_key(table.column("segment_id").to_pylist()),
                 )
 
-            if checks.num_rows:
-                put(checks, output.PRECISION_DIR)
-            for start, length in output.part_slices(
-                ok, cfg.rows_per_file, cfg.part_size_mb * 2**20
-            ):
-                put(ok.slice(start, length), output.FEATURES_DIR)
-            if bad.num_rows:
-                put(bad, output.ERRORS_DIR)
+            with storage.writing_to(cfg.output):
+                if checks.num_rows:
+                    put(checks, output.PRECISION_DIR)
+                for start, length in output.part_slices(
+                    ok, cfg.rows_per_file, cfg.part_size_mb * 2**20
+                ):
+                    put(ok.slice(start, length), output.FEATURES_DIR)
+                if bad.num_rows:
+                    put(bad, output.ERRORS_DIR)
             audio = float(
                 pc.sum(pc.subtract(ok.column("end_s"), ok.column("start_s"))).as_py() or 0
             )
@@ -81,31 +82,56 @@ def make_sink(cfg: ExtractConfig, metadata: dict, tally=None):
 def write(ds, sink) -> None:
     """Execute the dataset into ``sink`` (write tasks retried as decode tasks are); a worker
     process that died past :data:`MAX_PROCESS_DEATHS` retries becomes a
-    :class:`WorkerDeathError` naming its stage."""
+    :class:`WorkerDeathError` naming its stage, a part that could not be written an
+    :class:`OutputError`."""
     from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
     try:
         ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_PROCESS_DEATHS})
     except (RayActorError, WorkerCrashedError, OutOfMemoryError) as exc:
-        actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
-        if actor and exc.actor_init_failed:
-            # The model actor's constructor raised (its model load or self-test): the cause,
-            # not a process death. A precision breach goes up as it is (its own exit code).
-            from hubert_ray.core.precision import BREACH_MARKER
+        _raise_worker_death(exc)
+    except Exception as exc:
+        failure = _output_error(exc)
+        if failure is None:
+            raise
+        raise failure from None
 
-            if BREACH_MARKER in str(exc):
-                raise
-            inner = getattr(exc.args[0], "cause", None) if exc.args else None
-            text = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
-            raise WorkerDeathError(
-                f"the model actors could not start: {text.strip().splitlines()[0][:500]}"
-            ) from exc
-        what = "a model-stage call" if actor else "a decode or write task"
-        cause = str(exc.args[0] if exc.args else exc).strip().splitlines()
-        tries = "its retries" if actor else f"{MAX_PROCESS_DEATHS + 1} tries"
+
+def _output_error(exc: BaseException) -> OutputError | None:
+    """The :class:`OutputError` a write task raised, wherever Ray wrapped it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OutputError):
+            return OutputError(exc.output, exc.cause)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def _raise_worker_death(exc) -> None:
+    """A process that died past its retries as a :class:`WorkerDeathError` naming its stage;
+    a model actor whose constructor raised as the cause."""
+    from ray.exceptions import RayActorError
+
+    actor = isinstance(exc, RayActorError)  # died, or unreachable while restarting
+    if actor and exc.actor_init_failed:
+        # The model actor's constructor raised (its model load or self-test): the cause,
+        # not a process death. A precision breach goes up as it is (its own exit code).
+        from hubert_ray.core.precision import BREACH_MARKER
+
+        if BREACH_MARKER in str(exc):
+            raise exc
+        inner = getattr(exc.args[0], "cause", None) if exc.args else None
+        text = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
         raise WorkerDeathError(
-            f"{what} failed {tries} because its worker process died or became unreachable "
-            "each time, on every part of it (host or GPU memory, a lost node); the "
-            "parts written so far are kept and a rerun resumes. Ray: "
-            f"{type(exc).__name__}: {(cause or [''])[0][:300]}"
+            f"the model actors could not start: {text.strip().splitlines()[0][:500]}"
         ) from exc
+    what = "a model-stage call" if actor else "a decode or write task"
+    cause = str(exc.args[0] if exc.args else exc).strip().splitlines()
+    tries = "its retries" if actor else f"{MAX_PROCESS_DEATHS + 1} tries"
+    raise WorkerDeathError(
+        f"{what} failed {tries} because its worker process died or became unreachable "
+        "each time, on every part of it (host or GPU memory, a lost node); the "
+        "parts written so far are kept and a rerun resumes. Ray: "
+        f"{type(exc).__name__}: {(cause or [''])[0][:300]}"
+    ) from exc

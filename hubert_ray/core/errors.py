@@ -27,6 +27,22 @@ class WorkerDeathError(RuntimeError):
     written are kept (a rerun resumes)."""
 
 
+class OutputError(RuntimeError):
+    """The output cannot be written (no space left, permission denied, a missing bucket, a
+    quota): the job stops and exits 5. Every part written before is whole and kept; once the
+    cause is fixed, a rerun resumes."""
+
+    def __init__(self, output: str, cause: str):
+        super().__init__(output, cause)
+        self.output, self.cause = output, cause
+
+    def __str__(self) -> str:
+        return (
+            f"cannot write to the output {self.output}: {self.cause}. The parts written so far "
+            "are kept: fix that, then rerun to resume"
+        )
+
+
 # Stages that can produce error rows.
 STAGE_DECODE = "decode"
 STAGE_MODEL = "model"

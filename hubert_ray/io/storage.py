@@ -20,6 +20,7 @@ Object storage (``s3://`` through s3fs/botocore):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -205,6 +206,41 @@ def with_retries(
             _add_retries(1)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+_OUTPUT_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large for the file system",
+}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What stopped a write, in a few words (``None`` if ``exc`` is not a storage failure):
+    no space, a quota, permissions, a missing bucket or folder, or the storage's own message."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "it does not exist (a missing bucket or parent folder)"
+    if isinstance(exc, OSError):
+        if exc.errno in _OUTPUT_CAUSES:
+            return _OUTPUT_CAUSES[exc.errno]
+        return (exc.strerror or str(exc) or type(exc).__name__).strip()[:300]
+    return None
+
+
+@contextlib.contextmanager
+def writing_to(output: str):
+    """Storage failures inside the block become one :class:`OutputError` naming ``output``."""
+    from hubert_ray.core.errors import OutputError
+
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(output, write_failure(exc)) from exc
 
 
 def is_remote(uri: str) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from hubert_ray.core import selftest
 from hubert_ray.core.config import SAMPLE_RATE_HZ
 from hubert_ray.core.precision import PrecisionBreach
+from hubert_ray.model.calls import Audit
 
 if TYPE_CHECKING:
     from hubert_ray.model.calls import Features, Launched, Work
@@ -58,17 +59,6 @@ class Escalation:
         self.checks += checks
         self.breaches += breaches
         return self.breaches >= self.min_breaches and self.breaches >= self.min_share * self.checks
-
-
-@dataclass
-class Audit:
-    """Sampled rows' FP32 recheck, queued right behind their call's forward
-    (:meth:`Assurance.launch_audit`): ``metrics`` [rows, layers, 6] (host memory once the call
-    is done) holds per row and layer ``cos_mean, cos_min, rel_l2, max_abs, unit_flips,
-    frames``, computed on the device."""
-
-    rows: list[int]
-    metrics: object
 
 
 class Assurance:

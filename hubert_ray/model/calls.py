@@ -1,18 +1,14 @@
 """What one engine call carries from its launch to its result (no torch at import): the rows'
 chunks (:class:`Work`), a forward queued on the device (:class:`Launched`), the features back
-on the host (:class:`Features`), the call between launch and finish (:class:`Pending`) and what
-the engine returns (:class:`Result`)."""
+on the host (:class:`Features`), the sampled rows' FP32 recheck (:class:`Audit`), the call
+between launch and finish (:class:`Pending`) and what the engine returns (:class:`Result`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from hubert_ray.model.assurance import Audit
 
 
 @dataclass
@@ -90,6 +86,17 @@ class Launched:
     groups: list[list[int]]
     done: object  # the device's event: results on the host
     units: dict  # layer with centroids -> [N] int32 tensor (host memory once ``done``)
+
+
+@dataclass
+class Audit:
+    """Sampled rows' FP32 recheck, queued right behind their call's forward
+    (:meth:`hubert_ray.model.assurance.Assurance.launch_audit`): ``metrics`` [rows, layers, 6]
+    (host memory once the call is done) holds per row and layer ``cos_mean, cos_min, rel_l2,
+    max_abs, unit_flips, frames``, computed on the device."""
+
+    rows: list[int]
+    metrics: object
 
 
 @dataclass
