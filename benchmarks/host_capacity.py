@@ -34,9 +34,9 @@ daemons (raylet, gcs_server, agents). CPU seconds per audio hour are reported pe
 the whole run and for the steady window; ``other_host`` is what the rest of the machine
 (other users) used meanwhile.
 
-``--profile`` adds one more job run under py-spy (``--native``, one ``py-spy record`` per job
+``--profile`` adds one more job run under py-spy (``--nonblocking``, one ``py-spy record`` per job
 worker process, speedscope output): its samples split each role's CPU into stages by the
-functions on the stack (:data:`STAGE_RULES`): decode, cut/normalise, decode-side Arrow
+functions on the stack (:data:`FINE_RULES`, :data:`COARSE`): decode, cut/normalise, decode-side Arrow
 building, transfers/serialisation (Ray's object store, pickling, Ray Data's block
 batching), the model actor's host work (packing, staging, copy-out into Arrow), write
 (Parquet), Ray/other. The profiled run is slower (py-spy shares the cores) and is reported
@@ -512,8 +512,12 @@ def attribute(samples: dict, run: tuple, window, audio_s: float, steady_audio_s:
 
 
 # -- py-spy ---------------------------------------------------------------------------------------
+SKIP_SPY = ("DashboardAgent", "RuntimeEnvAgent", "_StatsActor", "ActorLocationTracker",
+            "_AutoscalingCoordinatorActor", "Tally")
+
+
 class Spies:
-    """One ``py-spy record --native`` per job worker process (polled as they appear)."""
+    """One ``py-spy record --nonblocking`` per job worker process (polled as they appear)."""
 
     def __init__(self, out_dir: str, root: int, exclude: set[int], rate: int = 100):
         import threading
@@ -549,12 +553,13 @@ class Spies:
                 if pid in self.procs or pid in self.exclude or pid in spy_pids:
                     continue
                 title = _title(pid)
-                if not (title.startswith("ray::") or pid == self.root):
-                    continue  # raylet, gcs_server: C++ (their CPU is in the /proc table)
+                worker = title.startswith("ray::") or "default_worker.py" in title
+                if not (worker or pid == self.root) or any(k in title for k in SKIP_SPY):
+                    continue  # raylet, gcs_server (C++), Ray's own actors: /proc table only
                 out = os.path.join(self.dir, f"{pid}.speedscope.json")
                 log = open(os.path.join(self.dir, f"{pid}.log"), "w")
                 proc = subprocess.Popen(
-                    [self.spy, "record", "--native", "--rate", str(self.rate),
+                    [self.spy, "record", "--nonblocking", "--rate", str(self.rate),
                      "--format", "speedscope", "-o", out, "--pid", str(pid)],
                     stdout=log, stderr=subprocess.STDOUT,
                 )
@@ -577,70 +582,129 @@ class Spies:
         return {str(pid): {"title": title, "file": out} for pid, (_, out, title) in self.procs.items()}
 
 
-# Stage of a py-spy sample: the first rule (in this order) whose any key occurs in any frame
-# of the stack, searched from the innermost frame outwards, e.g. a numpy copy under
-# ``_cut`` is cut/normalise, under ``features_array`` model-actor host work.
-STAGE_RULES = (
-    # Parquet writing (write tasks)
-    ("write", ("write_table", "parquet", "write_part", "ParquetWriter", "FeatureSink")),
+# Fine stage of a py-spy sample: walking the stack from the innermost frame outwards, the
+# first frame that a rule matches decides (a numpy call under ``_cut`` is cut/normalise, under
+# ``features_array`` the model actor's Arrow output). A rule: (fine stage, file path
+# fragment, function names or None for any). Frames are Python frames (py-spy without
+# --native: time in C code, libopus or Arrow's C++, counts for the Python frame that called it).
+FINE_RULES = (
+    # decoding (soundfile -> libsndfile -> libopus / libFLAC; soxr)
+    ("decode.soundfile", "/soundfile.py", None),
+    ("decode.soundfile", "/soxr/", None),
+    ("decode.stream", "hubert_ray/corpus/audio.py", {
+        "_window", "fill", "_open", "_open_once", "open_recording", "_stream_for", "_restart",
+        "read_audio", "to_mono_16k", "_downmix", "read", "seek", "tell", "close",
+        "_open_object", "_read_object", "__init__"}),
+    # cutting and normalising
+    ("cut.normalise", "hubert_ray/core/signal.py", {"normalise"}),
+    ("cut.segment", "hubert_ray/corpus/audio.py", {
+        "_cut", "samples", "release", "segment_bounds", "_check_times", "cut_segment",
+        "_decode_rows", "start", "_forget_failed"}),
+    # the decode stage's Arrow output (concatenating the segments, building the arrays)
+    ("decode.arrow_out", "hubert_ray/corpus/audio.py", {"__call__"}),
     # the model actor's host work
-    ("model_host", ("features_array", "units_array", "assemble", "audio_views", "pad_batch",
-                    "_micro_batch", "_staging", "pack_micro_batches", "plan_chunks", "_work",
-                    "engine.py", "extractor.py", "SimulatedModel", "_collect", "_launch",
-                    "ModelStage", "_with_retries_column", "_sub_calls")),
-    # cutting and normalising in the decode task
-    ("cut_normalise", ("normalise", "_cut", "samples (", "isfinite", "segment_bounds",
-                       "release")),
-    # decoding (libsndfile, libopus, libFLAC, soxr)
-    ("decode", ("sf_readf", "sf_read", "opus", "FLAC", "flac", "soxr", "_window", "fill",
-                "libsndfile", "vorbis", "ogg_", "psf_", "RecordingStream", "read_frames",
-                "_cdata_io", "soundfile.py")),
-    # building the decode stage's Arrow output
-    ("decode_arrow", ("DecodeStage.__call__", "LargeListArray", "audio.py")),
-    # Ray's object store and serialisation, Ray Data's block handling (both ends)
-    ("transfer", ("serializ", "pickle", "plasma", "put_object", "get_objects", "store_task",
-                  "deserializ", "_raylet", "object_store", "Memcopy", "memcpy", "memmove",
-                  "BlockAccessor", "batcher", "Batcher", "concat", "combine_chunks",
-                  "block_builder", "arrow_block", "table_block", "to_batches",
-                  "ray/data/", "ray\\data")),
+    ("model.arrow_out", "hubert_ray/stages/extractor.py", {
+        "features_array", "units_array", "unit_run_arrays", "_valid_only", "assemble", "finish"}),
+    ("model.arrow_in", "hubert_ray/stages/extractor.py", {"audio_views", "launch"}),
+    ("model.report", "hubert_ray/stages/extractor.py", {"_write_report"}),
+    ("model.stage", "hubert_ray/stages/extractor.py", None),
+    ("model.engine", "hubert_ray/model/", None),
+    ("model.engine", "hubert_ray/core/chunking.py", None),
+    ("model.engine", "/torch/", None),
+    ("model.actor", "hubert_ray/backend/actor.py", None),
+    ("model.actor", "hubert_ray/backend/pipeline.py", {
+        "__call__", "_sub_calls", "_call", "_launch", "_run", "_new_retries", "start", "done",
+        "deaths", "_compute"}),
+    # writing Parquet
+    ("write.parquet", "/pyarrow/parquet/", None),
+    ("write.sink", "hubert_ray/dataset/output.py", None),
+    ("write.sink", "hubert_ray/backend/sink.py", None),
+    ("write.sink", "hubert_ray/backend/pipeline.py", {"write", "put"}),
+    # the job's other task functions (manifest expansion, summary, the decode task's wrapper)
+    ("task.decode_wrapper", "hubert_ray/backend/", {"_decode", "_with_retries_column",
+                                                    "_upstream_retries", "_trace"}),
+    ("task.other", "hubert_ray/", None),
+    # Ray: serialisation and the object store, Ray Data's blocks, batching and bookkeeping
+    ("ray.serialization", "ray/_private/serialization.py", None),
+    ("ray.serialization", "/cloudpickle/", None),
+    ("ray.serialization", "/pickle.py", None),
+    ("ray.serialization", "ray/_private/worker.py", {
+        "put_object", "get_objects", "deserialize_objects", "get", "put"}),
+    ("ray.data_blocks", "ray/data/_internal/arrow_block.py", None),
+    ("ray.data_blocks", "ray/data/_internal/table_block.py", None),
+    ("ray.data_blocks", "ray/data/_internal/arrow_ops/", None),
+    ("ray.data_blocks", "ray/data/_internal/output_buffer.py", None),
+    ("ray.data_blocks", "ray/data/_internal/batcher.py", None),
+    ("ray.data_blocks", "ray/data/_internal/block_batching/", None),
+    ("ray.data_blocks", "ray/data/block.py", None),
+    ("ray.data_executor", "ray/data/_internal/execution/streaming_executor", None),
+    ("ray.data_executor", "ray/data/_internal/execution/", None),
+    ("ray.data_other", "ray/data/", None),
+    ("ray.task_loop", "ray/_private/worker.py", {"main_loop"}),
+    ("ray.other", "/ray/", None),
+    ("python.import", "<frozen importlib", None),
 )
+# Fine stage -> the stage of the breakdown table.
+COARSE = {
+    "decode.soundfile": "decode",
+    "decode.stream": "decode",
+    "cut.normalise": "cut_normalise",
+    "cut.segment": "cut_normalise",
+    "decode.arrow_out": "decode_arrow",
+    "task.decode_wrapper": "decode_arrow",
+    "model.arrow_out": "model_host",
+    "model.arrow_in": "model_host",
+    "model.report": "model_host",
+    "model.stage": "model_host",
+    "model.engine": "model_host",
+    "model.actor": "model_host",
+    "write.parquet": "write",
+    "write.sink": "write",
+    "ray.serialization": "transfer",
+    "ray.data_blocks": "transfer",
+    "ray.task_loop": "transfer",
+    "ray.data_executor": "ray_overhead",
+    "ray.data_other": "ray_overhead",
+    "ray.other": "ray_overhead",
+    "python.import": "ray_overhead",
+    "task.other": "manifest_summary",
+    "other": "other",
+}
+IDLE_LEAVES = {"wait", "select", "epoll_wait", "poll", "sleep", "_worker", "get", "acquire",
+               "run_forever", "_run_once", "accept", "recv", "readline"}
 
 
-def stage_of(frames: list[str]) -> str:
-    for stage, keys in STAGE_RULES:
-        for fr in frames:
-            if any(k in fr for k in keys):
+def fine_stage_of(stack: list[tuple[str, str]]) -> str:
+    """``stack``: (function, file) pairs, innermost first."""
+    for name, path in stack:
+        for stage, frag, names in FINE_RULES:
+            if frag in path and (names is None or name in names):
                 return stage
     return "other"
 
 
 def speedscope_split(path: str) -> dict:
-    """Samples per stage (and the top innermost frames) of one speedscope profile."""
+    """Samples per fine stage (and the top innermost frames) of one speedscope profile."""
     with open(path) as f:
         data = json.load(f)
-    frames = [
-        f"{fr['name']} ({os.path.basename(fr.get('file') or '')}:{fr.get('line', '')})"
-        for fr in data["shared"]["frames"]
-    ]
-    stages: dict[str, int] = {}
-    leaves: dict[str, int] = {}
-    threads: dict[str, int] = {}
+    frames = [(fr["name"], fr.get("file") or "", fr.get("line")) for fr in data["shared"]["frames"]]
+    stages: dict[str, float] = {}
+    leaves: dict[str, float] = {}
     for prof in data["profiles"]:
-        n = 0
         for sample, weight in zip(prof["samples"], prof["weights"], strict=False):
             stack = [frames[i] for i in sample][::-1]  # innermost first
-            s = stage_of(stack)
+            s = fine_stage_of([(n, f) for n, f, _ in stack])
             stages[s] = stages.get(s, 0) + weight
             if stack:
-                key = f"{s}: {stack[0]}"
+                n, f, line = stack[0]
+                key = f"{s}: {n} ({'/'.join(f.split('/')[-2:])}:{line})"
                 leaves[key] = leaves.get(key, 0) + weight
-            n += weight
-        threads[prof.get("name", "?")] = threads.get(prof.get("name", "?"), 0) + n
-    return {"stages": stages, "leaves": leaves, "threads": threads}
+    return {"stages": stages, "leaves": leaves}
 
 
 def profile_split(spies: dict) -> dict:
-    """Per role: samples per stage, shares, and the top innermost frames."""
+    """Per role (each profiled process's main role): py-spy's samples per fine stage, their
+    shares, and the top innermost frames."""
     by_role: dict[str, dict] = {}
     for info in spies.values():
         if not os.path.exists(info["file"]):
@@ -658,11 +722,11 @@ def profile_split(spies: dict) -> dict:
     for role, r in by_role.items():
         total = sum(r["stages"].values()) or 1
         out[role] = {
-            "samples": total,
+            "samples_s": round(total, 2),
             "share": {k: round(v / total, 4) for k, v in sorted(r["stages"].items(),
                                                                  key=lambda kv: -kv[1])},
             "top_leaves": {k: round(v / total, 4) for k, v in sorted(
-                r["leaves"].items(), key=lambda kv: -kv[1])[:25]},
+                r["leaves"].items(), key=lambda kv: -kv[1])[:30]},
         }
     return out
 
@@ -693,7 +757,8 @@ def stage_table(cpu: dict, split: dict | None) -> dict:
         if not shares or role not in ("decode", "model_actor", "write"):
             out[ROLE_STAGE.get(role, "other")] += per_h
             continue
-        for stage, share in shares.items():
+        for fine, share in shares.items():
+            stage = COARSE.get(fine, "other")
             if stage == "other":
                 stage = ROLE_STAGE[role]
             out[stage] += per_h * share

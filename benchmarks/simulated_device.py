@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hubert_ray.backend import extract
     from hubert_ray.core.config import ExtractConfig
+    from hubert_ray.model.device import SimulatedDevice
 
     (dist, secs, mixed), *_ = parse_dists(args.utt_seconds)
     work = tempfile.mkdtemp(prefix="simulated-device-")
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExtractConfig(manifest=manifest, model=model, output=os.path.join(work, "out"), **extra)
     busy0, total0 = cpu_jiffies()
     t0 = time.perf_counter()
-    simulate = {"x_realtime": args.x_realtime, "forward_s": args.forward_ms / 1e3}
-    summary = extract.run(cfg, overwrite=True, simulate=simulate)
+    device = SimulatedDevice(x_realtime=args.x_realtime, forward_s=args.forward_ms / 1e3)
+    summary = extract.run(cfg, overwrite=True, device=device)
     wall = time.perf_counter() - t0
     busy1, total1 = cpu_jiffies()
     ray.shutdown()

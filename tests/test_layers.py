@@ -76,7 +76,6 @@ def _imports(name: str, path: pathlib.Path) -> list[tuple[int, str]]:
 MODULES = _modules()
 
 
-
 def _layer(module: str) -> str:
     """The subpackage a module of hubert_ray belongs to (``""``: the package's own __init__)."""
     parts = module.split(".")

@@ -42,7 +42,7 @@ class ModelActor:
         self,
         config: ModelConfig,
         queue_depth: int = 2,
-        simulate: dict | None = None,
+        device=None,
         call_seconds: float | None = None,
     ):
         import asyncio
@@ -51,15 +51,10 @@ class ModelActor:
         from hubert_ray.stages import extractor
 
         trace("model")
-        simulated = None
-        if simulate:  # benchmarks and tests only (pipeline.run's argument)
-            from hubert_ray.model.device import SimulatedDevice
-
-            simulated = SimulatedDevice(**simulate)
         self.faults = _fault_hooks()  # None unless a test set a hook
         if self.faults:
             self.faults.check_start()
-        self.stage = extractor.ModelStage(config, simulated=simulated)
+        self.stage = extractor.ModelStage(config, device=device)
         self.journal = Journal(config.report_uri)  # one journal per output
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="launch")
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")

@@ -98,7 +98,7 @@ def build_manifest_dataset(
     info: dict,
     index,
     placement: Placement,
-    simulate: dict | None = None,
+    device=None,
 ):
     """manifest recordings (read by Ray) → segments still to do → decode → model actors."""
     ds = manifest_blocks(cfg, manifest_uri, info, recordings_per_task(cfg, info))
@@ -114,5 +114,5 @@ def build_manifest_dataset(
         max_retries=MAX_PROCESS_DEATHS,
     )
     ds = ds.map_batches(_decode, **stage_args("decode", cfg, placement))
-    args = stage_args("model", cfg, placement, simulate)
+    args = stage_args("model", cfg, placement, device)
     return ds.map_batches(ModelActor, **args)

@@ -51,12 +51,12 @@ class Plan:
     metadata: dict  # recorded in every part file
 
 
-def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = None) -> dict:
+def run(cfg: ExtractConfig, overwrite: bool = False, device=None) -> dict:
     """Run the whole job; returns the summary (also written to ``<output>/_summary.json``).
 
-    ``simulate``: model actors on a simulated accelerator instead of the model, the keyword
-    arguments of :class:`hubert_ray.model.device.SimulatedDevice` (``{"x_realtime": R}``;
-    benchmarks and tests only, no CLI or config option selects it)."""
+    ``device``: the model actors' device, a :class:`hubert_ray.model.device.DeviceSpec` (e.g.
+    ``SimulatedDevice(x_realtime=R)``: benchmarks and tests; no CLI or config option selects
+    one); ``None``: a GPU when placed on one, else the CPU."""
     t_start = time.time()
     driver_retries = storage.retry_count()
     manifest_uri, to_convert = job_manifest(cfg)
@@ -87,7 +87,7 @@ def run(cfg: ExtractConfig, overwrite: bool = False, simulate: dict | None = Non
     run_audio = 0.0
     if todo:
         t_write = time.time()
-        run_audio = write_features(plan, info, index, placement, tally, done_rows, simulate)
+        run_audio = write_features(plan, info, index, placement, tally, done_rows, device)
         phases["prepare"], phases["write"] = t_write - t_start, time.time() - t_write
     del index
     t_check = time.time()
@@ -240,12 +240,12 @@ def _start_run(
     return runs
 
 
-def write_features(plan, info, index, placement, tally, done_rows, simulate) -> float:
+def write_features(plan, info, index, placement, tally, done_rows, device) -> float:
     """Build the dataset and write it through the sink, printing progress; the audio seconds
     this run wrote."""
     configure_retries()
     configure_scheduling()
-    ds = build_manifest_dataset(plan.stage_cfg, plan.manifest_uri, info, index, placement, simulate)
+    ds = build_manifest_dataset(plan.stage_cfg, plan.manifest_uri, info, index, placement, device)
     sink = make_sink(plan.cfg, plan.metadata, tally)
     todo = max(0, info["segments"] - done_rows)
     with progress.Reporter(tally, todo, plan.cfg.progress_seconds):

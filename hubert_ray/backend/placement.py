@@ -70,9 +70,7 @@ def plan_placement(
     return Placement(cfg.num_cpu_actors, False, model, rows, calls, seconds)
 
 
-def stage_args(
-    stage: str, cfg: ExtractConfig, placement: Placement, simulate: dict | None = None
-) -> dict:
+def stage_args(stage: str, cfg: ExtractConfig, placement: Placement, device=None) -> dict:
     """The keyword arguments of every ``map_batches`` call, in one place."""
     import ray
 
@@ -97,7 +95,7 @@ def stage_args(
             fn_constructor_kwargs={
                 "config": placement.model_config,
                 "queue_depth": cfg.queue_depth,
-                "simulate": simulate,
+                "device": device,
                 "call_seconds": placement.call_seconds,
             },
             compute=ray.data.ActorPoolStrategy(

@@ -67,16 +67,6 @@ def _order(v) -> float:
     return v if isinstance(v, float) else math.inf
 
 
-def device_name(device) -> str:
-    """``cuda:0 (NVIDIA H100 80GB HBM3)``, or the CPU's model name and its AMX support."""
-    import torch
-
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"cpu ({cpu_model()}{', AMX' if cpu_has_amx() else ''})"
-
-
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

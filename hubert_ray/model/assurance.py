@@ -130,7 +130,7 @@ class Assurance:
         )
         report.update(
             {
-                "device": selftest.device_name(e.device.torch_device),
+                "device": e.device.name,
                 "dtype": e.dtype,
                 "audio_seconds": round(sum(len(s) for s in signals) / SAMPLE_RATE_HZ, 3),
                 "seconds": None,

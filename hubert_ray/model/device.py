@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from types import SimpleNamespace
 from typing import Protocol
 
@@ -46,17 +47,19 @@ GPU_PAD_MULTIPLE_S = 0.25
 class Device(Protocol):
     """What the engine needs of the hardware its forwards run on.
 
-    Attributes: ``torch_device`` (where the engine's tensors live), ``streams`` (micro-batches
-    that run at once, each on its own thread; 1: in order on one), ``queued`` (a launch
-    returns before the work is done: the engine measures a forward's fixed cost,
-    :mod:`hubert_ray.model.cost`), ``computes`` (a model computes the features: False for the
-    simulated device, whose features are zeros and get no units), ``pad_multiple_s`` (the
-    default padded-length multiple).
+    Attributes: ``name`` (the hardware, for reports: ``cuda:0 (NVIDIA H100 80GB HBM3)``, or
+    the CPU's model name and its AMX support), ``torch_device`` (where the engine's tensors
+    live), ``streams`` (micro-batches that run at once, each on its own thread; 1: in order
+    on one), ``queued`` (a launch returns before the work is done: the engine measures a
+    forward's fixed cost, :mod:`hubert_ray.model.cost`), ``computes`` (a model computes the
+    features: False for the simulated device, whose features are zeros and get no units),
+    ``pad_multiple_s`` (the default padded-length multiple).
 
     The clock: ``record()`` returns an event for everything queued so far, ``wait(event)``
     blocks until it is done; ``elapsed(a, b)`` is the device time between two ``stamp()``\\ s
     (once both are done)."""
 
+    name: str
     torch_device: object
     streams: int
     queued: bool
@@ -161,6 +164,12 @@ class HostDevice(_RealDevice):
         self.torch_device = torch.device("cpu")
         self.streams = streams
 
+    @cached_property
+    def name(self) -> str:
+        from hubert_ray.core.selftest import cpu_has_amx, cpu_model
+
+        return f"cpu ({cpu_model()}{', AMX' if cpu_has_amx() else ''})"
+
     @classmethod
     def open(cls, config: ModelConfig) -> HostDevice:
         """The CPU for ``config``: ``num_threads`` forwards at once (0: one per CPU of this
@@ -208,6 +217,13 @@ class CudaDevice(_RealDevice):
         import torch
 
         self.torch_device = torch.device("cuda")
+
+    @cached_property
+    def name(self) -> str:
+        import torch
+
+        index = torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
     def compute_dtype(self, config: ModelConfig) -> str:
         dtype = compute_dtype(config.dtype, True)

@@ -31,7 +31,6 @@ from functools import cached_property
 
 import numpy as np
 
-from hubert_ray.core import selftest
 from hubert_ray.core.chunking import (
     pack_micro_batches,
     pad_batch,
@@ -314,7 +313,7 @@ class Engine:
             # device time of the forwards and of the sampled FP32 rechecks (their share: the
             # audit's cost)
             "device_s": {"forward": round(forward, 3), "audit": round(audit, 3)},
-            "device": selftest.device_name(self.device.torch_device),
+            "device": self.device.name,
             # the packing's fixed cost per forward (seconds of padded audio) and, on a device
             # whose work is queued, what it was derived from (ForwardCost)
             "micro_batch_cost_seconds": round(self.batch_cost_samples / SAMPLE_RATE_HZ, 3),

@@ -122,20 +122,15 @@ class ModelStage:
     """Ray Data UDF (constructed once per actor). ``__call__`` maps a decoded pyarrow batch to
     a feature batch with the same rows in the same order."""
 
-    def __init__(self, config: ModelConfig, self_test: bool = True, device=None, simulated=None):
+    def __init__(self, config: ModelConfig, self_test: bool = True, device=None):
         """``device``: a spec of the device the engine runs on
         (:class:`hubert_ray.model.device.DeviceSpec`, e.g. a
         :class:`~hubert_ray.model.device.SimulatedDevice`); ``None``: the real device
-        ``config.device`` names. ``simulated``: the same, under the name the backend's model
-        actor still passes (to be removed once it passes ``device``)."""
+        ``config.device`` names."""
         from hubert_ray.io.storage import local_model_dir
         from hubert_ray.model import encoder as hm
         from hubert_ray.model.engine import Engine
 
-        if simulated is not None:
-            if device is not None:
-                raise TypeError("ModelStage: pass device or simulated, not both")
-            device = simulated
         self.config = config
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10**12:012d}"
         model_dir = local_model_dir(config.model_uri, config.storage_options)
@@ -148,7 +143,7 @@ class ModelStage:
             "actor_id": self.actor_id,
         }
         # The most audio (of rows to compute) and the most rows of any call this actor ran: in
-        # its report, where the bound on a call's audio (pipeline.ModelActor) can be seen.
+        # its report, where the bound on a call's audio (backend.actor.ModelActor) can be seen.
         self.largest_call = {"audio_seconds": 0.0, "rows": 0}
         self._reported, self._timing, self._reported_at = None, None, 0.0
         self._write_report()
