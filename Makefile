@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch; an unpinned torch would pull a multi-GB CUDA build. Override on GPU hosts.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-fast lint format clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/hubert-ray demo
 
+# The whole suite, every tier (what CI runs): tests/unit, tests/ray, tests/integration, tests/gpu.
 test: install
 	$(PY) -m pytest -q
+
+# The unit tier only: no Ray, no subprocess, no S3 server (a few minutes on two cores).
+test-fast: install
+	$(PY) -m pytest -q tests/unit
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -34,14 +34,18 @@ daemons (raylet, gcs_server, agents). CPU seconds per audio hour are reported pe
 the whole run and for the steady window; ``other_host`` is what the rest of the machine
 (other users) used meanwhile.
 
-``--profile`` adds one more job run under py-spy (``--nonblocking``, one ``py-spy record`` per job
-worker process, speedscope output): its samples split each role's CPU into stages by the
-functions on the stack (:data:`FINE_RULES`, :data:`COARSE`): decode, cut/normalise, decode-side Arrow
-building, transfers/serialisation (Ray's object store, pickling, Ray Data's block
-batching), the model actor's host work (packing, staging, copy-out into Arrow), write
-(Parquet), Ray/other. The profiled run is slower (py-spy shares the cores) and is reported
-apart; its stage shares are applied to the timed runs' role CPU. A thread that py-spy cannot
-see (Ray's C++ threads) shows in the per-thread ``/proc`` table instead.
+``--profile`` adds one more job run in which every Ray worker process (Ray's
+``worker_process_setup_hook``) and the driver run :class:`ThreadCpuProfiler`: a sampling
+profiler whose samples are weighted by each Python thread's own CPU time (so idle threads
+count nothing, unlike py-spy's samples here: ``py-spy record`` per worker cost ~200 CPU s per
+half-hour run on 2 cores and counted waiting threads as busy). Its stacks split each role's CPU
+into fine stages by the functions on them (:data:`FINE_RULES`, mapped by :data:`COARSE`):
+decode (soundfile/libopus/libFLAC), cut/normalise, the decode stage's Arrow output,
+transfers/serialisation (Ray's serialisation, Ray Data's block handling and batching, the
+worker's task loop), the model actor's host work (Arrow in, engine packing/staging, Arrow
+out), write (Parquet), Ray/other; what it cannot see (threads without Python: Ray's C++
+core-worker threads) is ``unsampled``. The profiled run is reported apart; its shares of each
+role's /proc CPU are applied to the timed runs.
 
 ``--write-probe`` also times :func:`hubert_ray.dataset.output.write_part` on one core with the
 simulated device's features (zeros) against random float16 features, and Parquet options
@@ -244,8 +248,54 @@ def steady(reports: list[dict]) -> dict:
     return out
 
 
+WHAT_IFS = {
+    "actor-cpus=0": "the GPU model actor reserves no Ray CPU (Ray Data's default for a GPU "
+    "map UDF without num_cpus is 1): the model stage's map_batches args get num_cpus=0",
+    "normalize=off": "no per-segment normalisation on the host (--normalize off: what moving "
+    "it to the device would save on the host)",
+}
+
+
+def _patch_actor_cpus(cpus: float):
+    """``stage_args`` of the model stage with ``num_cpus`` set (the driver builds the dataset:
+    patching it here is enough); returns an undo function."""
+    import importlib
+
+    undo = []
+    for name in (
+        "hubert_ray.backend.placement",
+        "hubert_ray.backend.dataset",
+        "hubert_ray.backend.pipeline",
+    ):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        orig = getattr(mod, "stage_args", None)
+        if orig is None:
+            continue
+
+        def patched(stage, *a, _orig=orig, **k):
+            args = _orig(stage, *a, **k)
+            if stage == "model" and args.get("num_gpus"):
+                args["num_cpus"] = cpus
+            return args
+
+        mod.stage_args = patched
+        undo.append((mod, orig))
+    if not undo:
+        raise RuntimeError("what-if actor-cpus: no stage_args found in hubert_ray.backend")
+    return lambda: [setattr(m, "stage_args", o) for m, o in undo]
+
+
 def job_run(
-    manifest: str, model: str, work: str, x_realtime: float, interval: float, profile_dir=None
+    manifest: str,
+    model: str,
+    work: str,
+    x_realtime: float,
+    interval: float,
+    profile_dir=None,
+    what_if: str | None = None,
 ) -> dict:
     import ray
 
@@ -255,19 +305,34 @@ def job_run(
     out_dir = os.path.join(work, "out")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(address="local", num_gpus=1, include_dashboard=False)
+    path = os.environ.get("PYTHONPATH", "")
+    if ROOT not in path.split(os.pathsep):  # Ray's workers import benchmarks (the hook)
+        os.environ["PYTHONPATH"] = os.pathsep.join([p for p in (ROOT, path) if p])
+    extra = {}
+    if profile_dir:
+        os.environ[PROFILE_ENV] = profile_dir
+        extra["runtime_env"] = {"worker_process_setup_hook": f"{__spec__.name}.worker_hook"}
+        worker_hook()  # the driver (Ray Data's executor) too
+    ray.init(address="local", num_gpus=1, include_dashboard=False, **extra)
     cpus = ray.cluster_resources().get("CPU", os.cpu_count())
-    cfg = ExtractConfig(manifest=manifest, model=model, output=out_dir)
+    extra_cfg = {"normalize": "off"} if what_if == "normalize=off" else {}
+    cfg = ExtractConfig(manifest=manifest, model=model, output=out_dir, **extra_cfg)
+    undo = _patch_actor_cpus(0) if what_if == "actor-cpus=0" else None
     samples = os.path.join(work, "samples.json")
     sampler = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.host_capacity", "--_sample", samples,
-         "--_root", str(os.getpid()), "--interval", str(interval)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.host_capacity",
+            "--_sample",
+            samples,
+            "--_root",
+            str(os.getpid()),
+            "--interval",
+            str(interval),
+        ],
         cwd=ROOT,
     )
-    spies = None
-    if profile_dir:
-        spies = Spies(profile_dir, os.getpid(), exclude={sampler.pid})
-        spies.start()
     time.sleep(max(0.3, 3 * interval))  # the sampler's baseline
     ld = load()
     busy0, total0 = host_jiffies()
@@ -276,11 +341,15 @@ def job_run(
     wall = time.perf_counter() - t0
     t_mono1 = time.monotonic()
     busy1, total1 = host_jiffies()
-    if spies:
-        spies.stop()
     sampler.send_signal(signal.SIGTERM)
     sampler.wait(60)
     ray.shutdown()
+    if undo:
+        undo()
+    if profile_dir:
+        os.environ.pop(PROFILE_ENV, None)
+        if _PROFILER is not None:
+            _PROFILER.flush()
     with open(samples) as f:
         ticks = json.load(f)
     audio = summary["audio_seconds"]
@@ -299,20 +368,12 @@ def job_run(
         "load_before": ld,
         "load_after": load(),
         "profiled": bool(profile_dir),
+        "variant": what_if or "base",
     }
     res["cpu"] = attribute(ticks, (t_mono0, t_mono1), st["window"], audio, st["audio_s"])
-    if spies:
-        # each profiled process's role: the one it spent most CPU in (a worker process can
-        # run several kinds of task in turn)
-        rep = spies.report()
-        for pid, info in rep.items():
-            roles: dict[str, float] = {}
-            for title, cpu in ticks.get("by_pid", {}).get(pid, {}).items():
-                r = role_of(title)
-                roles[r] = roles.get(r, 0.0) + cpu / ticks["clk_tck"]
-            info["roles_cpu_s"] = {k: round(v, 2) for k, v in roles.items()}
-            info["role"] = max(roles, key=roles.get) if roles else role_of(info["title"])
-        res["spies"] = rep
+    if profile_dir:
+        time.sleep(1.5)  # the workers' last flush
+        res["profile"] = profiles_by_role(profile_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     return res
 
@@ -330,8 +391,10 @@ def _stat(path: str) -> tuple[str, int, int] | None:
         return None
     lp, rp = data.find(b"("), data.rfind(b")")
     fields = data[rp + 2 :].split()
-    return data[lp + 1 : rp].decode(errors="replace"), int(fields[1]), int(fields[11]) + int(
-        fields[12]
+    return (
+        data[lp + 1 : rp].decode(errors="replace"),
+        int(fields[1]),
+        int(fields[11]) + int(fields[12]),
     )
 
 
@@ -360,6 +423,7 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
     last_cpu: dict[int, int] = {}
     last_title: dict[int, str] = {}
     last_thread: dict[tuple[int, int], int] = {}
+    last_wait: dict[int, int] = {}
     ticks = []
     by_pid: dict[str, dict[str, int]] = {}  # pid -> title -> CPU ticks
     first = True
@@ -379,7 +443,7 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
             pid = todo.pop()
             ours.append(pid)
             todo.extend(children.get(pid, []))
-        procs, threads = {}, {}
+        procs, threads, occ, waits = {}, {}, {}, {}
         for pid in ours:
             if pid == me or pid not in stats:
                 continue
@@ -388,9 +452,21 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
             prev_title = last_title.get(pid, title)
             delta = cpu - last_cpu.get(pid, 0 if not first else cpu)
             last_cpu[pid], last_title[pid] = cpu, title
+            key = title if prev_title == title else f"{prev_title} | {title}"
+            occ[title] = occ.get(title, 0) + 1
+            # the main thread's time waiting on a run queue (runnable, not running)
+            try:
+                with open(f"/proc/{pid}/schedstat") as f:
+                    wait_ns = int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                wait_ns = None
+            if wait_ns is not None:
+                dw = wait_ns - last_wait.get(pid, 0 if not first else wait_ns)
+                last_wait[pid] = wait_ns
+                if dw > 0:
+                    waits[key] = waits.get(key, 0) + dw
             if delta <= 0 and not first:
                 continue
-            key = title if prev_title == title else f"{prev_title} | {title}"
             if delta > 0:
                 procs[key] = procs.get(key, 0) + delta
                 per_pid = by_pid.setdefault(str(pid), {})
@@ -412,7 +488,16 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
         busy = sum(fields) - fields[3] - fields[4]
-        ticks.append({"t": t, "procs": procs, "threads": threads, "host_busy": busy})
+        ticks.append(
+            {
+                "t": t,
+                "procs": procs,
+                "threads": threads,
+                "host_busy": busy,
+                "occupied": occ,
+                "runqueue_wait_ns": waits,
+            }
+        )
         first = False
         time.sleep(max(0.0, interval - (time.monotonic() - t)))
     with open(out_path, "w") as f:
@@ -423,16 +508,32 @@ def sample_loop(out_path: str, root: int, interval: float) -> None:
 # every operator it runs).
 ROLE_RULES = (
     ("decode", ("_decode",)),
+    ("model_init", ("ModelActor)).__init__",)),
     ("model_actor", ("ModelActor",)),
     ("write", ("Write", "HubertFeatures", "write_datasink")),
-    ("manifest", ("_todo", "_read_manifest", "ReadRange", "FromItems", "Repartition", "from_items")),
-    ("summary", ("_summarize", "_check_slice", "_unexpected", "_list_parts", "_index_range",
-                 "_combine_index", "mean_segment_seconds")),
+    (
+        "manifest",
+        ("_todo", "_read_manifest", "ReadRange", "FromItems", "Repartition", "from_items"),
+    ),
+    (
+        "summary",
+        (
+            "_summarize",
+            "_check_slice",
+            "_unexpected",
+            "_list_parts",
+            "_index_range",
+            "_combine_index",
+            "mean_segment_seconds",
+        ),
+    ),
     ("worker_idle", ("ray::IDLE",)),
     ("worker_startup", ("default_worker.py",)),
     ("driver", ("driver",)),
-    ("ray_daemons", ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor",
-                     "monitor.py", "agent")),
+    (
+        "ray_daemons",
+        ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py", "agent"),
+    ),
 )
 
 
@@ -461,16 +562,23 @@ def attribute(samples: dict, run: tuple, window, audio_s: float, steady_audio_s:
     ticks = samples["ticks"]
 
     def collect(lo, hi):
-        roles, threads, titles = {}, {}, {}
+        roles, threads, titles, occupied, waits = {}, {}, {}, {}, {}
         host = 0
-        prev_busy = None
+        prev_busy = prev_t = None
         for tk in ticks:
             inside = lo < tk["t"] <= hi
             if inside and prev_busy is not None:
                 host += tk["host_busy"] - prev_busy
-            prev_busy = tk["host_busy"]
+                dt = tk["t"] - prev_t
+                for title, n in tk.get("occupied", {}).items():
+                    r = role_of(title)
+                    occupied[r] = occupied.get(r, 0.0) + n * dt
+            prev_busy, prev_t = tk["host_busy"], tk["t"]
             if not inside:
                 continue
+            for title, ns in tk.get("runqueue_wait_ns", {}).items():
+                r = role_of(title)
+                waits[r] = waits.get(r, 0.0) + ns / 1e9
             for title, d in tk["procs"].items():
                 r = role_of(title)
                 roles[r] = roles.get(r, 0) + d / hz
@@ -487,10 +595,25 @@ def attribute(samples: dict, run: tuple, window, audio_s: float, steady_audio_s:
             "host_busy_cpu_s": round(host / hz, 2),
             "other_host_cpu_s": round(host / hz - ours, 2),
             "threads_cpu_s": {
-                k: round(v, 2) for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 0.05
+                k: round(v, 2)
+                for k, v in sorted(threads.items(), key=lambda kv: -kv[1])
+                if v >= 0.05
+            },
+            # per role: processes in it on average (task slots held), the CPU they used per
+            # process-second held, and their main threads' run-queue waits per process-second
+            # (runnable but not running: CPU contention)
+            "occupancy": {
+                r: {
+                    "processes": round(v / max(1e-9, hi - lo), 3),
+                    "cpu_per_held_s": round(roles.get(r, 0.0) / v, 3) if v else None,
+                    "runqueue_wait_per_held_s": round(waits.get(r, 0.0) / v, 3) if v else None,
+                }
+                for r, v in sorted(occupied.items(), key=lambda kv: -kv[1])
             },
             "titles_cpu_s": {
-                k: round(v, 2) for k, v in sorted(titles.items(), key=lambda kv: -kv[1]) if v >= 0.05
+                k: round(v, 2)
+                for k, v in sorted(titles.items(), key=lambda kv: -kv[1])
+                if v >= 0.05
             },
         }
 
@@ -511,75 +634,170 @@ def attribute(samples: dict, run: tuple, window, audio_s: float, steady_audio_s:
     return out
 
 
-# -- py-spy ---------------------------------------------------------------------------------------
-SKIP_SPY = ("DashboardAgent", "RuntimeEnvAgent", "_StatsActor", "ActorLocationTracker",
-            "_AutoscalingCoordinatorActor", "Tally")
+# -- in-process profiler ---------------------------------------------------------------------------
+PROFILE_ENV = "HOST_CAPACITY_PROFILE_DIR"
 
 
-class Spies:
-    """One ``py-spy record --nonblocking`` per job worker process (polled as they appear)."""
+class ThreadCpuProfiler:
+    """A sampling profiler inside one process whose samples are weighted by CPU time: every
+    ``interval`` s a daemon thread reads each Python thread's CPU clock
+    (``pthread_getcpuclockid``) and gives the CPU that thread used since the last tick to the
+    stack it is on now (``sys._current_frames``), classified by :func:`fine_stage_of` under the
+    process's title at that moment (``/proc/self/cmdline``: Ray's ``ray::<task>``). Idle
+    threads cost nothing and count nothing; threads without Python (Ray's C++ threads) are
+    not seen (the /proc table has them). Its own CPU is counted apart (``profiler``). The
+    totals are rewritten to ``<dir>/<pid>.json`` every ``flush_s`` and at exit."""
 
-    def __init__(self, out_dir: str, root: int, exclude: set[int], rate: int = 100):
+    def __init__(self, out_dir: str, interval: float = 0.01, flush_s: float = 1.0):
         import threading
 
-        self.dir, self.root, self.exclude, self.rate = out_dir, root, set(exclude), rate
-        os.makedirs(out_dir, exist_ok=True)
-        self.procs: dict[int, tuple[subprocess.Popen, str, str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self.spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-
-    def start(self) -> None:
+        self.path = os.path.join(out_dir, f"{os.getpid()}.json")
+        self.interval, self.flush_s = interval, flush_s
+        self.last: dict[int, float] = {}
+        self.stages: dict[str, float] = {}  # "title\tfine stage" -> CPU s
+        self.leaves: dict[str, float] = {}  # "title\tfine stage\tframe" -> CPU s
+        self.cache: dict[tuple, tuple[str, str]] = {}
+        self.own = 0.0
+        self._thread = threading.Thread(target=self._run, name="cpu-profiler", daemon=True)
         self._thread.start()
+        import atexit
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            stats = {}
-            for name in os.listdir("/proc"):
-                if name.isdigit():
-                    s = _stat(f"/proc/{name}/stat")
-                    if s is not None:
-                        stats[int(name)] = s
-            children: dict[int, list[int]] = {}
-            for pid, (_, ppid, _) in stats.items():
-                children.setdefault(ppid, []).append(pid)
-            todo, ours = [self.root], []
-            while todo:
-                pid = todo.pop()
-                ours.append(pid)
-                todo.extend(children.get(pid, []))
-            spy_pids = {p.pid for p, _, _ in self.procs.values()}
-            for pid in ours:
-                if pid in self.procs or pid in self.exclude or pid in spy_pids:
+        atexit.register(self.flush)
+
+    def _classify(self, frame) -> tuple[str, str]:
+        codes = []
+        f = frame
+        while f is not None and len(codes) < 80:
+            codes.append(f.f_code)
+            f = f.f_back
+        key = tuple(codes)
+        hit = self.cache.get(key)
+        if hit is None:
+            stack = [(c.co_name, c.co_filename) for c in codes]
+            stage = fine_stage_of(stack)
+            # the innermost frame the rule matched on, else the innermost frame
+            where = stack[0] if stack else ("?", "?")
+            for name, path in stack:
+                if _matches(stage, name, path):
+                    where = (name, path)
+                    break
+            hit = (stage, f"{where[0]} ({'/'.join(where[1].split('/')[-2:])})")
+            if len(self.cache) < 200_000:
+                self.cache[key] = hit
+        return hit
+
+    def _run(self) -> None:
+        me = __import__("threading").get_ident()
+        next_flush = time.monotonic() + self.flush_s
+        while True:
+            time.sleep(self.interval)
+            t0 = time.thread_time()
+            title = _title(os.getpid())
+            title = title if title.startswith("ray::") else "driver-or-startup:" + title[:60]
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
                     continue
-                title = _title(pid)
-                worker = title.startswith("ray::") or "default_worker.py" in title
-                if not (worker or pid == self.root) or any(k in title for k in SKIP_SPY):
-                    continue  # raylet, gcs_server (C++), Ray's own actors: /proc table only
-                out = os.path.join(self.dir, f"{pid}.speedscope.json")
-                log = open(os.path.join(self.dir, f"{pid}.log"), "w")
-                proc = subprocess.Popen(
-                    [self.spy, "record", "--nonblocking", "--rate", str(self.rate),
-                     "--format", "speedscope", "-o", out, "--pid", str(pid)],
-                    stdout=log, stderr=subprocess.STDOUT,
-                )
-                self.procs[pid] = (proc, out, "driver" if pid == self.root else title)
-            self._stop.wait(0.25)
+                try:
+                    cpu = time.clock_gettime(time.pthread_getcpuclockid(ident))
+                except (OSError, OverflowError, ValueError):
+                    continue
+                prev = self.last.get(ident)
+                self.last[ident] = cpu
+                if prev is None or cpu <= prev:
+                    continue
+                stage, where = self._classify(frame)
+                k = f"{title}\t{stage}"
+                self.stages[k] = self.stages.get(k, 0.0) + cpu - prev
+                k = f"{k}\t{where}"
+                self.leaves[k] = self.leaves.get(k, 0.0) + cpu - prev
+            del frame
+            self.own += time.thread_time() - t0
+            if time.monotonic() >= next_flush:
+                self.flush()
+                next_flush = time.monotonic() + self.flush_s
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        for proc, _, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc, _, _ in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    def flush(self) -> None:
+        data = {
+            "pid": os.getpid(),
+            "stages": dict(self.stages),
+            "leaves": dict(self.leaves),
+            "profiler_cpu_s": self.own,
+        }
+        tmp = f"{self.path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
-    def report(self) -> dict:
-        return {str(pid): {"title": title, "file": out} for pid, (_, out, title) in self.procs.items()}
+
+_PROFILER = None
+
+
+def worker_hook() -> None:
+    """Ray's ``worker_process_setup_hook`` (and the driver's): a :class:`ThreadCpuProfiler` in
+    this process when ``$HOST_CAPACITY_PROFILE_DIR`` is set."""
+    global _PROFILER
+    out = os.environ.get(PROFILE_ENV)
+    if out and _PROFILER is None:
+        os.makedirs(out, exist_ok=True)
+        _PROFILER = ThreadCpuProfiler(out)
+
+
+def _matches(stage: str, name: str, path: str) -> bool:
+    for st, frag, names in FINE_RULES:
+        if st == stage and frag in path and (names is None or name in names):
+            return True
+    return False
+
+
+def profiles_by_role(profile_dir: str) -> dict:
+    """The processes' profiles summed by role (from each sample's process title): CPU
+    seconds per fine stage, and the top frames."""
+    roles: dict[str, dict] = {}
+    own = 0.0
+    for path in glob.glob(os.path.join(profile_dir, "*.json")):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        own += data.get("profiler_cpu_s", 0.0)
+        for key, cpu in data["stages"].items():
+            title, stage = key.split("\t")
+            r = roles.setdefault(_profile_role(title), {"stages": {}, "leaves": {}})
+            r["stages"][stage] = r["stages"].get(stage, 0.0) + cpu
+        for key, cpu in data["leaves"].items():
+            title, stage, where = key.split("\t")
+            r = roles.setdefault(_profile_role(title), {"stages": {}, "leaves": {}})
+            k = f"{stage}: {where}"
+            r["leaves"][k] = r["leaves"].get(k, 0.0) + cpu
+    out = {"profiler_cpu_s": round(own, 2), "roles": {}}
+    for role, r in roles.items():
+        total = sum(r["stages"].values())
+        out["roles"][role] = {
+            "cpu_s": round(total, 2),
+            "stages_cpu_s": {
+                k: round(v, 3) for k, v in sorted(r["stages"].items(), key=lambda kv: -kv[1])
+            },
+            "share": {
+                k: round(v / total, 4)
+                for k, v in sorted(r["stages"].items(), key=lambda kv: -kv[1])
+            }
+            if total
+            else {},
+            "top_frames_cpu_s": {
+                k: round(v, 3) for k, v in sorted(r["leaves"].items(), key=lambda kv: -kv[1])[:30]
+            },
+        }
+    return out
+
+
+def _profile_role(title: str) -> str:
+    if title.startswith("driver-or-startup:"):
+        return "worker_startup" if "default_worker.py" in title else "driver"
+    return role_of(title)
 
 
 # Fine stage of a py-spy sample: walking the stack from the innermost frame outwards, the
@@ -588,23 +806,59 @@ class Spies:
 # fragment, function names or None for any). Frames are Python frames (py-spy without
 # --native: time in C code, libopus or Arrow's C++, counts for the Python frame that called it).
 FINE_RULES = (
-    # decoding (soundfile -> libsndfile -> libopus / libFLAC; soxr)
+    # frames that decide nothing: the caller's frame does
+    ("_skip", "hubert_ray/io/storage.py", None),
+    ("_skip", "hubert_ray/core/errors.py", None),
+    # decoding (soundfile -> libsndfile -> libopus / libFLAC; soxr) and reading the bytes
     ("decode.soundfile", "/soundfile.py", None),
     ("decode.soundfile", "/soxr/", None),
-    ("decode.stream", "hubert_ray/corpus/audio.py", {
-        "_window", "fill", "_open", "_open_once", "open_recording", "_stream_for", "_restart",
-        "read_audio", "to_mono_16k", "_downmix", "read", "seek", "tell", "close",
-        "_open_object", "_read_object", "__init__"}),
+    ("cut.segment", "hubert_ray/corpus/reading.py", {"samples", "release", "start"}),
+    ("decode.stream", "hubert_ray/corpus/reading.py", None),
+    ("decode.stream", "hubert_ray/corpus/objects.py", None),
+    ("decode.stream", "/fsspec/", None),
+    (
+        "cut.segment",
+        "hubert_ray/corpus/decoding.py",
+        {"segment_bounds", "_check_times", "cut_segment", "_times"},
+    ),
+    ("decode.stream", "hubert_ray/corpus/decoding.py", None),
     # cutting and normalising
     ("cut.normalise", "hubert_ray/core/signal.py", {"normalise"}),
-    ("cut.segment", "hubert_ray/corpus/audio.py", {
-        "_cut", "samples", "release", "segment_bounds", "_check_times", "cut_segment",
-        "_decode_rows", "start", "_forget_failed"}),
+    (
+        "cut.segment",
+        "hubert_ray/corpus/audio.py",
+        {
+            "_cut",
+            "_decode_rows",
+            "_cut_as_decoded",
+            "_pending",
+            "_sparse",
+            "_next_run",
+            "_forget_failed",
+            "samples",
+            "release",
+            "segment_bounds",
+            "_check_times",
+            "cut_segment",
+        },
+    ),
     # the decode stage's Arrow output (concatenating the segments, building the arrays)
-    ("decode.arrow_out", "hubert_ray/corpus/audio.py", {"__call__"}),
+    ("decode.arrow_out", "hubert_ray/corpus/audio.py", {"__call__", "_table"}),
+    ("decode.stream", "hubert_ray/corpus/audio.py", None),  # streams, the recording cache
     # the model actor's host work
-    ("model.arrow_out", "hubert_ray/stages/extractor.py", {
-        "features_array", "units_array", "unit_run_arrays", "_valid_only", "assemble", "finish"}),
+    (
+        "model.arrow_out",
+        "hubert_ray/stages/extractor.py",
+        {
+            "features_array",
+            "units_array",
+            "unit_run_arrays",
+            "_valid_only",
+            "assemble",
+            "finish",
+            "feature_type",
+        },
+    ),
     ("model.arrow_in", "hubert_ray/stages/extractor.py", {"audio_views", "launch"}),
     ("model.report", "hubert_ray/stages/extractor.py", {"_write_report"}),
     ("model.stage", "hubert_ray/stages/extractor.py", None),
@@ -612,32 +866,42 @@ FINE_RULES = (
     ("model.engine", "hubert_ray/core/chunking.py", None),
     ("model.engine", "/torch/", None),
     ("model.actor", "hubert_ray/backend/actor.py", None),
-    ("model.actor", "hubert_ray/backend/pipeline.py", {
-        "__call__", "_sub_calls", "_call", "_launch", "_run", "_new_retries", "start", "done",
-        "deaths", "_compute"}),
+    (
+        "model.actor",
+        "hubert_ray/backend/pipeline.py",
+        {"__call__", "_sub_calls", "_call", "_launch", "_run", "_new_retries", "_compute"},
+    ),
     # writing Parquet
     ("write.parquet", "/pyarrow/parquet/", None),
     ("write.sink", "hubert_ray/dataset/output.py", None),
     ("write.sink", "hubert_ray/backend/sink.py", None),
-    ("write.sink", "hubert_ray/backend/pipeline.py", {"write", "put"}),
-    # the job's other task functions (manifest expansion, summary, the decode task's wrapper)
-    ("task.decode_wrapper", "hubert_ray/backend/", {"_decode", "_with_retries_column",
-                                                    "_upstream_retries", "_trace"}),
+    ("write.sink", "hubert_ray/backend/pipeline.py", {"write", "put", "on_write_complete"}),
+    # the decode task's wrapper (per batch: the config key, the retries column)
+    (
+        "task.decode_wrapper",
+        "hubert_ray/backend/",
+        {"_decode", "_with_retries_column", "_upstream_retries", "trace", "_trace"},
+    ),
+    # the job's other task functions (manifest expansion, resume index, summary)
     ("task.other", "hubert_ray/", None),
     # Ray: serialisation and the object store, Ray Data's blocks, batching and bookkeeping
     ("ray.serialization", "ray/_private/serialization.py", None),
+    ("ray.serialization", "ray/_private/arrow_serialization.py", None),
     ("ray.serialization", "/cloudpickle/", None),
     ("ray.serialization", "/pickle.py", None),
-    ("ray.serialization", "ray/_private/worker.py", {
-        "put_object", "get_objects", "deserialize_objects", "get", "put"}),
+    (
+        "ray.serialization",
+        "ray/_private/worker.py",
+        {"put_object", "get_objects", "deserialize_objects"},
+    ),
     ("ray.data_blocks", "ray/data/_internal/arrow_block.py", None),
     ("ray.data_blocks", "ray/data/_internal/table_block.py", None),
     ("ray.data_blocks", "ray/data/_internal/arrow_ops/", None),
     ("ray.data_blocks", "ray/data/_internal/output_buffer.py", None),
     ("ray.data_blocks", "ray/data/_internal/batcher.py", None),
     ("ray.data_blocks", "ray/data/_internal/block_batching/", None),
+    ("ray.data_blocks", "ray/data/_internal/pandas_block.py", None),
     ("ray.data_blocks", "ray/data/block.py", None),
-    ("ray.data_executor", "ray/data/_internal/execution/streaming_executor", None),
     ("ray.data_executor", "ray/data/_internal/execution/", None),
     ("ray.data_other", "ray/data/", None),
     ("ray.task_loop", "ray/_private/worker.py", {"main_loop"}),
@@ -668,10 +932,9 @@ COARSE = {
     "ray.other": "ray_overhead",
     "python.import": "ray_overhead",
     "task.other": "manifest_summary",
+    "unsampled": "ray_cpp_threads",
     "other": "other",
 }
-IDLE_LEAVES = {"wait", "select", "epoll_wait", "poll", "sleep", "_worker", "get", "acquire",
-               "run_forever", "_run_once", "accept", "recv", "readline"}
 
 
 def fine_stage_of(stack: list[tuple[str, str]]) -> str:
@@ -679,54 +942,29 @@ def fine_stage_of(stack: list[tuple[str, str]]) -> str:
     for name, path in stack:
         for stage, frag, names in FINE_RULES:
             if frag in path and (names is None or name in names):
+                if stage == "_skip":
+                    break  # the next frame out decides
                 return stage
     return "other"
 
 
-def speedscope_split(path: str) -> dict:
-    """Samples per fine stage (and the top innermost frames) of one speedscope profile."""
-    with open(path) as f:
-        data = json.load(f)
-    frames = [(fr["name"], fr.get("file") or "", fr.get("line")) for fr in data["shared"]["frames"]]
-    stages: dict[str, float] = {}
-    leaves: dict[str, float] = {}
-    for prof in data["profiles"]:
-        for sample, weight in zip(prof["samples"], prof["weights"], strict=False):
-            stack = [frames[i] for i in sample][::-1]  # innermost first
-            s = fine_stage_of([(n, f) for n, f, _ in stack])
-            stages[s] = stages.get(s, 0) + weight
-            if stack:
-                n, f, line = stack[0]
-                key = f"{s}: {n} ({'/'.join(f.split('/')[-2:])}:{line})"
-                leaves[key] = leaves.get(key, 0) + weight
-    return {"stages": stages, "leaves": leaves}
-
-
-def profile_split(spies: dict) -> dict:
-    """Per role (each profiled process's main role): py-spy's samples per fine stage, their
-    shares, and the top innermost frames."""
-    by_role: dict[str, dict] = {}
-    for info in spies.values():
-        if not os.path.exists(info["file"]):
-            continue
-        role = info.get("role") or role_of(info["title"])
-        try:
-            split = speedscope_split(info["file"])
-        except (ValueError, KeyError):
-            continue
-        r = by_role.setdefault(role, {"stages": {}, "leaves": {}})
-        for k in ("stages", "leaves"):
-            for name, v in split[k].items():
-                r[k][name] = r[k].get(name, 0) + v
+def role_shares(profile: dict, proc_cpu_s: dict) -> dict:
+    """Each role's fine-stage shares of its /proc CPU in the profiled run: what the profiler
+    saw in its Python threads, and ``unsampled`` for the rest (threads without Python: Ray's
+    C++ core-worker threads; start-up before the profiler)."""
     out = {}
-    for role, r in by_role.items():
-        total = sum(r["stages"].values()) or 1
+    for role, prof in profile["roles"].items():
+        total = proc_cpu_s.get(role, 0.0)
+        if total <= 0:
+            continue
+        share = {k: v / total for k, v in prof["stages_cpu_s"].items()}
+        seen = sum(share.values())
+        if seen < 1:
+            share["unsampled"] = 1 - seen
+        else:  # sampled more than /proc saw (clock granularity, title changes): normalise
+            share = {k: v / seen for k, v in share.items()}
         out[role] = {
-            "samples_s": round(total, 2),
-            "share": {k: round(v / total, 4) for k, v in sorted(r["stages"].items(),
-                                                                 key=lambda kv: -kv[1])},
-            "top_leaves": {k: round(v / total, 4) for k, v in sorted(
-                r["leaves"].items(), key=lambda kv: -kv[1])[:30]},
+            "share": {k: round(v, 4) for k, v in sorted(share.items(), key=lambda kv: -kv[1])}
         }
     return out
 
@@ -743,10 +981,26 @@ ROLE_STAGE = {
     "manifest": "manifest_summary",
     "summary": "manifest_summary",
     "other_process": "ray_overhead",
-    "worker_startup": "ray_overhead",
+    "worker_startup": "worker_startup",
+    "model_init": "model_init",
 }
-STAGES = ("decode", "cut_normalise", "decode_arrow", "transfer", "model_host", "write",
-          "manifest_summary", "ray_overhead", "other")
+STAGES = (
+    "decode",
+    "cut_normalise",
+    "decode_arrow",
+    "transfer",
+    "ray_cpp_threads",
+    "model_host",
+    "model_init",
+    "write",
+    "manifest_summary",
+    "worker_startup",
+    "ray_overhead",
+    "other",
+)
+
+
+SPLIT_ROLES = ("decode", "model_actor", "write")
 
 
 def stage_table(cpu: dict, split: dict | None) -> dict:
@@ -754,14 +1008,11 @@ def stage_table(cpu: dict, split: dict | None) -> dict:
     out = dict.fromkeys(STAGES, 0.0)
     for role, per_h in cpu["per_audio_hour"].items():
         shares = (split or {}).get(role, {}).get("share")
-        if not shares or role not in ("decode", "model_actor", "write"):
+        if not shares or role not in SPLIT_ROLES:
             out[ROLE_STAGE.get(role, "other")] += per_h
             continue
         for fine, share in shares.items():
-            stage = COARSE.get(fine, "other")
-            if stage == "other":
-                stage = ROLE_STAGE[role]
-            out[stage] += per_h * share
+            out[COARSE.get(fine, "other")] += per_h * share
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -781,20 +1032,39 @@ def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
     audio_s = sum(durs)
     n = sum(frames)
 
-    def table(values):
-        feats = features_array(values, frames, [True] * len(frames), "float16")
+    def table(values, layout="job"):
+        if layout == "job":  # list<fixed_size_list<half, 768>>: one Parquet leaf per value
+            feats = features_array(values, frames, [True] * len(frames), "float16")
+        elif layout == "flat":  # list<half>: the row's frames x 768 values, one list level
+            offsets = np.concatenate(([0], np.cumsum(frames) * 768)).astype(np.int32)
+            feats = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
+        else:  # "blob": one large_binary value per row (frames x 768 float16 bytes)
+            offsets = np.concatenate(([0], np.cumsum(frames) * 768 * 2)).astype(np.int64)
+            buf = pa.py_buffer(np.ascontiguousarray(values).view(np.uint8).reshape(-1))
+            feats = pa.LargeBinaryArray.from_buffers(
+                pa.large_binary(), len(frames), [None, pa.py_buffer(offsets), buf]
+            )
         ids = [f"r-{i:06d}" for i in range(len(frames))]
-        return pa.table({
-            "segment_id": ids, "recording_id": ["r"] * len(ids),
-            "start_s": pa.array(np.zeros(len(ids))), "end_s": pa.array(durs),
-            "num_frames": pa.array(frames, pa.int32()), "layer_9": feats,
-        })
+        return pa.table(
+            {
+                "segment_id": ids,
+                "recording_id": ["r"] * len(ids),
+                "start_s": pa.array(np.zeros(len(ids))),
+                "end_s": pa.array(durs),
+                "num_frames": pa.array(frames, pa.int32()),
+                "layer_9": feats,
+            }
+        )
 
+    rand = rng.standard_normal((n, 768), dtype=np.float32).astype(np.float16)
     tables = {
         "zeros": table(np.zeros((n, 768), np.float16)),
-        "random": table(rng.standard_normal((n, 768), dtype=np.float32).astype(np.float16)),
+        "random": table(rand),
+        "random_flat": table(rand, "flat"),
+        "random_blob": table(rand, "blob"),
     }
     variants = {
+        "warm_up": ("random", None),
         "job_options_zeros": ("zeros", None),
         "job_options_random": ("random", None),
         "random_no_compression": ("random", {"compression": "none"}),
@@ -802,6 +1072,8 @@ def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
         "random_dictionary_on": ("random", {"use_dictionary": True}),
         "random_batch_2000": ("random", {"_batch": 100000}),
         "random_batch_16": ("random", {"_batch": 16}),
+        "random_flat_list_layout": ("random_flat", {}),
+        "random_binary_blob_layout": ("random_blob", {}),
     }
     res: dict[str, dict] = {k: {"x_realtime": [], "bytes": None} for k in variants}
     d = os.path.join(work, "probe")
@@ -824,6 +1096,7 @@ def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
             res[name]["x_realtime"].append(round(audio_s / cpu))
             res[name]["bytes"] = os.path.getsize(path)
     shutil.rmtree(d, ignore_errors=True)
+    res.pop("warm_up")
     for r in res.values():
         r["median"] = float(np.median(r["x_realtime"]))
         r["cpu_s_per_audio_hour"] = round(3600 / r["median"], 1)
@@ -837,7 +1110,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return ""
 
@@ -859,18 +1134,21 @@ def median(xs):
 
 
 def summarise(rounds: list[dict], split: dict | None) -> dict:
-    raws = [r["raw"]["x_realtime_per_core"] for r in rounds]
+    raws = {r["round"]: r["raw"]["x_realtime_per_core"] for r in rounds}
+    raw_cpu = {r["round"]: 3600 / r["raw"]["x_realtime_per_cpu_second"] for r in rounds}
     out = {"rows": []}
     for r in rounds:
         job, raw = r["job"], r["raw"]
         cpus = job["ray_cpus"]
         row = {
             "round": r["round"],
+            "variant": job.get("variant", "base"),
             "raw_x_per_core": raw["x_realtime_per_core"],
             "job_x_steady": job["x_realtime_steady"],
             "job_x_whole": job["x_realtime_whole"],
             "job_x_steady_per_core": round(job["x_realtime_steady"] / cpus, 1)
-            if job["x_realtime_steady"] else None,
+            if job["x_realtime_steady"]
+            else None,
             "job_x_whole_per_core": round(job["x_realtime_whole"] / cpus, 1),
             "load_raw": raw["load"]["loadavg"],
             "load_job": job["load_before"]["loadavg"],
@@ -879,7 +1157,9 @@ def summarise(rounds: list[dict], split: dict | None) -> dict:
             "profiled": job["profiled"],
         }
         if row["job_x_steady_per_core"]:
-            row["ratio_steady"] = round(row["job_x_steady_per_core"] / raw["x_realtime_per_core"], 3)
+            row["ratio_steady"] = round(
+                row["job_x_steady_per_core"] / raw["x_realtime_per_core"], 3
+            )
         row["ratio_whole"] = round(row["job_x_whole_per_core"] / raw["x_realtime_per_core"], 3)
         w = job["cpu"].get("steady") or job["cpu"]["whole"]
         row["job_cpu_per_audio_hour_steady"] = w["job_per_audio_hour"]
@@ -894,20 +1174,41 @@ def summarise(rounds: list[dict], split: dict | None) -> dict:
         row["stages_per_audio_hour_steady"] = stage_table(w, split)
         row["stages_per_audio_hour_whole"] = stage_table(job["cpu"]["whole"], split)
         out["rows"].append(row)
-    timed = [row for row in out["rows"] if not row["profiled"]]
-    out["median_raw_x_per_core"] = median(raws)
-    out["median_ratio_steady"] = median([row.get("ratio_steady") for row in timed])
-    out["median_ratio_whole"] = median([row["ratio_whole"] for row in timed])
-    out["median_ratio_cpu_steady"] = median([row["ratio_cpu_steady"] for row in timed])
-    out["median_ratio_cpu_whole"] = median([row["ratio_cpu_whole"] for row in timed])
-    out["raw_cpu_s_per_audio_hour"] = round(3600 / out["median_raw_x_per_core"], 1)
+    out["median_raw_x_per_core"] = median(list(raws.values()))
+    out["median_raw_cpu_s_per_audio_hour"] = median(list(raw_cpu.values()))
+    out["variants"] = {}
+    for variant in dict.fromkeys(row["variant"] for row in out["rows"]):
+        timed = [row for row in out["rows"] if not row["profiled"] and row["variant"] == variant]
+        if not timed:
+            continue
+        keys = (
+            "job_x_steady",
+            "job_x_whole",
+            "ratio_steady",
+            "ratio_whole",
+            "ratio_cpu_steady",
+            "ratio_cpu_whole",
+            "job_cpu_per_audio_hour_steady",
+            "job_cpu_per_audio_hour_whole",
+            "job_cores_busy_steady",
+        )
+        v = {f"median_{k}": median([row.get(k) for row in timed]) for k in keys}
+        v["runs"] = len(timed)
+        for win in ("steady", "whole"):
+            tables = [row[f"stages_per_audio_hour_{win}"] for row in timed]
+            v[f"median_stages_per_audio_hour_{win}"] = {
+                k: median([t[k] for t in tables]) for k in tables[0]
+            }
+        out["variants"][variant] = v
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.host_capacity",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.host_capacity",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--format", choices=sorted(FORMATS), default="opus")
     p.add_argument("--recording-minutes", type=float, default=10.0)
     p.add_argument("--coverage", type=float, default=1.0, help="fraction of segments listed")
@@ -915,11 +1216,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--x-realtime", type=float, default=1e6, help="simulated device speed")
     p.add_argument("--repeats", type=int, default=2, help="rounds of raw decode + job")
     p.add_argument("--unique-recordings", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="one more job run under py-spy")
+    p.add_argument(
+        "--what-if",
+        action="append",
+        default=[],
+        choices=sorted(WHAT_IFS),
+        help="also run the job with this change, alternating with the baseline in each round: "
+        + "; ".join(f"{k}: {v}" for k, v in WHAT_IFS.items()),
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="one more job run with the CPU-time profiler"
+    )
     p.add_argument("--write-probe", action="store_true", help="time write_part on one core")
     p.add_argument("--interval", type=float, default=0.05, help="/proc sampling period, s")
-    p.add_argument("--corpus-dir", default=os.path.join(tempfile.gettempdir(),
-                                                       "host-capacity-corpus"))
+    p.add_argument(
+        "--corpus-dir", default=os.path.join(tempfile.gettempdir(), "host-capacity-corpus")
+    )
     p.add_argument("--profile-dir", help="keep the py-spy profiles here")
     p.add_argument("--json", help="write the result here too")
     p.add_argument("--_sample", help=argparse.SUPPRESS)
@@ -951,8 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "meta": {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "python -m benchmarks.host_capacity " + " ".join(
-                sys.argv[1:] if argv is None else argv),
+            "command": "python -m benchmarks.host_capacity "
+            + " ".join(sys.argv[1:] if argv is None else argv),
             "git": git("rev-parse", "--short", "HEAD"),
             "dirty_product_files": git("status", "--porcelain", "hubert_ray").splitlines(),
             "cpu": cpu_name(),
@@ -965,25 +1277,36 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": [],
     }
     print(json.dumps(result["meta"] | {"corpus": corpus}, indent=2), flush=True)
+    variants = [None, *args.what_if]
     for k in range(args.repeats):
         raw = raw_decode(files, args.recording_minutes * 60)
-        print(f"round {k}: raw decode {raw['x_realtime_per_core']}x per core "
-              f"(load {raw['load']['loadavg']})", flush=True)
-        job = job_run(manifest, model, work, args.x_realtime, args.interval)
-        print(f"round {k}: job steady {job['x_realtime_steady']}x, whole "
-              f"{job['x_realtime_whole']}x on {job['ray_cpus']} CPUs "
-              f"(load {job['load_before']['loadavg']} -> {job['load_after']['loadavg']})",
-              flush=True)
-        result["rounds"].append({"round": k, "raw": raw, "job": job})
+        print(
+            f"round {k}: raw decode {raw['x_realtime_per_core']}x per core "
+            f"(load {raw['load']['loadavg']})",
+            flush=True,
+        )
+        # the variants alternate within each round, their order turning round by round
+        turn = k % len(variants)
+        for variant in variants[turn:] + variants[:turn]:
+            job = job_run(manifest, model, work, args.x_realtime, args.interval, what_if=variant)
+            print(
+                f"round {k} [{variant or 'base'}]: job steady {job['x_realtime_steady']}x, whole "
+                f"{job['x_realtime_whole']}x on {job['ray_cpus']} CPUs "
+                f"(load {job['load_before']['loadavg']} -> {job['load_after']['loadavg']})",
+                flush=True,
+            )
+            result["rounds"].append({"round": k, "raw": raw, "job": job})
     split = None
     if args.profile:
         prof_dir = args.profile_dir or os.path.join(work, "profiles")
         shutil.rmtree(prof_dir, ignore_errors=True)
         raw = raw_decode(files, args.recording_minutes * 60)
         job = job_run(manifest, model, work, args.x_realtime, args.interval, prof_dir)
-        split = profile_split(job["spies"])
-        print(f"profiled: job steady {job['x_realtime_steady']}x, whole "
-              f"{job['x_realtime_whole']}x", flush=True)
+        split = role_shares(job["profile"], job["cpu"]["whole"]["cpu_s"])
+        print(
+            f"profiled: job steady {job['x_realtime_steady']}x, whole {job['x_realtime_whole']}x",
+            flush=True,
+        )
         result["rounds"].append({"round": args.repeats, "raw": raw, "job": job})
         result["profile_split"] = split
     if args.write_probe:

@@ -412,7 +412,7 @@ def measure_pipeline(bench: Bench, model_dir, work, d_i, dist, secs, mixed, dtyp
 
 def placement_calls(cfg, cuda: bool) -> int:
     """Calls in flight per model actor for ``cfg`` (the job's rule, on one GPU or on CPU)."""
-    from hubert_ray.backend.pipeline import plan_placement
+    from hubert_ray.backend.placement import plan_placement
 
     return plan_placement(cfg, 1 if cuda else 0).calls_per_actor
 

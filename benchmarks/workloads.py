@@ -53,12 +53,13 @@ def make_raw(lengths: list[int], seed: int) -> list[np.ndarray]:
     return [synth_signal(n / SR, SR, 1, seed=seed + i)[:, 0] for i, n in enumerate(lengths)]
 
 
-ARCHS = ("tiny", "small", "base", "large")
+ARCHS = ("tiny", "small", "base6", "base", "large")
 
 
 def make_model(arch: str, path: str) -> str:
     """A model directory with random weights: ``tiny`` (the tests' model), ``small`` (4 layers x
-    256 dims: a model-bound CPU workload), ``base`` (chinese-hubert-base's architecture:
+    256 dims: a model-bound CPU workload), ``base6`` (6 layers x 384 dims: a heavier one),
+    ``base`` (chinese-hubert-base's architecture:
     ``HubertConfig()``), ``large`` (chinese-hubert-large's: 24 x 1024, layer-norm frontend with
     conv bias, stable layer norm)."""
     if arch == "tiny":
@@ -71,6 +72,9 @@ def make_model(arch: str, path: str) -> str:
     configs = {
         "small": dict(
             hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
+        ),
+        "base6": dict(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536
         ),
         "base": {},
         "large": dict(

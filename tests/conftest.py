@@ -1,12 +1,65 @@
-"""Shared fixtures: one local Ray session for the whole run, a tiny model, a generated corpus."""
+"""Shared fixtures and the test tiers.
+
+The folders are the tiers, and each test gets the marker of its folder:
+
+* ``tests/unit``: no Ray, no subprocess, no S3 server (``make test-fast``);
+* ``tests/ray``: the job on local Ray, every test on the one session (``ray_session``);
+* ``tests/integration``: CLI subprocesses, S3 on loopback (moto), multi-node Ray, ``ray job
+  submit``, SIGKILL and resume;
+* ``tests/gpu``: CUDA only (skipped without it).
+
+Any test that uses ``ray_session`` (directly or through a fixture) is also marked ``ray``. Two
+guards keep ``tests/unit`` honest: a unit test that requests ``ray_session`` errors at setup,
+and a session that collects only unit tests stops if collecting them imported Ray.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+TIERS = ("unit", "ray", "integration", "gpu")
+_HERE = Path(__file__).resolve().parent
+
+
+def _tier(item: pytest.Item) -> str | None:
+    try:
+        top = Path(item.path).resolve().relative_to(_HERE).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return top if top in TIERS else None
+
+
+def pytest_collection_modifyitems(config, items):
+    tiers = set()
+    for item in items:
+        tier = _tier(item)
+        tiers.add(tier)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+        if tier != "ray" and "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+    if items and tiers == {"unit"} and "ray" in sys.modules:
+        raise pytest.UsageError(
+            "collecting tests/unit imported ray: a unit test module (or what it imports at "
+            "module level, e.g. hubert_ray.backend) pulls in Ray. Import it inside the test, "
+            "or move the test to tests/ray."
+        )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if _tier(item) == "unit" and "ray_session" in item.fixturenames:
+        pytest.fail(
+            f"{item.nodeid} is in tests/unit but uses the ray_session fixture: unit tests run "
+            "without Ray; move it to tests/ray.",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

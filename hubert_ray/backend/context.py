@@ -77,8 +77,11 @@ def quiet_ray() -> None:
     """What Ray Data would print that does not help this job's user:
 
     - its progress bars count blocks and rows of every operator; this job prints its own
-      progress in segments and audio hours (hubert_ray.backend.progress). Ray logs a hint on how to
+      progress in segments and audio hours (``backend.progress``). Ray logs a hint on how to
       turn its bars back on once per process (``log_once``): marked as given here.
+    - when a write task cannot write the output (:class:`OutputError`), Ray Data logs the
+      task's whole traceback before aborting; the job ends with one line naming the output and
+      the cause instead (exit 5), so that record is dropped.
     - Ray 2.60 deprecates the extra remote args of ``map_batches`` / ``write_datasink``
       (removal planned in 2.64) but names no replacement for ``max_retries`` /
       ``max_task_retries``, which bound the retries of a process that dies
@@ -93,6 +96,33 @@ def quiet_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")
     warnings.filterwarnings("ignore", message=".*ray_remote_args", category=RayDeprecationWarning)
+    _OUTPUT_FAILURE_RECORDS.seen = False  # a new run
+    for name in _OutputFailureRecords.LOGGERS:
+        found = logging.getLogger(name)
+        if not any(isinstance(f, _OutputFailureRecords) for f in found.filters):
+            found.addFilter(_OUTPUT_FAILURE_RECORDS)
+
+
+class _OutputFailureRecords(logging.Filter):
+    """Drops what Ray Data logs when a write task raised :class:`OutputError` (Ray's wrapper
+    subclasses it): the executor's record with the task's traceback, and the records that
+    follow it from ``ray.data.exceptions`` (which call it an internal error)."""
+
+    LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from hubert_ray.core.errors import OutputError
+
+        if record.exc_info and isinstance(record.exc_info[1], OutputError):
+            self.seen = True
+        return not (self.seen and record.levelno >= logging.ERROR)
+
+
+_OUTPUT_FAILURE_RECORDS = _OutputFailureRecords()
 
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:

@@ -103,7 +103,7 @@ def _output_error(exc: BaseException) -> OutputError | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OutputError):
-            return OutputError(exc.output, exc.cause)
+            return OutputError(exc.output, exc.reason)
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
 

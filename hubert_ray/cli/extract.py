@@ -9,7 +9,9 @@ option names with ``_`` or ``-``); command-line options override the file. Under
 submit`` the job joins the cluster named by ``RAY_ADDRESS``; otherwise it starts Ray locally.
 Bad options exit with code 2 and a message naming the option and what is allowed; a precision
 breach under ``--on-precision-breach fail`` exits 3; a worker process that keeps dying on the
-same work (past the job's retries) exits 4; missing or duplicated segments at the end exit 1.
+same work (past the job's retries) exits 4; an output that cannot be written (no space,
+permission denied, a missing bucket, a quota) exits 5; missing or duplicated segments at the
+end exit 1.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import textwrap
 
 from hubert_ray.core.config import ExtractConfig
-from hubert_ray.core.errors import ConfigError, ManifestError, WorkerDeathError
+from hubert_ray.core.errors import ConfigError, ManifestError, OutputError, WorkerDeathError
 from hubert_ray.core.options import GROUPS, PRIMARY, OptionSpec, option_specs
 
 PROG = "hubert-ray extract"
@@ -234,14 +236,15 @@ def _precision_breach(exc: BaseException) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The job, its errors as exit codes (2 options, 3 precision breach, 4 dying workers)."""
+    """The job, its errors as exit codes (2 options, 3 precision breach, 4 dying workers, 5 an
+    output that cannot be written)."""
     try:
         cfg, overwrite = config_from_args(args)
-        from hubert_ray.backend import pipeline
+        from hubert_ray.backend import extract
 
         if args.quiet:
-            logging.getLogger("hubert_ray.backend.progress").setLevel(logging.WARNING)
-        summary = pipeline.run(cfg, overwrite=overwrite)
+            logging.getLogger("hubert_ray.progress").setLevel(logging.WARNING)
+        summary = extract.run(cfg, overwrite=overwrite)
     except ConfigError as e:
         option = f"--{e.field.replace('_', '-')}: " if e.field else ""
         print(f"error: {option}{e}", file=sys.stderr)
@@ -252,6 +255,9 @@ def _run(args: argparse.Namespace) -> int:
     except WorkerDeathError as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     except Exception as e:
         breach = _precision_breach(e)
         if breach is None:

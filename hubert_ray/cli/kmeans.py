@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(prov, indent=2))
             return 0
         if args.command == "assign":
-            from hubert_ray.backend import pipeline
+            from hubert_ray.backend import assign
 
-            summary = pipeline.run_assign(
+            summary = assign.run_assign(
                 args.features, args.km, args.output, so, args.num_gpus, args.overwrite
             )
             print(json.dumps(summary, indent=2))

@@ -32,13 +32,13 @@ class OutputError(RuntimeError):
     quota): the job stops and exits 5. Every part written before is whole and kept; once the
     cause is fixed, a rerun resumes."""
 
-    def __init__(self, output: str, cause: str):
-        super().__init__(output, cause)
-        self.output, self.cause = output, cause
+    def __init__(self, output: str, reason: str):
+        super().__init__(output, reason)
+        self.output, self.reason = output, reason
 
     def __str__(self) -> str:
         return (
-            f"cannot write to the output {self.output}: {self.cause}. The parts written so far "
+            f"cannot write to the output {self.output}: {self.reason}. The parts written so far "
             "are kept: fix that, then rerun to resume"
         )
 

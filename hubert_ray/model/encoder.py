@@ -300,6 +300,44 @@ def keep_layer_norms_fp32(model: nn.Module) -> int:
     return len(targets)
 
 
+def freeze_weight_norms(model: nn.Module) -> int:
+    """Replace every weight-normalised weight of ``model`` (the positional convolution's:
+    ``weight = g * v / ||v||``, a parametrization torch recomputes at every forward) by its
+    value, computed once in float64 by numpy; returns how many.
+
+    Recomputed per forward, the norm is a parallel reduction whose rounding depends on the
+    number of torch threads running it, so the same micro-batch gave different features on one
+    thread and on two (the CPU engine runs either: :mod:`hubert_ray.model.threads`); numpy's
+    float64 sum is the same whatever the threads, and it saves the recomputation."""
+    import numpy as np
+    from torch.nn.utils import parametrize
+
+    frozen = 0
+    for module in list(model.modules()):
+        norm = getattr(getattr(module, "parametrizations", None), "weight", None)
+        if norm is not None and len(norm) == 1 and hasattr(norm[0], "dim"):
+            g, v, dim = norm.original0, norm.original1, norm[0].dim
+        elif hasattr(module, "weight_g") and hasattr(module, "weight_v"):  # (legacy hook)
+            hook = next(h for h in module._forward_pre_hooks.values() if hasattr(h, "dim"))
+            g, v, dim = module.weight_g, module.weight_v, hook.dim
+        else:
+            continue
+        v64 = v.detach().cpu().double().numpy()
+        axes = tuple(a for a in range(v64.ndim) if a != dim % v64.ndim)
+        scale = g.detach().cpu().double().numpy() / np.sqrt(
+            (v64 * v64).sum(axis=axes, keepdims=True)
+        )
+        weight = torch.from_numpy(v64 * scale).to(v.dtype)
+        if norm is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        else:
+            torch.nn.utils.remove_weight_norm(module)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+        frozen += 1
+    return frozen
+
+
 def positional_conv_fp32(device: torch.device, dtype: str) -> bool:
     """Whether the positional convolution runs in float32 by default.
 
@@ -336,6 +374,7 @@ def load_model(
         attn_implementation="sdpa" if cls._supports_sdpa else "eager",
     )
     model.eval()
+    freeze_weight_norms(model)
     if torch.device(device).type == "cuda":
         # FP32 must mean FP32: cuDNN convolutions default to TF32 on Ampere and newer, which
         # measured 4.6e-4 relative error on an H200 (the FP32 reference of precision checks).
