@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ARCHS,
         default="tiny",
         help="random-weight model to generate (benchmarks.workloads.make_model): tiny, small "
-        "(4 x 256), base (chinese-hubert-base's architecture), large (chinese-hubert-large's)",
+        "(4 x 256), base6 (6 x 384), base (chinese-hubert-base's architecture), large "
+        "(chinese-hubert-large's)",
     )
     p.add_argument("--model", help="use this save_pretrained directory instead of --arch")
     p.add_argument("--seconds", type=float, default=60.0, help="audio per measurement (s)")

@@ -4,22 +4,23 @@ each; alone, and beside processes that decode FLAC as the job's decode tasks do.
     python -m benchmarks.cpu_forwards --arch tiny --seconds 600 --json out.json
 
 The engine (no Ray) computes the same generated audio (WenetSpeech-like mixed lengths, or
-``--utt-seconds`` fixed) in calls of ``--call-seconds``, float32, in two ways:
+``--utt-seconds`` fixed) in calls of ``--call-seconds``, float32, in the two ways it can run
+forwards on N threads (``Engine(..., cpu_strategy=...)``, :mod:`hubert_ray.model.threads`):
 
-    one_at_a_time   one forward at a time on N torch threads (the CPU engine before it ran
-                    forwards at once; what a plain script does)
-    at_once         N forwards at once, one torch thread each (the CPU engine's default)
+    one_at_a_time   one forward at a time on N torch threads (``threaded``; what a plain
+                    script does)
+    at_once         N forwards at once, one torch thread each (``at_once``)
 
 each alone and beside ``--decoders`` processes decoding a FLAC file in a loop, the four rows
 alternating for ``--repeats`` rounds. Prints x realtime (audio seconds / wall seconds of the
 forwards) per row, each row's median and the ratios of the medians at_once / one_at_a_time,
-and writes them to ``--json``.
+and writes them to ``--json``, with what an engine's own timing at start chose in each round
+(``calibrations``: the engine report's ``cpu_strategy``; a job's engine keeps the faster way).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -49,11 +50,8 @@ def lengths_of(args) -> list[int]:
 
 
 def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
-    """x realtime of one way, alone and beside ``args.decoders`` decoding processes. Run in a
-    process of its own: once an engine has run forwards at once on one thread each, a forward
-    on two torch threads in that process used about one core."""
-    import torch
-
+    """x realtime of one way, alone and beside ``args.decoders`` decoding processes (in a
+    process of its own: nothing of the other way's left in it)."""
     from hubert_ray.core.config import ModelConfig
     from hubert_ray.model.engine import Engine
 
@@ -67,15 +65,9 @@ def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
         if held >= args.call_seconds or i == len(raw) - 1:
             calls.append((ids, audio))
             ids, audio, held = [], [], 0.0
-    config = ModelConfig(model_uri=model, layers="last", dtype="float32")
-    at_once = way == "at_once"
-    engine = Engine(
-        dataclasses.replace(config, num_threads=args.threads if at_once else 1),
-        model,
-        self_test=False,
-    )
-    if not at_once:
-        torch.set_num_threads(args.threads)
+    config = ModelConfig(model_uri=model, layers="last", dtype="float32", num_threads=args.threads)
+    strategy = "at_once" if way == "at_once" else "threaded"
+    engine = Engine(config, model, self_test=False, cpu_strategy=strategy)
     engine.run(*calls[0])  # warm-up: allocator, kernels
     out = {}
     for decoders in (0, args.decoders):
@@ -95,9 +87,18 @@ def measure(args, way: str, model: str, flac: str) -> dict[int, float]:
     return out
 
 
+def calibration(args, model: str) -> dict:
+    """What an engine's own timing at start (as a job's) measured and chose."""
+    from hubert_ray.core.config import ModelConfig
+    from hubert_ray.model.engine import Engine
+
+    config = ModelConfig(model_uri=model, layers="last", dtype="float32", num_threads=args.threads)
+    return Engine(config, model, self_test=False).report()["cpu_strategy"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="tiny", help="tiny, small, base, large")
+    p.add_argument("--arch", default="tiny", help="tiny, small, base6, base, large")
     p.add_argument("--seconds", type=float, default=600.0, help="audio per row")
     p.add_argument("--utt-seconds", default="mixed", help="'mixed' or a fixed length")
     p.add_argument("--call-seconds", type=float, default=640.0, help="audio per engine call")
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     lengths = lengths_of(args)
     audio_s = sum(lengths) / SR
 
-    rows = []
+    rows, calibrations = [], []
     with tempfile.TemporaryDirectory() as work:
         model = make_model(args.arch, os.path.join(work, args.arch))
         flac = os.path.join(work, "decode.flac")  # what the decoding processes read
@@ -127,6 +128,10 @@ def main(argv=None) -> int:
                     row = {"way": way, "decoders": decoders, "repeat": repeat}
                     rows.append(row | {"x_realtime": round(x, 1)})
                     print(json.dumps(rows[-1]), flush=True)
+            if args.threads > 1:
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    calibrations.append(pool.submit(calibration, args, model).result())
+                print(json.dumps({"calibration": calibrations[-1]}), flush=True)
     median = {
         (way, d): float(
             np.median([r["x_realtime"] for r in rows if (r["way"], r["decoders"]) == (way, d)])
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
     }
     out = {"arch": args.arch, "threads": args.threads, "audio_s": round(audio_s, 1)}
     out |= {"median_x_realtime": {f"{w}, {d} decoders": v for (w, d), v in median.items()}}
-    out |= {"rows": rows, "ratios": ratios}
+    out |= {"rows": rows, "ratios": ratios, "calibrations": calibrations}
     print(json.dumps(out["median_x_realtime"]))
     print(json.dumps(ratios))
     if args.json:

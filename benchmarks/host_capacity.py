@@ -648,7 +648,7 @@ class ThreadCpuProfiler:
     not seen (the /proc table has them). Its own CPU is counted apart (``profiler``). The
     totals are rewritten to ``<dir>/<pid>.json`` every ``flush_s`` and at exit."""
 
-    def __init__(self, out_dir: str, interval: float = 0.01, flush_s: float = 1.0):
+    def __init__(self, out_dir: str, interval: float = 0.02, flush_s: float = 1.0):
         import threading
 
         self.path = os.path.join(out_dir, f"{os.getpid()}.json")
@@ -658,6 +658,7 @@ class ThreadCpuProfiler:
         self.leaves: dict[str, float] = {}  # "title\tfine stage\tframe" -> CPU s
         self.cache: dict[tuple, tuple[str, str]] = {}
         self.own = 0.0
+        self.own_by_title: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="cpu-profiler", daemon=True)
         self._thread.start()
         import atexit
@@ -711,7 +712,9 @@ class ThreadCpuProfiler:
                 k = f"{k}\t{where}"
                 self.leaves[k] = self.leaves.get(k, 0.0) + cpu - prev
             del frame
-            self.own += time.thread_time() - t0
+            own = time.thread_time() - t0
+            self.own += own
+            self.own_by_title[title] = self.own_by_title.get(title, 0.0) + own
             if time.monotonic() >= next_flush:
                 self.flush()
                 next_flush = time.monotonic() + self.flush_s
@@ -722,6 +725,7 @@ class ThreadCpuProfiler:
             "stages": dict(self.stages),
             "leaves": dict(self.leaves),
             "profiler_cpu_s": self.own,
+            "profiler_cpu_s_by_title": dict(self.own_by_title),
         }
         tmp = f"{self.path}.tmp"
         try:
@@ -764,6 +768,9 @@ def profiles_by_role(profile_dir: str) -> dict:
         except (OSError, ValueError):
             continue
         own += data.get("profiler_cpu_s", 0.0)
+        for title, cpu in data.get("profiler_cpu_s_by_title", {}).items():
+            r = roles.setdefault(_profile_role(title), {"stages": {}, "leaves": {}})
+            r["profiler_cpu_s"] = r.get("profiler_cpu_s", 0.0) + cpu
         for key, cpu in data["stages"].items():
             title, stage = key.split("\t")
             r = roles.setdefault(_profile_role(title), {"stages": {}, "leaves": {}})
@@ -778,6 +785,7 @@ def profiles_by_role(profile_dir: str) -> dict:
         total = sum(r["stages"].values())
         out["roles"][role] = {
             "cpu_s": round(total, 2),
+            "profiler_cpu_s": round(r.get("profiler_cpu_s", 0.0), 3),
             "stages_cpu_s": {
                 k: round(v, 3) for k, v in sorted(r["stages"].items(), key=lambda kv: -kv[1])
             },
@@ -954,7 +962,8 @@ def role_shares(profile: dict, proc_cpu_s: dict) -> dict:
     C++ core-worker threads; start-up before the profiler)."""
     out = {}
     for role, prof in profile["roles"].items():
-        total = proc_cpu_s.get(role, 0.0)
+        # the role's CPU without the profiler's own (it runs in every profiled process)
+        total = proc_cpu_s.get(role, 0.0) - prof.get("profiler_cpu_s", 0.0)
         if total <= 0:
             continue
         share = {k: v / total for k, v in prof["stages_cpu_s"].items()}
@@ -1014,6 +1023,175 @@ def stage_table(cpu: dict, split: dict | None) -> dict:
         for fine, share in shares.items():
             out[COARSE.get(fine, "other")] += per_h * share
     return {k: round(v, 1) for k, v in out.items()}
+
+
+# Rows of the report's table: a fine stage of a profiled role, or a whole role.
+REPORT_ROWS = (
+    ("decode (soundfile: libopus/libFLAC, reading bytes)", ("decode.soundfile", "decode.stream")),
+    ("cut (segment bounds, copies out of the stream)", ("cut.segment",)),
+    ("normalise (core/signal.py:normalise)", ("cut.normalise",)),
+    (
+        "decode stage's Arrow output (audio.py:DecodeStage._table)",
+        ("decode.arrow_out", "task.decode_wrapper"),
+    ),
+    (
+        "transfers/serialisation: Ray serialisation, Ray Data blocks/batching, task loop, "
+        "Ray C++ threads in workers",
+        ("ray.serialization", "ray.data_blocks", "ray.task_loop", "unsampled"),
+    ),
+    (
+        "model actor host work (Arrow in/out, packing, staging, engine)",
+        (
+            "model.arrow_in",
+            "model.arrow_out",
+            "model.engine",
+            "model.stage",
+            "model.actor",
+            "model.report",
+        ),
+    ),
+    ("write (Parquet: pq.write_table)", ("write.parquet", "write.sink")),
+    (
+        "Ray Data/Ray Python code in workers, imports, other",
+        (
+            "ray.data_executor",
+            "ray.data_other",
+            "ray.other",
+            "python.import",
+            "task.other",
+            "other",
+        ),
+    ),
+)
+FIXED_ROLES = (
+    "worker_startup",
+    "worker_idle",
+    "model_init",
+    "manifest",
+    "summary",
+    "other_process",
+)
+CONTROL_ROLES = ("driver", "ray_daemons", "ray_other")
+
+
+def report_table(result: dict, variant: str = "base") -> tuple[list[tuple[str, float, float]], str]:
+    """CPU seconds per audio hour by stage (median whole-run role CPU, the audio-proportional
+    roles split by the profile's shares; steady-window figures beside), and a Markdown table."""
+    v = result["summary"]["variants"][variant]
+    split = result.get("profile_split") or {}
+    rows = []
+    for win in ("whole", "steady"):
+        roles = v[f"median_roles_per_audio_hour_{win}"]
+        out = {}
+        for role in SPLIT_ROLES:
+            per_h = roles.get(role, 0.0)
+            shares = split.get(role, {}).get("share") or {"other": 1.0}
+            for label, fines in REPORT_ROWS:
+                out[label] = out.get(label, 0.0) + per_h * sum(shares.get(f, 0.0) for f in fines)
+        out["Ray control plane: driver (Ray Data executor), raylet/gcs/agents, Ray's actors"] = sum(
+            roles.get(r, 0.0) for r in CONTROL_ROLES
+        )
+        out["fixed start-up: worker start/imports, model actor init, manifest, summary"] = sum(
+            roles.get(r, 0.0) for r in FIXED_ROLES
+        )
+        rows.append(out)
+    whole, steady = rows
+    table = [(k, round(whole[k], 2), round(steady.get(k, 0.0), 2)) for k in whole]
+    raw = result["summary"]["median_raw_cpu_s_per_audio_hour"]
+    lines = [
+        "| stage | CPU s per audio hour, whole run | steady window |",
+        "|---|---|---|",
+        *(f"| {k} | {a:.2f} | {b:.2f} |" for k, a, b in table),
+        f"| **job total** | **{sum(a for _, a, _ in table):.2f}** | "
+        f"**{sum(b for _, _, b in table):.2f}** |",
+        f"| raw decode alone (sf.read, one process) | {raw:.2f} | {raw:.2f} |",
+    ]
+    return table, "\n".join(lines)
+
+
+# -- decode probe ---------------------------------------------------------------------------------
+def decode_probe(path: str, minutes: float, repeats: int = 3) -> dict:
+    """CPU seconds per audio hour on one core, alternating, of ways to decode one recording:
+    soundfile on the path (whole, or in windows of several sizes), through the job's file
+    objects (fsspec's local file in ``objects.GuardedFile``: libsndfile calls back into Python
+    for every read/seek/tell), from memory (BytesIO), the job's ``RecordingStream``, and the
+    job's whole ``DecodeStage`` (decode, cut, normalise or not, Arrow) on the recording's
+    segments in batches of 128."""
+    import io
+
+    import pyarrow as pa
+    import soundfile as sf
+
+    from hubert_ray.corpus import audio as job_audio
+    from hubert_ray.corpus.objects import GuardedFile
+    from hubert_ray.corpus.reading import RecordingStream
+    from hubert_ray.io.storage import filesystem
+
+    try:
+        from hubert_ray.core.config import DecodeConfig
+    except ImportError:  # moved
+        from hubert_ray.core.stage_config import DecodeConfig
+
+    audio_h = minutes / 60
+    segs = segment_times(minutes * 60, seed=0)
+    table = pa.table(
+        {
+            "segment_id": [f"s{i}" for i in range(len(segs))],
+            "recording_id": ["r"] * len(segs),
+            "audio_uri": [path] * len(segs),
+            "start_s": [a for a, _ in segs],
+            "end_s": [b for _, b in segs],
+        }
+    )
+    batches = [table.slice(i, 128) for i in range(0, table.num_rows, 128)]
+
+    def windows(f, n):
+        with sf.SoundFile(f) as snd:
+            while snd.read(n, dtype="float32", always_2d=True).shape[0] == n:
+                pass
+
+    def fsspec_windows(n):
+        fs, p = filesystem(path)
+        with fs.open(p, "rb") as raw:
+            windows(GuardedFile(raw), n)
+
+    def stream():
+        rs = RecordingStream(path)
+        while rs.fill():
+            rs.release(rs.pos)
+        rs.close()
+
+    def stage(normalize):
+        job_audio.clear_cache()
+        st = job_audio.DecodeStage(DecodeConfig(normalize=normalize))
+        for b in batches:
+            st(b)
+        job_audio.clear_cache()
+
+    with open(path, "rb") as f:
+        data = f.read()
+    ways = {
+        "sf.read(path) whole (the raw baseline)": lambda: sf.read(path, dtype="float32"),
+        "SoundFile(path), windows of 65536": lambda: windows(path, 1 << 16),
+        "SoundFile(BytesIO), windows of 65536": lambda: windows(io.BytesIO(data), 1 << 16),
+        "SoundFile(GuardedFile(fsspec)), windows of 16384": lambda: fsspec_windows(1 << 14),
+        "SoundFile(GuardedFile(fsspec)), windows of 65536 (the job's path)": lambda: fsspec_windows(
+            1 << 16
+        ),
+        "SoundFile(GuardedFile(fsspec)), windows of 262144": lambda: fsspec_windows(1 << 18),
+        "RecordingStream.fill to the end (the job's reader)": stream,
+        "DecodeStage, normalize on (the job's decode task)": lambda: stage(True),
+        "DecodeStage, normalize off": lambda: stage(False),
+    }
+    res: dict[str, list] = {k: [] for k in ways}
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            t0 = time.process_time()
+            fn()
+            res[name].append(round((time.process_time() - t0) / audio_h, 3))
+    return {
+        name: {"cpu_s_per_audio_hour": v, "median": float(np.median(v))} for name, v in res.items()
+    }
 
 
 # -- write probe --------------------------------------------------------------------------------
@@ -1171,8 +1349,14 @@ def summarise(rounds: list[dict], split: dict | None) -> dict:
         row["ratio_cpu_steady"] = round(raw_cpu_h / w["job_per_audio_hour"], 3)
         row["ratio_cpu_whole"] = round(raw_cpu_h / row["job_cpu_per_audio_hour_whole"], 3)
         row["job_cores_busy_steady"] = w.get("job_cores_busy")
-        row["stages_per_audio_hour_steady"] = stage_table(w, split)
-        row["stages_per_audio_hour_whole"] = stage_table(job["cpu"]["whole"], split)
+        # the profile's shares split the roles of runs of the profiled (baseline) code only
+        shares = split if row["variant"] == "base" else None
+        row["stages_per_audio_hour_steady"] = stage_table(w, shares)
+        row["stages_per_audio_hour_whole"] = stage_table(job["cpu"]["whole"], shares)
+        row["roles_per_audio_hour_steady"] = w["per_audio_hour"]
+        row["roles_per_audio_hour_whole"] = job["cpu"]["whole"]["per_audio_hour"]
+        occ = w.get("occupancy", {})
+        row["steady_processes"] = {r: occ[r]["processes"] for r in ("decode", "write") if r in occ}
         out["rows"].append(row)
     out["median_raw_x_per_core"] = median(list(raws.values()))
     out["median_raw_cpu_s_per_audio_hour"] = median(list(raw_cpu.values()))
@@ -1195,10 +1379,16 @@ def summarise(rounds: list[dict], split: dict | None) -> dict:
         v = {f"median_{k}": median([row.get(k) for row in timed]) for k in keys}
         v["runs"] = len(timed)
         for win in ("steady", "whole"):
-            tables = [row[f"stages_per_audio_hour_{win}"] for row in timed]
-            v[f"median_stages_per_audio_hour_{win}"] = {
-                k: median([t[k] for t in tables]) for k in tables[0]
-            }
+            for what in ("stages", "roles"):
+                tables = [row[f"{what}_per_audio_hour_{win}"] for row in timed]
+                names = dict.fromkeys(k for t in tables for k in t)
+                v[f"median_{what}_per_audio_hour_{win}"] = {
+                    k: median([t.get(k, 0.0) for t in tables]) for k in names
+                }
+        v["median_steady_processes"] = {
+            r: median([row["steady_processes"].get(r, 0.0) for row in timed])
+            for r in ("decode", "write")
+        }
         out["variants"][variant] = v
     return out
 
@@ -1228,17 +1418,36 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="one more job run with the CPU-time profiler"
     )
     p.add_argument("--write-probe", action="store_true", help="time write_part on one core")
+    p.add_argument(
+        "--decode-probe",
+        action="store_true",
+        help="time ways of decoding one recording on one core (soundfile's I/O paths, window "
+        "sizes, the job's reader and decode stage)",
+    )
     p.add_argument("--interval", type=float, default=0.05, help="/proc sampling period, s")
     p.add_argument(
         "--corpus-dir", default=os.path.join(tempfile.gettempdir(), "host-capacity-corpus")
     )
     p.add_argument("--profile-dir", help="keep the py-spy profiles here")
     p.add_argument("--json", help="write the result here too")
+    p.add_argument(
+        "--resummarise", metavar="JSON", help="recompute the summary of a result file in place"
+    )
     p.add_argument("--_sample", help=argparse.SUPPRESS)
     p.add_argument("--_root", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._sample:
         sample_loop(args._sample, args._root, args.interval)
+        return 0
+    if args.resummarise:
+        with open(args.resummarise) as f:
+            result = json.load(f)
+        result["summary"] = summarise(result["rounds"], result.get("profile_split"))
+        result["table"], table_md = report_table(result)
+        with open(args.resummarise, "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result["summary"]["variants"], indent=2))
+        print(table_md)
         return 0
     if not 0 < args.coverage <= 1:
         p.error("--coverage must be in (0, 1]")
@@ -1311,9 +1520,16 @@ def main(argv: list[str] | None = None) -> int:
         result["profile_split"] = split
     if args.write_probe:
         result["write_probe"] = write_probe(work)
-    result["summary"] = summarise(result["rounds"], split)
+    if args.decode_probe:
+        result["decode_probe"] = decode_probe(files[0], args.recording_minutes)
+        for name, v in result["decode_probe"].items():
+            print(f"decode probe: {v['median']:.2f} CPU s per audio hour  {name}", flush=True)
+    if result["rounds"]:
+        result["summary"] = summarise(result["rounds"], split)
+        result["table"], table_md = report_table(result)
+        print(json.dumps(result["summary"]["variants"], indent=2))
+        print(table_md)
     text = json.dumps(result, indent=2)
-    print(json.dumps(result["summary"], indent=2))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

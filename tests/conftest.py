@@ -8,9 +8,10 @@ The folders are the tiers, and each test gets the marker of its folder:
   submit``, SIGKILL and resume;
 * ``tests/gpu``: CUDA only (skipped without it).
 
-Any test that uses ``ray_session`` (directly or through a fixture) is also marked ``ray``. Two
-guards keep ``tests/unit`` honest: a unit test that requests ``ray_session`` errors at setup,
-and a session that collects only unit tests stops if collecting them imported Ray.
+A whole run takes them in that order. Any test that uses ``ray_session`` (directly or through
+a fixture) is also marked ``ray``. The tiers are kept honest: a test file outside the four
+folders stops the run, a unit test that requests ``ray_session`` errors at setup, and a session
+that collects only unit tests stops if collecting them imported Ray.
 """
 
 from __future__ import annotations
@@ -23,24 +24,34 @@ import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-TIERS = ("unit", "ray", "integration", "gpu")
+TIERS = ("unit", "ray", "integration", "gpu")  # also the order a whole run takes
 _HERE = Path(__file__).resolve().parent
 
 
 def _tier(item: pytest.Item) -> str | None:
+    """The tier folder ``item`` is in; ``""`` for a test elsewhere under tests/; ``None`` for
+    one outside tests/ (not ours to mark)."""
     try:
         top = Path(item.path).resolve().relative_to(_HERE).parts[0]
     except (ValueError, IndexError):
         return None
-    return top if top in TIERS else None
+    return top if top in TIERS else ""
 
 
 def pytest_collection_modifyitems(config, items):
+    stray = sorted({str(item.path) for item in items if _tier(item) == ""})
+    if stray:
+        raise pytest.UsageError(
+            "tests outside the tier folders (tests/unit, tests/ray, tests/integration, "
+            "tests/gpu; see tests/conftest.py): " + ", ".join(stray)
+        )
+    # Fastest feedback first: unit, ray, integration, gpu (stable: files keep their order).
+    items.sort(key=lambda item: TIERS.index(_tier(item)) if _tier(item) else len(TIERS))
     tiers = set()
     for item in items:
         tier = _tier(item)
         tiers.add(tier)
-        if tier is not None:
+        if tier:
             item.add_marker(getattr(pytest.mark, tier))
         if tier != "ray" and "ray_session" in item.fixturenames:
             item.add_marker(pytest.mark.ray)

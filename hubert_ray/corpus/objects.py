@@ -33,9 +33,11 @@ class RangeReader:
     Two blocks are held: the one read last, and the one the decoder last jumped away from
     (libsndfile reads an Ogg file's last page when it opens it, then goes back to the start; a
     seek may probe behind its target), as long as both hold at most
-    ``READ_BLOCK_BYTES + SEEK_READ_BLOCK_BYTES``; reading on drops the block read through. ``fetched`` counts the bytes fetched and ``requests`` the GETs. ``first_block`` is
-    the size of the first read (the header): :data:`READ_BLOCK_BYTES` for a recording read
-    front to back, :data:`SEEK_READ_BLOCK_BYTES` where the decoder will seek."""
+    ``READ_BLOCK_BYTES + SEEK_READ_BLOCK_BYTES``; reading on drops the block read through.
+
+    ``fetched`` counts the bytes fetched and ``requests`` the GETs. ``first_block`` is the size
+    of the first read (the header): :data:`READ_BLOCK_BYTES` for a recording read front to
+    back, :data:`SEEK_READ_BLOCK_BYTES` where the decoder will seek."""
 
     def __init__(self, f, size: int, first_block: int = READ_BLOCK_BYTES):
         self._f = f

@@ -4,47 +4,52 @@ A recording is opened through fsspec (:mod:`hubert_ray.corpus.objects`: local fi
 are, remote objects in ranged GETs) and decoded by soundfile in windows of at most
 :data:`WINDOW_FRAMES` frames; each window is downmixed and resampled as it passes
 (``soxr.ResampleStream``). Memory is bounded by the window, the buffer of decoded samples the
-stage has not released yet (:meth:`RecordingStream.release`) and one block of the object.
+stage has not released yet (:meth:`RecordingStream.release`) and at most two blocks of a remote
+object (8 MiB + 256 KiB).
 
 **Seek or stream.** The stage asks for the next sample a segment needs
 (:meth:`RecordingStream.skip_to`). The stream seeks there when the gap from where the decoder
-is exceeds :data:`SEEK_MIN_GAP_S` plus the format's pre-roll (below); otherwise it decodes
-through the gap, as it does over dense segments. The crossover: a seek costs about what
-decoding this much audio does, one core (``python -m benchmarks.sparse_decode --crossover``,
-AMD EPYC): FLAC 16 kHz 0.5 s, WAV 0.6 s, Vorbis 0.5 s, Opus 16 kHz 1.1 s (libsndfile decodes
-80 ms before the target itself); 1 s covers them all. On a remote object a seek to bytes the
-reader does not hold costs a GET (tens of ms on S3: about 10 s of Opus or 30 s of FLAC
-decoding), so there the gap must exceed :data:`REMOTE_SEEK_MIN_GAP_S` (an estimate, not
-measured against S3); a seek within the block already fetched costs no request.
+is reaches :data:`SEEK_MIN_GAP_S` plus the format's pre-roll (below); otherwise it decodes
+through the gap, as it does over dense segments; after a seek it decodes just up to the end of
+the run of segments it seeked for. The crossover (a seek costs what decoding this much audio
+costs, one core; ``python -m benchmarks.sparse_decode --crossover``, soundfile alone, AMD EPYC,
+2 shared vCPUs, several runs): FLAC 16 kHz 0.5-1.2 s, WAV 0.6 s, Vorbis 0.5 s, Opus 16 kHz
+0.7-1.1 s (its seek includes the 80 ms libsndfile decodes before the target); 1 s is about all
+of them, and either side of it a gap costs little either way. On a remote object a seek to
+bytes the reader does not hold costs a GET (tens of ms on S3: seconds of Opus, tens of seconds
+of FLAC decoding), so there the gap must reach :data:`REMOTE_SEEK_MIN_GAP_S` (an estimate, not
+measured against S3); a seek within a block already fetched costs no request.
 
 **Values.** Output equals decoding the whole object from its start (``read_audio`` +
-``to_mono_16k``), by format (measured: ``tests/test_sparse_decode.py``, and thousands of random
-seeks when these constants were chosen):
+``to_mono_16k``), by format (``tests/unit/test_sparse_decode.py``; the numbers below from
+thousands of random seeks when these constants were chosen):
 
 * Lossless subtypes (:data:`EXACT_SEEK_SUBTYPES`: PCM in WAV/AIFF/W64/..., FLAC, ALAC, A-law,
   mu-law, IMA/MS ADPCM): a seek + read equals the whole decode bit for bit; no pre-roll.
 * Vorbis: libsndfile's seek can differ in its first block (up to 30 ms, even by 1.0);
   :data:`CODEC_PREROLL_S` decodes 0.25 s before the target and drops it: identical.
-* Opus: libsndfile seeks to the sample, decoding 80 ms before it, but the decoder state
-  (SILK's predictors) has not converged by then: at 16 kHz mono 23 % of seeks differed (by up
-  to 1.4e-3) for a while after the target, 1.2 s at p99, 5.2 s at most over 3,000 seeks into
-  continuously voiced synthetic speech; at 48 kHz stereo 0.3 %, converged within 10 ms. The
-  stream decodes :data:`CODEC_PREROLL_S` ``["OPUS"]`` before the target; see that constant for
-  what it buys. Values are identical once the decoder has converged; a seek whose pre-roll is
-  too short gives values within about 1.4e-3 near the start of the segment.
+* Opus: libsndfile lands on the sample, decoding 80 ms before it, but the decoder's state
+  (SILK's predictors) need not have converged by then. 16 kHz mono at libsndfile's default 28
+  kbit/s, continuously voiced synthetic speech: 24 % of seeks differed at the target (by up to
+  1.4e-3), for up to 1.2 s after it at p99 and 5.2 s at most over 3,000 seeks (at 130 and 260
+  kbit/s, or with pauses in the speech: 0.1 s at most; 48 kHz stereo: 10 ms). The stream decodes
+  6 s before the target (:data:`CODEC_PREROLL_S`), covering every seek measured; no finite
+  pre-roll is proven: values are identical once the decoder has converged.
 * Every other subtype (MPEG layers: seeks measured inexact for seconds; GSM, G.72x, ...) and
   any object libsndfile cannot seek in (``SoundFile.seekable()``) is decoded front to back.
-* Resampled audio (not 16 kHz): the resampler restarts at a frame on the 16 kHz grid
-  (a multiple of ``sr / gcd(sr, 16000)``) :data:`RESAMPLE_PREROLL_S` before the target. soxr's
-  FFT blocks then fall differently, so values are not bit-identical but within 4.8e-7 of the
-  one-call resample for speech-level audio (|x| < 0.9; 44.1, 48, 22.05, 24, 8 kHz), up to
-  1.2e-6 for a full-scale square wave; a longer pre-roll does not lower this (a rounding floor
-  of ~8 float32 ulp). With :data:`SEEK_MIN_GAP_S` set to ``inf`` nothing seeks and every value
-  is bit-identical again.
+* Resampled audio (not 16 kHz) is decoded front to back by default: bit-identical to the
+  one-call resample. With :data:`SEEK_RESAMPLED` it seeks too, the resampler restarting on a
+  frame of the 16 kHz grid (a multiple of ``sr / gcd(sr, 16000)``) :data:`RESAMPLE_PREROLL_S`
+  before the target; soxr's FFT blocks then fall differently, so values come within 4.8e-7 of
+  the one-call resample for speech-level audio (|x| < 0.9; 44.1, 48, 22.05, 24, 8 kHz) but up
+  to 1.2e-6 for a full-scale square wave, and normalised segments by up to 1.2e-6 too; a longer
+  pre-roll does not lower this (a floor of ~8 float32 ulp). Not within 1e-6 in every case,
+  hence off.
 
-A seek that libsndfile refuses (or lands elsewhere) reopens the recording and decodes it front
-to back from then on, as before seeks existed. A transient storage failure reopens it (at most
-:data:`STREAM_ATTEMPTS` opens) and seeks back to where it was (or decodes up to there).
+With :data:`SEEK_MIN_GAP_S` set to ``inf`` nothing seeks: every recording is decoded front to
+back, as before sparse decoding. A seek that libsndfile refuses (or lands elsewhere) reopens the
+recording and decodes it front to back from then on. A transient storage failure reopens it (at
+most :data:`STREAM_ATTEMPTS` opens) and seeks back to where it was (or decodes up to there).
 
 This module must not import torch or ray at import time.
 """

@@ -7,7 +7,7 @@ protocol (:class:`Device`); the engine has no branch of its own on the kind of d
   once; CUDA events tell when it is done and how long it took; results are copied back to
   pinned host memory.
 - :class:`HostDevice`: the CPU. Tensors are computed when the call returns (nothing to wait
-  for); ``streams`` micro-batches run at once, one torch thread each.
+  for); forwards run on ``threads`` threads (:mod:`hubert_ray.model.threads`).
 - :class:`SimulatedDevice`: an accelerator for machines without one, for benchmarks and tests of
   the engine's overlap (never chosen by a job's configuration): a launch returns at once, the
   device is busy ``forward_s + padded samples / (x_realtime * 16 kHz)`` seconds per forward
@@ -49,8 +49,9 @@ class Device(Protocol):
 
     Attributes: ``name`` (the hardware, for reports: ``cuda:0 (NVIDIA H100 80GB HBM3)``, or
     the CPU's model name and its AMX support), ``torch_device`` (where the engine's tensors
-    live), ``streams`` (micro-batches that run at once, each on its own thread; 1: in order
-    on one), ``queued`` (a launch returns before the work is done: the engine measures a
+    live), ``threads`` (CPU threads the forwards run on, N micro-batches at once or one at a
+    time on all N, :mod:`hubert_ray.model.threads`; 1: in order on the calling thread),
+    ``queued`` (a launch returns before the work is done: the engine measures a
     forward's fixed cost, :mod:`hubert_ray.model.cost`), ``computes`` (a model computes the
     features: False for the simulated device, whose features are zeros and get no units),
     ``pad_multiple_s`` (the default padded-length multiple).
@@ -61,7 +62,7 @@ class Device(Protocol):
 
     name: str
     torch_device: object
-    streams: int
+    threads: int
     queued: bool
     computes: bool
     pad_multiple_s: float
@@ -124,7 +125,7 @@ class _RealDevice:
 
     queued = False
     computes = True
-    streams = 1
+    threads = 1
     pad_multiple_s = CPU_PAD_MULTIPLE_S
     torch_device: object
 
@@ -153,16 +154,15 @@ class _RealDevice:
 class HostDevice(_RealDevice):
     """The CPU: nothing is queued, so there is nothing to wait for.
 
-    Micro-batches run on ``streams`` threads at once, each forward on one core: torch's
-    intra-op threads meet at every operator, and when the OS gives one of their cores to a
-    decode task the others wait at the next one, so one forward on all cores slows down
-    several times; independent forwards only slow down by the share of time they lose."""
+    Forwards run on ``threads`` threads: N micro-batches at once on one torch thread each, or
+    one at a time on all N, whichever the engine measured faster when it started
+    (:mod:`hubert_ray.model.threads`)."""
 
-    def __init__(self, streams: int = 1):
+    def __init__(self, threads: int = 1):
         import torch
 
         self.torch_device = torch.device("cpu")
-        self.streams = streams
+        self.threads = threads
 
     @cached_property
     def name(self) -> str:
@@ -172,14 +172,14 @@ class HostDevice(_RealDevice):
 
     @classmethod
     def open(cls, config: ModelConfig) -> HostDevice:
-        """The CPU for ``config``: ``num_threads`` forwards at once (0: one per CPU of this
-        process), torch set to one thread per forward."""
+        """The CPU for ``config``: forwards on ``num_threads`` threads (0: one per CPU of this
+        process); torch set to one thread outside them."""
         import torch
 
-        streams = config.num_threads or len(os.sched_getaffinity(0))
+        threads = config.num_threads or len(os.sched_getaffinity(0))
         torch.set_num_threads(1)
-        log.info("model actor on CPU: %d forwards at once, one thread each", streams)
-        return cls(streams)
+        log.info("model actor on CPU: forwards on %d threads", threads)
+        return cls(threads)
 
     def compute_dtype(self, config: ModelConfig) -> str:
         return compute_dtype(config.dtype, False)
@@ -294,7 +294,7 @@ class SimulatedRun(HostDevice):
     computes = False
 
     def __init__(self, spec: SimulatedDevice):
-        super().__init__(streams=1)
+        super().__init__(threads=1)
         self.spec = spec
         self.x_realtime = float(spec.x_realtime)
         self.forward_s = float(spec.forward_s)

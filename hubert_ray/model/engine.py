@@ -15,6 +15,8 @@ the device computes this one. Around it:
 - :mod:`hubert_ray.model.assurance`: precision against an FP32 reference (self-test, sampled
   rechecks, escalation, the non-finite guard and the fallbacks).
 - :mod:`hubert_ray.model.calls`: what a call carries from its launch to its :class:`Result`.
+- :mod:`hubert_ray.model.threads`: a CPU engine's forwards on N threads, N micro-batches at
+  once or one at a time on all N, whichever was faster when the engine started.
 
 The stage adapter (:mod:`hubert_ray.stages.extractor`) turns Arrow batches into
 :meth:`Engine.launch` / :meth:`Engine.finish` calls and :class:`Result` back into Arrow.
@@ -26,7 +28,6 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import wait as wait_all
 from functools import cached_property
 
 import numpy as np
@@ -75,7 +76,8 @@ __all__ = [
 ]
 
 # CPU: most padded audio per micro-batch, so that a call has micro-batches for every one of the
-# actor's threads (see HostDevice.streams); a GPU's bound is ModelConfig.max_batch_samples alone.
+# actor's threads (see HostDevice.threads), whichever way they run them (the micro-batches, and so
+# the features, do not depend on it); a GPU's bound is ModelConfig.max_batch_samples alone.
 CPU_MAX_BATCH_S = 40.0
 
 
@@ -85,15 +87,28 @@ class Engine:
     # Let the host run ahead of the device (see _forward); False waits after each micro-batch.
     overlap = True
 
-    def __init__(self, config: ModelConfig, model_dir: str, self_test: bool = True, device=None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        model_dir: str,
+        self_test: bool = True,
+        device=None,
+        cpu_strategy: str | None = None,
+    ):
         """``self_test=False`` skips the self-test (tests of the per-batch guards only);
         ``device``: a spec of the device to run on (:class:`hubert_ray.model.device.DeviceSpec`,
         e.g. a :class:`~hubert_ray.model.device.SimulatedDevice` for benchmarks and tests of
-        the engine's overlap); ``None``: the real device ``config.device`` names."""
+        the engine's overlap); ``None``: the real device ``config.device`` names.
+        ``cpu_strategy``: how a CPU engine of more than one thread runs its micro-batches
+        (:mod:`hubert_ray.model.threads`: ``at_once`` or ``threaded``, untimed: tests and
+        benchmarks); ``None``: both timed at start, the faster."""
         import torch
 
         from hubert_ray.model.device import open_device
 
+        # What the engine's start took, by step (its report's ``start_s``)
+        self.start_s: dict[str, float] = {}
+        started = self._step_at = time.perf_counter()
         self.config = config
         self.model_dir = model_dir
         self.device = open_device(config, device)
@@ -124,16 +139,32 @@ class Engine:
         self.audit = True
         self._lock = threading.Lock()
         self.assurance = Assurance(self)
+        self._started("load")  # (torch and transformers imported; the centroids)
         if self_test and self.dtype != "float32":
             self.assurance.self_test()
+            self._started("self_test")
+        if self.forwards is not None:  # the CPU's N threads: which way runs forwards faster
+            if cpu_strategy is None:
+                self.forwards.calibrate(self.net, self.layers)
+            else:
+                self.forwards.use(cpu_strategy)
+            self._started("cpu_strategy")
         # The packing's fixed cost per forward: given, the CPU default, or measured.
         if config.micro_batch_cost_seconds is None and self.device.queued:
             self.forward_cost = measure_forward(self.device, self.net, self.layers)
             if self.forward_cost is None:
                 self.batch_cost_s = GPU_BATCH_COST_S
+            self._started("forward_cost")
         self.device.reset()  # its report: the work from here on
         # The FP32 reference stays loaded only while sampled checks are on.
         self.assurance.release_reference()
+        self.start_s["total"] = round(time.perf_counter() - started, 3)
+
+    def _started(self, step: str) -> None:
+        """``start_s[step]``: the seconds since the previous step ended."""
+        now = time.perf_counter()
+        self.start_s[step] = round(now - self._step_at, 3)
+        self._step_at = now
 
     def _init_packing(self, config: ModelConfig) -> None:
         """The packing's bounds and fixed cost per forward, and the threads forwards run on
@@ -146,15 +177,14 @@ class Engine:
         if pad_s is None:
             pad_s = self.device.pad_multiple_s
         self.pad_multiple = max(1, int(round(pad_s * SAMPLE_RATE_HZ)))
-        self.streams = self.device.streams
         self.max_batch_samples = config.max_batch_samples
-        self._pool = None
-        if self.streams > 1:
-            from concurrent.futures import ThreadPoolExecutor
+        self.forwards = None  # CpuForwards: the CPU's threads, more than one
+        if self.device.threads > 1:
+            from hubert_ray.model.threads import CpuForwards
 
             cap = max(config.chunk_samples, int(CPU_MAX_BATCH_S * SAMPLE_RATE_HZ))
             self.max_batch_samples = min(self.max_batch_samples, cap)
-            self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="forward")
+            self.forwards = CpuForwards(self.device.threads)
 
     @cached_property
     def revision(self) -> str:
@@ -317,10 +347,16 @@ class Engine:
             # the packing's fixed cost per forward (seconds of padded audio) and, on a device
             # whose work is queued, what it was derived from (ForwardCost)
             "micro_batch_cost_seconds": round(self.batch_cost_samples / SAMPLE_RATE_HZ, 3),
-            "forwards_at_once": self.streams,  # CPU: micro-batches run at once, 1 thread each
+            # CPU: micro-batches run at once (one torch thread each; 1: in order), how that was
+            # chosen (CpuForwards.calibrate's figures; None: one thread, or not the CPU)
+            "forwards_at_once": self.forwards.at_once if self.forwards else 1,
+            "cpu_strategy": self.forwards.report() if self.forwards else None,
             "forward_cost": dataclasses.asdict(self.forward_cost) if self.forward_cost else None,
             "requested_dtype": self.requested_dtype,
             "compute_dtype": self.dtype,
+            # the engine's start by step: the model and centroids loaded (torch and transformers
+            # imported), the self-test, the CPU strategy's timing, the forward cost's; total
+            "start_s": dict(self.start_s),
             **self.assurance.report(),
         }
 
@@ -361,16 +397,13 @@ class Engine:
             (net, w, group, [int(starts[p]) for p in ps], out, peak, n % 2)
             for n, (group, ps) in enumerate(zip(groups, packed, strict=True))
         ]
-        if self._pool is None:
+        if self.forwards is None:
             for args in batches:
                 self._micro_batch(*args)
                 if not self.overlap:
                     self.device.wait(self.device.record())
-        else:  # micro-batches at once (CPU), each writing its own rows of ``out``
-            futures = [self._pool.submit(self._micro_batch, *args) for args in batches]
-            wait_all(futures)
-            for f in futures:
-                f.result()  # (raises a failed one's exception)
+        else:  # the CPU's threads (at once or one at a time), each writing its rows of ``out``
+            self.forwards.run(self._micro_batch, batches)
         if self.forward_cost is not None and groups:
             host_s = time.perf_counter() - t0 - self._local.waited
             self.forward_cost.observe(host_s / len(groups))

@@ -133,41 +133,60 @@ def test_sampled_checks_are_computed_on_the_device_like_the_host_metrics(tiny):
     assert engine.report()["device_s"]["audit"] > 0
 
 
-def test_cpu_runs_micro_batches_at_once_one_thread_each(tiny):
-    """On CPU an engine of N threads runs N micro-batches at once, each forward on one torch
-    thread (a decode task taking a core then slows one forward, not all of them at every
-    operator); its features equal those of one forward at a time, and a failing micro-batch
-    fails the call."""
-    import itertools
+def _mixed_call():
+    lengths = (3.1, 7.4, 0.6, 12.0, 9.9, 4.2, 25.0, 1.3, 8.8, 6.5, 15.2, 2.7)
+    return [f"s{i}" for i in range(len(lengths))], [_audio(s, i) for i, s in enumerate(lengths)]
+
+
+def _recording(engine, seen: list, pause_s: float = 0.0):
+    """Record the thread and torch's threads of every forward of ``engine``'s model."""
     import threading
 
     import torch
 
-    lengths = (3.1, 7.4, 0.6, 12.0, 9.9, 4.2, 25.0, 1.3, 8.8, 6.5, 15.2, 2.7)
-    ids = [f"s{i}" for i in range(len(lengths))]
-    audio = [_audio(s, i) for i, s in enumerate(lengths)]
-    config = ModelConfig(model_uri=tiny, layers="last", dtype="float32")
-    serial = Engine(dataclasses.replace(config, num_threads=1), tiny, self_test=False)
-    parallel = Engine(dataclasses.replace(config, num_threads=2), tiny, self_test=False)
-    assert (serial.streams, parallel.streams) == (1, 2)
-
-    seen = []
-    forward = parallel.net.forward
+    forward = engine.net.forward
 
     def recording(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
-        time.sleep(0.05)  # long enough for the other thread to take the next micro-batch
+        time.sleep(pause_s)  # long enough for another thread to take the next micro-batch
         return forward(*args, **kwargs)
 
-    parallel.net.forward = recording
-    got, want = parallel.run(ids, audio), serial.run(ids, audio)
-    assert len(seen) >= 3 and {n for _, n in seen} == {1}
-    assert len({name for name, _ in seen}) == 2  # both of its threads computed
-    assert got.frames == want.frames and got.valid == want.valid
-    layer = parallel.layers[-1]
-    np.testing.assert_allclose(
-        got.features[layer].numpy(), want.features[layer].numpy(), rtol=1e-5, atol=1e-6
+    engine.net.forward = recording
+    return forward
+
+
+@pytest.mark.parametrize("strategy", ["at_once", "threaded"])
+def test_cpu_strategies_give_the_same_features(tiny, strategy):
+    """On CPU an engine of N threads runs N micro-batches at once on one torch thread each
+    (``at_once``), or one at a time on N torch threads (``threaded``); either way its features
+    are the same bits as one engine thread's (the same micro-batches, the same arithmetic per
+    micro-batch), and a failing micro-batch fails the call."""
+    import itertools
+
+    ids, audio = _mixed_call()
+    config = ModelConfig(model_uri=tiny, layers="all", dtype="float32")
+    serial = Engine(dataclasses.replace(config, num_threads=1), tiny, self_test=False)
+    engine = Engine(
+        dataclasses.replace(config, num_threads=2), tiny, self_test=False, cpu_strategy=strategy
     )
+    assert serial.forwards is None and engine.forwards.strategy == strategy
+    report = engine.report()
+    assert report["cpu_strategy"] == {"chosen": strategy, "threads": 2, "forced": True}
+    assert report["forwards_at_once"] == (2 if strategy == "at_once" else 1)
+
+    seen: list = []
+    forward = _recording(engine, seen, pause_s=0.05 if strategy == "at_once" else 0.0)
+    got, want = engine.run(ids, audio), serial.run(ids, audio)
+    assert len(seen) >= 3
+    if strategy == "at_once":
+        assert {n for _, n in seen} == {1}
+        assert len({name for name, _ in seen}) == 2  # both of its threads computed
+    else:
+        assert {n for _, n in seen} == {2} and len({name for name, _ in seen}) == 1
+    assert engine.stats["padded_samples"] == serial.stats["padded_samples"]  # same packing
+    assert got.frames == want.frames and got.valid == want.valid
+    for layer in engine.layers:
+        assert torch_equal(got.features[layer], want.features[layer]), layer
 
     calls = itertools.count()
 
@@ -176,6 +195,39 @@ def test_cpu_runs_micro_batches_at_once_one_thread_each(tiny):
             raise RuntimeError("out of memory in one micro-batch")
         return forward(x, lengths, layers)
 
-    parallel.net.forward = failing
+    engine.net.forward = failing
     with pytest.raises(RuntimeError, match="one micro-batch"):
-        parallel.run(ids, audio)
+        engine.run(ids, audio)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_cpu_strategy_is_timed_at_start_and_the_faster_kept(tiny):
+    """An engine of N > 1 CPU threads times N forwards of the calibration micro-batch both
+    ways when it starts, keeps the faster, reports both figures, and computes the same
+    features as the other way would (whichever wins on this CPU); one thread: nothing to
+    time."""
+    ids, audio = _mixed_call()
+    config = ModelConfig(model_uri=tiny, layers="last", dtype="float32", num_threads=2)
+    engine = Engine(config, tiny, self_test=False)
+    timed = engine.report()["cpu_strategy"]
+    assert timed["threads"] == 2 and timed["rounds"] >= 1 and not timed["forced"]
+    assert timed["at_once_s"] > 0 and timed["threaded_s"] > 0
+    faster = "at_once" if timed["at_once_s"] <= timed["threaded_s"] else "threaded"
+    assert timed["chosen"] == faster == engine.forwards.strategy
+    assert engine.report()["forwards_at_once"] == (2 if faster == "at_once" else 1)
+    assert engine.stats["batches"] == engine.stats["samples"] == 0  # not counted as work
+
+    other = "threaded" if faster == "at_once" else "at_once"
+    forced = Engine(config, tiny, self_test=False, cpu_strategy=other)
+    got, want = engine.run(ids, audio), forced.run(ids, audio)
+    layer = engine.layers[-1]
+    assert torch_equal(got.features[layer], want.features[layer])
+
+    one = Engine(dataclasses.replace(config, num_threads=1), tiny, self_test=False)
+    assert one.forwards is None and one.report()["cpu_strategy"] is None
+    assert one.report()["forwards_at_once"] == 1
