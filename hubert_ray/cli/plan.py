@@ -1,7 +1,7 @@
 """Capacity planner: expected wall time and node counts for a corpus on a given cluster.
 
     hubert-ray plan --hours 10000 --gpus 8 --decode-cores 352 [--format opus|flac]
-        [--gpu-rate X] [--decode-rate X] [--decode-profile reference|measured]
+        [--gpu-rate X] [--decode-rate X] [--decode-profile host|reference|measured]
         [--layers 1] [--write-rate X] [--gpus-per-node 8] [--cores-per-node 16] [--json]
 
 The job is a pipeline: decode (CPU tasks) feeds the model actors (one per GPU), so its speed is
@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-profile",
         choices=sorted(rates.DECODE_RATES),
         default=rates.DEFAULT_DECODE_PROFILE,
-        help="which stored decode rates: the reference node, or benchmarks.measure_decode's "
-        "on a 2-vCPU cloud VM",
+        help="which stored per-core rates: host (default: the whole job's host cost per audio "
+        "hour, benchmarks.host_capacity), reference (a reference node's decoding), or measured "
+        "(benchmarks.measure_decode's decode tasks)",
     )
     p.add_argument("--layers", type=_positive(int), default=1, help="stored layers")
     p.add_argument(

@@ -66,7 +66,21 @@ DECODE_RATES: dict[str, dict[str, Rate]] = {
         ),
     },
 }
-DEFAULT_DECODE_PROFILE = "reference"
+# The whole job's host cost per audio hour (decode, cut, normalise, transfers, the model actor's
+# host work, writing), steady state, with an infinitely fast simulated device: what one CPU
+# core of a node supplies per GPU. python -m benchmarks.host_capacity (median of 3 rounds;
+# benchmarks/results/2026-12-06-host-capacity/): Opus 8.5 CPU-s per audio hour (decoding alone
+# 5.0), FLAC 3.0 (decoding alone 0.68).
+_HOST = (
+    "measured 2026-12-06 on a 2-vCPU AMD EPYC VM (shared, loaded), python -m "
+    "benchmarks.host_capacity: the whole job's host CPU per audio hour, steady, 10-minute "
+    "16 kHz recordings in WenetSpeech-like segments"
+)
+DECODE_RATES["host"] = {
+    "opus": Rate(3600 / 8.5, "core", f"{_HOST}, Ogg Opus: 8.5 CPU-s per audio hour"),
+    "flac": Rate(3600 / 3.0, "core", f"{_HOST}, FLAC: 3.0 CPU-s per audio hour"),
+}
+DEFAULT_DECODE_PROFILE = "host"
 # Write tasks: Parquet parts of one stored 768-dim float16 layer (output.write_part), per core;
 # a run storing k layers needs k times the cores. (pyarrow's default options, dictionary
 # encoding and statistics on every feature value, measured 658-850x: ~3.5x the cores.)

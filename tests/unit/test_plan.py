@@ -12,7 +12,7 @@ from hubert_ray.core import rates
 
 
 def test_wenetspeech_l_on_one_8_gpu_node():
-    p = planner.plan(10_000, 8, 352, gpu_rate=9_720)  # opus, reference rates
+    p = planner.plan(10_000, 8, 352, gpu_rate=9_720, decode_profile="reference")  # opus
     assert p["audio_seconds"] == 36_000_000
     assert p["model_stage_x_realtime"] == 8 * 9_720
     assert p["decode_rate_per_core"] == 3_500 / 16
@@ -45,8 +45,14 @@ def test_gpu_bound_and_overrides():
 
 
 def test_decode_profiles_and_formats():
-    ref = planner.plan(1, 1, 16, fmt="flac")
+    ref = planner.plan(1, 1, 16, fmt="flac", decode_profile="reference")
     assert ref["decode_stage_x_realtime"] == pytest.approx(26_000)  # reference: per 16-core node
+    # the default: the whole job's measured host cost per audio hour, per format
+    host = {fmt: planner.plan(1, 1, 1, fmt=fmt) for fmt in rates.FORMATS}
+    for fmt, p in host.items():
+        assert p["decode_rate_per_core"] == rates.DECODE_RATES["host"][fmt].x_realtime
+        assert "host_capacity" in p["decode_rate_source"]
+    assert host["flac"]["decode_rate_per_core"] > host["opus"]["decode_rate_per_core"]
     measured = planner.plan(1, 1, 1, fmt="opus", decode_profile="measured")
     assert measured["decode_rate_per_core"] == rates.DECODE_RATES["measured"]["opus"].x_realtime
     assert "measured" in measured["decode_rate_source"]
@@ -69,7 +75,7 @@ def test_cli(capsys):
     assert planner.main(["--hours", "10000", "--gpus", "8", "--decode-cores", "128"]) == 0
     out = capsys.readouterr().out
     assert "wall time   : 23.0 min" in out and "bottleneck: gpu" in out
-    assert "H200" in out and rates.REFERENCE in out
+    assert "H200" in out and "host_capacity" in out
     assert "write tasks : 10 core(s) for 1 stored layer(s)" in out
     assert "benchmarks.write_rate" in out
     assert planner.main(["--hours", "5", "--gpus", "1", "--decode-cores", "4", "--json"]) == 0
