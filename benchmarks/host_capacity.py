@@ -1,56 +1,69 @@
 """Host capacity: how close the whole job gets to decoding alone, and where the host's CPU goes.
 
     python -m benchmarks.host_capacity --format opus|flac|wav --recording-minutes M \\
-        --coverage C --hours H [--repeats 2] [--profile] --json PATH
+        --coverage C --hours H --json PATH [--repeats 3] [--what-if actor-cpus=0] \\
+        [--what-if normalize=off] [--profile] [--write-probe] [--decode-probe]
+    python -m benchmarks.host_capacity --resummarise PATH   # recompute a result's summary
 
 The corpus (WenetSpeech-like, cached under ``--corpus-dir``): ``H`` hours of 16 kHz mono
 recordings of ``M`` minutes in ``--format`` (Ogg Opus, FLAC PCM_16 or WAV PCM_16), each cut
-back to back into contiguous segments of 0.6-9 s (gamma shape 2, mean ~2.6 s before
-clipping); ``--unique-recordings`` distinct signals are synthesised and encoded
+back to back into contiguous segments of 0.6-9 s (gamma shape 2, ~2.6 s mean);
+``--unique-recordings`` distinct signals are synthesised and encoded
 (:func:`hubert_ray.core.signal.synth_signal`; Opus encodes at ~20x realtime) and the other
 recordings are hard links of them under their own names (decoding cost is real, encoding is
 not repeated). The manifest lists a fraction ``C`` of each recording's segments
 (``--coverage``), spread evenly through it (segment ``j`` is listed when ``floor((j+1)C) >
 floor(jC)``).
 
-Measured side by side in one run, alternating (``--repeats`` rounds):
+Measured side by side in one run, alternating (``--repeats`` rounds; in each round the raw
+decode, then the job and each ``--what-if`` variant, their order turning round by round):
 
 * ``raw``: soundfile decoding every recording file whole (``sf.read(path, dtype="float32")``)
-  in this one process: x-realtime per core, of the recordings' audio.
-* ``job``: :func:`hubert_ray.backend.pipeline.run` with the job's defaults on local Ray (one
-  simulated GPU, ``--x-realtime`` 1e6: the host alone sets the pace), x-realtime of the listed
-  segments' audio: ``whole`` (wall of ``pipeline.run``: start-up, manifest conversion, the
-  summary pass included) and ``steady`` (benchmarks/simulated_device.py's definition: the audio
-  of every model call after the actor's first, over the span from its first to its last
-  finished call). ``per core`` = x-realtime / the CPUs Ray schedules on
-  (``ray.cluster_resources()["CPU"]``); ``ratio`` = job per core / raw per core.
+  in this one process: x-realtime per core (wall) and per CPU second, of the recordings' audio.
+* ``job``: the job's ``run`` (``hubert_ray.backend.extract.run``, or wherever the backend has
+  it; the simulated device passed as the backend takes it: :func:`run_pipeline`) with the
+  job's defaults on local Ray (one simulated GPU, ``--x-realtime`` 1e6: the host alone sets
+  the pace), x-realtime of the listed segments' audio: ``whole`` (wall of ``run``: start-up,
+  manifest conversion, the summary pass included) and ``steady``
+  (benchmarks/simulated_device.py's definition: the audio of every model call after the
+  actor's first, over the span from its first to its last finished call). ``per core`` =
+  x-realtime / the CPUs Ray schedules on (``ray.cluster_resources()["CPU"]``); ``ratio`` = job
+  per core / raw per core. On a shared machine other users' processes take wall time from
+  both sides unequally (one raw process against several job processes), so the same ratio is
+  also given in CPU time (``ratio_cpu``: raw CPU s per audio hour / the job's), which does not
+  depend on the load.
+* ``--what-if``: the job with one change made from here (no product code changes):
+  ``actor-cpus=0`` (the model stage's ``stage_args`` patched in the driver to reserve no Ray CPU
+  for the GPU actor), ``normalize=off`` (the ``--normalize off`` option).
 
-While each job runs, a sampler process reads ``/proc/<pid>/stat`` (and each thread's
-``/proc/<pid>/task/<tid>/stat``) of every process descended from this one every
-``--interval`` seconds and attributes each CPU-time delta to the process's role, from its
-title (Ray sets ``ray::<TaskOrActor>``: ``/proc/<pid>/cmdline``): decode tasks, the model
-actor, write tasks, manifest tasks, idle workers, the driver (Ray Data's executor), Ray's own
-daemons (raylet, gcs_server, agents). CPU seconds per audio hour are reported per role for
-the whole run and for the steady window; ``other_host`` is what the rest of the machine
-(other users) used meanwhile.
+While each job runs, a sampler process reads ``/proc/<pid>/stat``, ``/proc/<pid>/schedstat``
+and each thread's ``/proc/<pid>/task/<tid>/stat`` of every process descended from this one
+every ``--interval`` seconds and attributes each CPU-time delta to the process's role, from
+its title (Ray sets ``ray::<TaskOrActor>``: ``/proc/<pid>/cmdline``): decode tasks, the model
+actor (and its ``__init__``), write tasks, manifest and summary tasks, idle and starting
+workers, the driver (Ray Data's executor), Ray's own actors and daemons (raylet, gcs_server,
+agents). Reported per role, for the whole run and the steady window: CPU seconds per audio
+hour; the processes holding each role on average (task slots in use) with their CPU and
+run-queue wait per second held; what the rest of the machine (other users) used meanwhile.
 
 ``--profile`` adds one more job run in which every Ray worker process (Ray's
 ``worker_process_setup_hook``) and the driver run :class:`ThreadCpuProfiler`: a sampling
 profiler whose samples are weighted by each Python thread's own CPU time (so idle threads
 count nothing, unlike py-spy's samples here: ``py-spy record`` per worker cost ~200 CPU s per
 half-hour run on 2 cores and counted waiting threads as busy). Its stacks split each role's CPU
-into fine stages by the functions on them (:data:`FINE_RULES`, mapped by :data:`COARSE`):
-decode (soundfile/libopus/libFLAC), cut/normalise, the decode stage's Arrow output,
-transfers/serialisation (Ray's serialisation, Ray Data's block handling and batching, the
-worker's task loop), the model actor's host work (Arrow in, engine packing/staging, Arrow
-out), write (Parquet), Ray/other; what it cannot see (threads without Python: Ray's C++
-core-worker threads) is ``unsampled``. The profiled run is reported apart; its shares of each
-role's /proc CPU are applied to the timed runs.
+into fine stages by the functions on them (:data:`FINE_RULES`): decode (soundfile/libopus/
+libFLAC), cut, normalise, the decode stage's Arrow output, transfers/serialisation (Ray's
+serialisation, Ray Data's block handling and batching, the worker's task loop), the model
+actor's host work, write (Parquet), Ray/other; what it cannot see (threads without Python:
+Ray's C++ core-worker threads, torch's intra-op pool) is ``unsampled``. The profiled run is
+reported apart; its shares of each role's /proc CPU (less the profiler's own) split the timed
+runs' roles in :func:`report_table`.
 
-``--write-probe`` also times :func:`hubert_ray.dataset.output.write_part` on one core with the
-simulated device's features (zeros) against random float16 features, and Parquet options
-(compression, dictionary, batch rows): the simulated device writes zeros, which compress to
-nothing, so the job's write cost here is a lower bound.
+``--write-probe`` times :func:`hubert_ray.dataset.output.write_part` on one core on zero
+features (the simulated device's) and random float16 ones, and Parquet options and layouts
+on the random ones. ``--decode-probe`` times ways of decoding one recording on one core
+(soundfile on the path, in windows, through the job's file objects, the job's reader and
+decode stage with and without normalisation). ``--repeats 0`` runs the probes alone.
 """
 
 from __future__ import annotations
@@ -1040,7 +1053,7 @@ REPORT_ROWS = (
         ("ray.serialization", "ray.data_blocks", "ray.task_loop", "unsampled"),
     ),
     (
-        "model actor host work (Arrow in/out, packing, staging, engine)",
+        "model actor host work (Arrow in/out, packing, staging, engine; its non-Python threads)",
         (
             "model.arrow_in",
             "model.arrow_out",
@@ -1085,7 +1098,11 @@ def report_table(result: dict, variant: str = "base") -> tuple[list[tuple[str, f
         out = {}
         for role in SPLIT_ROLES:
             per_h = roles.get(role, 0.0)
-            shares = split.get(role, {}).get("share") or {"other": 1.0}
+            shares = dict(split.get(role, {}).get("share") or {"other": 1.0})
+            if role == "model_actor":  # its threads without Python: torch's, Ray's C++ ones
+                shares["model.engine"] = shares.get("model.engine", 0.0) + shares.pop(
+                    "unsampled", 0.0
+                )
             for label, fines in REPORT_ROWS:
                 out[label] = out.get(label, 0.0) + per_h * sum(shares.get(f, 0.0) for f in fines)
         out["Ray control plane: driver (Ray Data executor), raylet/gcs/agents, Ray's actors"] = sum(
@@ -1216,6 +1233,13 @@ def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
         elif layout == "flat":  # list<half>: the row's frames x 768 values, one list level
             offsets = np.concatenate(([0], np.cumsum(frames) * 768)).astype(np.int32)
             feats = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
+        elif layout == "frame_binary":  # list<fixed_size_binary(1536)>: one leaf per frame
+            offsets = np.concatenate(([0], np.cumsum(frames))).astype(np.int32)
+            buf = pa.py_buffer(np.ascontiguousarray(values).view(np.uint8).reshape(-1))
+            inner = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(values.shape[1] * 2), values.shape[0], [None, buf]
+            )
+            feats = pa.ListArray.from_arrays(pa.array(offsets), inner)
         else:  # "blob": one large_binary value per row (frames x 768 float16 bytes)
             offsets = np.concatenate(([0], np.cumsum(frames) * 768 * 2)).astype(np.int64)
             buf = pa.py_buffer(np.ascontiguousarray(values).view(np.uint8).reshape(-1))
@@ -1240,6 +1264,7 @@ def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
         "random": table(rand),
         "random_flat": table(rand, "flat"),
         "random_blob": table(rand, "blob"),
+        "random_frame_binary": table(rand, "frame_binary"),
     }
     variants = {
         "warm_up": ("random", None),
@@ -1252,6 +1277,7 @@ def write_probe(work: str, rows: int = 256, repeats: int = 3) -> dict:
         "random_batch_16": ("random", {"_batch": 16}),
         "random_flat_list_layout": ("random_flat", {}),
         "random_binary_blob_layout": ("random_blob", {}),
+        "random_frame_binary_layout": ("random_frame_binary", {}),
     }
     res: dict[str, dict] = {k: {"x_realtime": [], "bytes": None} for k in variants}
     d = os.path.join(work, "probe")
@@ -1385,6 +1411,16 @@ def summarise(rounds: list[dict], split: dict | None) -> dict:
                 v[f"median_{what}_per_audio_hour_{win}"] = {
                     k: median([t.get(k, 0.0) for t in tables]) for k in names
                 }
+        # The per-hour cost of a long run: the audio-proportional roles over the whole run (the
+        # steady window catches a random share of a run's few write tasks and misses the decode
+        # of the first call's audio) plus the control plane at its steady rate (per wall second)
+        whole_roles = v["median_roles_per_audio_hour_whole"]
+        steady_roles = v["median_roles_per_audio_hour_steady"]
+        est = sum(whole_roles.get(r, 0.0) for r in SPLIT_ROLES) + sum(
+            steady_roles.get(r, 0.0) for r in CONTROL_ROLES
+        )
+        v["long_run_cpu_per_audio_hour"] = round(est, 2)
+        v["long_run_ratio_cpu"] = round(out["median_raw_cpu_s_per_audio_hour"] / est, 3)
         v["median_steady_processes"] = {
             r: median([row["steady_processes"].get(r, 0.0) for row in timed])
             for r in ("decode", "write")

@@ -126,8 +126,6 @@ def expand(recordings: pa.Table, base_dir: str) -> pa.Table:
     )
 
 
-
-
 def manifest_dir(uri: str) -> str:
     """The directory relative audio paths of a manifest resolve against."""
     return storage.parent(uri)

@@ -242,4 +242,3 @@ def unexpected_recordings(index: DoneIndex, manifest_uri: str, storage_options) 
         return index.rows
     stray = pc.invert(pc.is_in(index.table.column("recording_id"), known_ids))
     return int(pc.sum(index.table.column("rows").filter(stray)).as_py() or 0)
-

@@ -46,7 +46,7 @@ CALIBRATION_SECONDS = 4.0
 CALIBRATION_ROUNDS = 3
 CALIBRATION_BUDGET_S = 2.0
 # The warm-up's rows are this long (threads started, their first forward: allocator, kernels).
-WARMUP_SECONDS = 1.0
+WARMUP_SECONDS = 0.5
 
 
 def _torch_threads(n: int) -> None:

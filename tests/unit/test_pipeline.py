@@ -52,6 +52,11 @@ def test_placement_plan():
     assert placement.plan_placement(three, 0).calls_per_actor == 3
     args = placement.stage_args("model", three, placement.plan_placement(three, 0))
     assert args["compute"].max_concurrent_calls_per_actor == 3
+    # a GPU actor reserves its GPU and no CPU (the decode tasks get every core); a CPU actor
+    # reserves cpus_per_actor
+    on_gpu = placement.stage_args("model", cfg, gpu)
+    assert (on_gpu["num_gpus"], on_gpu["num_cpus"]) == (1, 0)
+    assert placement.stage_args("model", cfg, cpu)["num_cpus"] == cfg.cpus_per_actor
     # torch.compile: off unless asked, then in the model actors of either device
     assert cpu.model_config.compile == gpu.model_config.compile == "none"
     compiled = ExtractConfig(manifest="m.jsonl", model="m", output="o", compile="max-autotune")
