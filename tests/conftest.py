@@ -25,6 +25,8 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 TIERS = ("unit", "ray", "integration", "gpu")  # also the order a whole run takes
+# Every folder is a package (tests.unit, tests.ray, ...): tests/ itself must never be on
+# sys.path, where tests/ray would shadow the ray package (Ray workers get the driver's sys.path).
 _HERE = Path(__file__).resolve().parent
 
 
