@@ -254,11 +254,15 @@ def write_features(plan, info, index, placement, tally, done_rows, device) -> fl
 
 
 def _tally_retries(tally) -> int:
-    """The storage retries the run's tasks and actors reported; the tally is then removed."""
+    """The storage retries the run's tasks and actors reported (0, with a warning, if the tally
+    is lost: a statistic never fails a finished job); the tally is then removed."""
     import ray
 
     try:
         return int(ray.get(tally.get.remote(), timeout=30)["retries"])
+    except Exception as e:  # noqa: BLE001
+        log.warning("storage retries of the run's workers unknown (%s)", type(e).__name__)
+        return 0
     finally:
         ray.kill(tally)
 

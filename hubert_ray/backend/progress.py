@@ -50,14 +50,18 @@ class Tally:
 
 
 def start_tally():
-    """A new tally for this run (an earlier run's, left by a crash, is replaced)."""
+    """A new tally for this run (an earlier run's, left by a crash, is replaced), on the
+    driver's node: a worker node that leaves mid-run (autoscaler, spot) must not take the
+    run's counts with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
         ray.kill(ray.get_actor(TALLY_NAME))
     except ValueError:
         pass
-    return ray.remote(num_cpus=0)(Tally).options(name=TALLY_NAME).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(Tally).options(name=TALLY_NAME, scheduling_strategy=here).remote()
 
 
 def report_retries(n: int) -> None:

@@ -2,7 +2,8 @@
 
 Head (0 CPUs) + one node with a fake GPU + two CPU-only nodes, running ``extract.run`` on the
 synthetic WenetSpeech corpus. Runs ``tests/integration/multinode_run.py`` in a subprocess: a
-Cluster cannot share a process with the session's local Ray (``ray_session``).
+Cluster cannot share a process with the session's local Ray (``ray_session``), which runs the
+single-node reference runs here.
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from hubert_ray.corpus import manifest, wenetspeech
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _reference(job: dict, out: str) -> dict:
+    """The report's job on plain single-node local Ray (the session's), model on CPU: the
+    uninterrupted run the cluster's output must equal."""
+    from hubert_ray.backend import extract
+    from hubert_ray.core.config import ExtractConfig
+
+    summary = extract.run(ExtractConfig(output=out, num_gpus=0, num_cpu_actors=1, **job))
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
 @pytest.fixture(scope="module")
-def report(wenetspeech_corpus, tiny_model, tmp_path_factory):
+def report(ray_session, wenetspeech_corpus, tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("multinode")
     recordings = []  # training L + the three evaluation sets: 5 recordings
     for subset in ("L", "DEV", "TEST_NET", "TEST_MEETING"):
@@ -53,6 +64,7 @@ def report(wenetspeech_corpus, tiny_model, tmp_path_factory):
     rep = json.loads(lines[-1].split(" ", 1)[1])
     rep["work"] = str(work)
     rep["segment_ids"] = [s.segment_id for r in recordings for s in r.segments]
+    rep["single"] = _reference(rep["job"], str(work / "single"))
     return rep
 
 
@@ -87,7 +99,7 @@ def test_features_equal_a_single_node_run(report):
 
 
 @pytest.fixture(scope="module")
-def removal_report(corpus, tiny_model, tmp_path_factory):
+def removal_report(ray_session, corpus, tiny_model, tmp_path_factory):
     """The synthetic corpus 6 times over under distinct ids (258 segments, 180 recordings),
     run while one CPU-only decode node is removed (``tests/integration/node_removal_run.py``)."""
     work = tmp_path_factory.mktemp("node-removal")
@@ -121,6 +133,7 @@ def removal_report(corpus, tiny_model, tmp_path_factory):
     rep["segment_ids"] = [
         s.segment_id for r in manifest.read_manifest(manifest_uri) for s in r.segments
     ]
+    rep["reference"] = _reference(rep["job"], str(work / "reference"))
     return rep
 
 
