@@ -303,38 +303,31 @@ def keep_layer_norms_fp32(model: nn.Module) -> int:
 def freeze_weight_norms(model: nn.Module) -> int:
     """Replace every weight-normalised weight of ``model`` (the positional convolution's:
     ``weight = g * v / ||v||``, a parametrization torch recomputes at every forward) by its
-    value, computed once in float64 by numpy; returns how many.
+    value, computed once, by torch's own operator on one thread; returns how many.
 
     Recomputed per forward, the norm is a parallel reduction whose rounding depends on the
     number of torch threads running it, so the same micro-batch gave different features on one
-    thread and on two (the CPU engine runs either: :mod:`hubert_ray.model.threads`); numpy's
-    float64 sum is the same whatever the threads, and it saves the recomputation."""
-    import numpy as np
+    thread and on two (the CPU engine runs either: :mod:`hubert_ray.model.threads`). Computed
+    once on one thread, it is the value a one-thread forward computes (the same features as
+    before it was frozen), whatever the threads, and the recomputation is saved."""
     from torch.nn.utils import parametrize
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     frozen = 0
-    for module in list(model.modules()):
-        norm = getattr(getattr(module, "parametrizations", None), "weight", None)
-        if norm is not None and len(norm) == 1 and hasattr(norm[0], "dim"):
-            g, v, dim = norm.original0, norm.original1, norm[0].dim
-        elif hasattr(module, "weight_g") and hasattr(module, "weight_v"):  # (legacy hook)
-            hook = next(h for h in module._forward_pre_hooks.values() if hasattr(h, "dim"))
-            g, v, dim = module.weight_g, module.weight_v, hook.dim
-        else:
-            continue
-        v64 = v.detach().cpu().double().numpy()
-        axes = tuple(a for a in range(v64.ndim) if a != dim % v64.ndim)
-        scale = g.detach().cpu().double().numpy() / np.sqrt(
-            (v64 * v64).sum(axis=axes, keepdims=True)
-        )
-        weight = torch.from_numpy(v64 * scale).to(v.dtype)
-        if norm is not None:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        else:
-            torch.nn.utils.remove_weight_norm(module)
+    try:
         with torch.no_grad():
-            module.weight.copy_(weight)
-        frozen += 1
+            for module in list(model.modules()):
+                norms = getattr(getattr(module, "parametrizations", None), "weight", None)
+                if norms is not None and len(norms) == 1 and hasattr(norms[0], "dim"):
+                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                elif hasattr(module, "weight_g") and hasattr(module, "weight_v"):  # legacy hook
+                    torch.nn.utils.remove_weight_norm(module)
+                else:
+                    continue
+                frozen += 1
+    finally:
+        torch.set_num_threads(threads)
     return frozen
 
 

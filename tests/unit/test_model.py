@@ -145,6 +145,33 @@ def test_single_item_matches_transformers(nets, name, n):
         np.testing.assert_allclose(ours[k], expected, rtol=1e-5, atol=2e-5)
 
 
+def test_frozen_weight_norm_is_a_one_thread_forward_bit_for_bit(model_dirs):
+    """load_model freezes the positional convolution's weight norm (computed once, on one
+    thread, whatever torch's threads): the hidden states are those of transformers' own model
+    (norm recomputed every forward) on one thread, to the bit."""
+    import transformers
+
+    stock = transformers.HubertModel.from_pretrained(model_dirs["affine"]).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        net = load_model(model_dirs["affine"], "cpu", "float32")  # frozen on 2 threads' watch
+    finally:
+        torch.set_num_threads(threads)
+    conv = net.model.encoder.pos_conv_embed.conv
+    assert not hasattr(conv, "parametrizations") and not hasattr(conv, "weight_g")
+    x = torch.from_numpy(_audio(16000, 7))[None]
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ref = stock(x, output_hidden_states=True).hidden_states
+            ours = net.model(x, output_hidden_states=True).hidden_states
+    finally:
+        torch.set_num_threads(threads)
+    for k in ALL_LAYERS:
+        assert torch.equal(ours[k], ref[k]), k
+
+
 def test_only_requested_layers_returned(nets):
     net = nets["affine"]
     out, frames = net(torch.from_numpy(_audio(8000, 0))[None], torch.tensor([8000]), (1,))
