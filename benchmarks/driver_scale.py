@@ -2,7 +2,7 @@
 
     python -m benchmarks.driver_scale --segments 14600000 --json PATH [--per-recording 292]
 
-Generates a validated canonical manifest (what ``jobs.prepare`` writes; 14.6 M segments is
+Generates a validated canonical manifest (what ``hubert-ray prepare`` writes; 14.6 M segments is
 WenetSpeech L) of N segments in recordings of ``--per-recording`` segments, and a finished
 output holding one feature row per segment (the columns the driver and the summary read, no
 features; parts of 2,000 rows, the job's ``rows_per_file``). Then, in a fresh process with

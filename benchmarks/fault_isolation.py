@@ -6,7 +6,7 @@ them costs in wall time.
 
 Generates, in a temporary directory, a tiny random HuBERT (``hubert_ray.testing``) and a corpus
 of 16 kHz WAV recordings cut into back-to-back segments of ``--segment-seconds`` (a
-validated canonical manifest, as ``jobs.prepare`` writes). Runs ``python -m jobs.extract`` on
+validated canonical manifest, as ``hubert-ray prepare`` writes). Runs ``python -m jobs.extract`` on
 CPU with the job's defaults twice, each in a fresh process with its own local Ray: once
 clean, once with the fault hook (``HUBERT_RAY_FAULT_SEGMENTS``, ``testing.faults``) on one
 segment that raises in the model stage and one that kills its worker process, both chosen

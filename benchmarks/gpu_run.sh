@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_run.sh
 #
-# 1. CUDA tests (tests/test_gpu.py: exact padded batches for every model family in FP32/FP16,
+# 1. CUDA tests (tests/gpu/test_gpu.py: exact padded batches for every model family in FP32/FP16,
 #    the FP16 stage with its checks, the pipeline on the GPU)                      <= 60 s
 # 2. the precision self-test's cost per actor and the positional convolution in FP32 vs in
 #    the compute dtype, base and large architectures                              <= 2 x 40 s
@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch, transformers; print('torch', torch.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
 tail -4 "$OUT/gpu_tests.log"
 
 for arch in "$ARCH" "$LARGE"; do

@@ -210,9 +210,10 @@ def raw_decode(files: list[str], seconds_each: float) -> dict:
 
 def run_pipeline(cfg, x_realtime: float) -> dict:
     """The job with a simulated device of ``x_realtime``, through whichever interface the
-    backend has at the time (it is being reorganised): ``run`` in ``hubert_ray.backend.pipeline``
-    or ``hubert_ray.backend.extract``; the device as ``simulate={...}`` (SimulatedDevice's
-    arguments) or as a device object (``simulate=`` / ``device=`` a SimulatedDevice)."""
+    backend has: ``run`` in ``hubert_ray.backend.extract`` (``hubert_ray.backend.pipeline``,
+    also tried, is where it was before the backend was split); the device as
+    ``simulate={...}`` (SimulatedDevice's arguments) or as a device object (``simulate=`` /
+    ``device=`` a SimulatedDevice, as ``hubert_ray.backend.extract.run`` takes it today)."""
     import importlib
     import inspect
 

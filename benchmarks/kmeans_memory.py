@@ -1,4 +1,4 @@
-"""Peak memory of ``jobs.kmeans learn`` against the size of the feature dataset:
+"""Peak memory of ``hubert-ray kmeans learn`` against the size of the feature dataset:
 
     python -m benchmarks.kmeans_memory [--hidden 768] [--sample-hours 0.05] [--k 100] \
         [--steps sample,learn] [--data DIR] [--backend auto|torch|sklearn]
@@ -6,7 +6,7 @@
 Writes feature datasets in the job's layout (``<dir>/features/part-*.parquet``, float16
 ``layer_9``, segments of 4-16 s, random values, 500 rows per part) holding 10x and 100x the
 sample's frames, then, each in a fresh subprocess: (a) the sample alone
-(``hubert_ray.units.kmeans.sample_features``) and (b) the whole ``learn`` (sample + k-means with
+(``hubert_ray.units.sampling.sample_features``) and (b) the whole ``learn`` (sample + k-means with
 ``--backend``, ``auto`` by default, + the centroid file; docs/performance.md's figures were
 taken with MiniBatchKMeans and fairseq's parameters). Prints the process's peak RSS
 (``ru_maxrss``, which includes what its imports touched on the way), its peak RSS during the

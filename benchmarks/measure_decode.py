@@ -5,7 +5,7 @@
 Generates long 16 kHz mono recordings (the synthetic WenetSpeech signal), writes each as Ogg
 Opus and as FLAC, then times in this single process (= one core), alternating: the decode of
 each recording — one whole-object read, soundfile decode, downmix/resample to 16 kHz mono
-(:func:`~hubert_ray.corpus.audio.read_audio` + ``to_mono_16k``) — and a decode
+(:func:`~hubert_ray.corpus.decoding.read_audio` + ``to_mono_16k``) — and a decode
 task's whole work (``stage_*``: :class:`hubert_ray.corpus.audio.DecodeStage` on the recordings cut
 into WenetSpeech-like segments, 128 per batch: decode, cut, check, normalise, Arrow). Prints
 JSON: the median and best x-realtime over the repeats per format. The numbers stored in

@@ -231,7 +231,7 @@ def run_actor(
             compile_note = f"compiles + first pass {time.perf_counter() - t:.1f} s untimed; "
         tables, audio_s, wall, peak, passes = bench.timed(units, stage, warm, budget)
         stats = {k: v for k, v in stage.stats.items() if k != "forward_s"}
-        # the packing's cost it ran with (measured on a GPU: engine.ForwardCost)
+        # the packing's cost it ran with (measured on a GPU: hubert_ray.model.cost.ForwardCost)
         engine = stage.engine
         packing = {"packing_cost_s": round(engine.batch_cost_samples / SR, 3)}
         if engine.forward_cost is not None:

@@ -20,7 +20,7 @@ Prints and writes::
     micro_batch_cost_s   the per-forward cost each actor packed with at the end (seconds of
                          padded audio: the larger of forward-ms and the host's time per
                          micro-batch, times R)
-    forward_cost         what it measured (engine.ForwardCost)
+    forward_cost         what it measured (hubert_ray.model.cost.ForwardCost)
     host_cpu_util        busy share of all of the host's cores during the run (/proc/stat)
 
 The corpus: one hour of WenetSpeech-like mixed-length segments (``--utt-seconds``) in 60 s

@@ -26,9 +26,9 @@ def read_features(uri, segment_ids=None, layer=None, storage_options=None):
 
 
 def read_units(uri, layer=None, storage_options=None):
-    """Units written by ``jobs.extract --units`` or ``jobs.kmeans assign`` as a table of
+    """Units written by ``hubert-ray extract --units`` or ``hubert-ray kmeans assign`` as a table of
     ``segment_id, start_s, end_s, num_frames, units_<layer>``; see
-    :func:`hubert_ray.units.kmeans.read_units`."""
+    :func:`hubert_ray.units.export.read_units`."""
     from hubert_ray.units.kmeans import read_units as _read
 
     return _read(uri, layer=layer, storage_options=storage_options)

@@ -21,7 +21,7 @@ INDEX_PARTS_PER_TASK = 2_000
 
 
 def done_index(cfg: ExtractConfig):
-    """``(ref, rows)``: a :class:`~hubert_ray.corpus.canonical.DoneIndex` of
+    """``(ref, rows)``: a :class:`~hubert_ray.dataset.resume.DoneIndex` of
     ``cfg.output`` built by Ray tasks (one lists the part files, one per
     :data:`INDEX_PARTS_PER_TASK` parts reads their recording ids, one combines) and left in the
     object store, where the tasks that expand or check the manifest get it; and the rows it

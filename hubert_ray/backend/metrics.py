@@ -1,9 +1,9 @@
 """Live job metrics through ``ray.util.metrics``: Ray's metrics agent on each node serves them
 on its Prometheus endpoint (``ray_`` + the names below; see README "Metrics and report").
 
-Recorded where the work happens: decode tasks (``pipeline._decode``) time each decode call;
-model actors (``pipeline.ModelActor``) count each output batch (outcomes, audio seconds, errors
-by reason, FP32 fallbacks) and time its forward passes.
+Recorded where the work happens: decode tasks (``hubert_ray.backend.dataset._decode``) time
+each decode call; model actors (``hubert_ray.backend.actor.ModelActor``) count each output
+batch (outcomes, audio seconds, errors by reason, FP32 fallbacks) and time its forward passes.
 
 Importable and callable without Ray: when Ray is not imported or not initialised (unit tests of
 the stages, the Ray-free reader) every ``record_*`` call is a no-op. The Ray metric objects are

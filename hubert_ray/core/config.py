@@ -140,7 +140,7 @@ class ExtractConfig:
         shown="`none`",
         group="tuning",
     )
-    # None = every GPU in the cluster (pipeline.plan_placement)
+    # None = every GPU in the cluster (hubert_ray.backend.placement.plan_placement)
     num_gpus: int | None = option(
         None,
         help="model actors on GPUs, one model per GPU; `0` runs the model on CPU",
@@ -154,8 +154,8 @@ class ExtractConfig:
         1.0, help="Ray CPUs each CPU model actor reserves", shown="`1`", group="tuning"
     )
     # Forwards a CPU model actor runs at once, one torch thread each (engine.Engine); 0 = the
-    # node's cores shared among its CPU actors (pipeline.plan_placement). More threads than
-    # reserved CPUs lends the model the cores decode tasks leave idle.
+    # node's cores shared among its CPU actors (hubert_ray.backend.placement.plan_placement).
+    # More threads than reserved CPUs lends the model the cores decode tasks leave idle.
     torch_threads: int = option(
         0,
         help=(
@@ -190,9 +190,9 @@ class ExtractConfig:
     )
     # Segments per decode batch. The manifest's recordings are cut into input blocks of whole
     # recordings holding about max(decode_batch_size, segments / MAX_INPUT_BLOCKS = 2,000)
-    # segments (pipeline.recordings_per_task); decode tasks take this many segments of a block
-    # at a time. Small tasks starve the model actor: at 16, Ray's per-task overhead left a CPU
-    # actor idle 20 % of the time (docs/performance.md).
+    # segments (hubert_ray.backend.dataset.recordings_per_task); decode tasks take this many
+    # segments of a block at a time. Small tasks starve the model actor: at 16, Ray's per-task
+    # overhead left a CPU actor idle 20 % of the time (docs/performance.md).
     decode_batch_size: int = option(
         128,
         help=(
@@ -373,7 +373,8 @@ class ExtractConfig:
 
     def decode_config(self) -> DecodeConfig:
         """The decode stage's config; ``normalize`` as resolved by the driver (``auto`` is
-        replaced with ``on`` or ``off`` before the stages are built: pipeline.run)."""
+        replaced with ``on`` or ``off`` before the stages are built:
+        ``hubert_ray.backend.extract.preflight``)."""
         return DecodeConfig(
             end_tolerance_s=self.end_tolerance_s,
             normalize=self.normalize != "off",

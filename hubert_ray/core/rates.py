@@ -1,4 +1,4 @@
-"""Throughput rates the capacity planner (``python -m jobs.plan``) works from, with provenance.
+"""Throughput rates the capacity planner (``hubert-ray plan``) works from, with provenance.
 
 A rate is "x realtime": seconds of audio processed per second of wall time, per GPU (model
 stage) or per CPU core (decode stage). Every rate says where it was measured; the planner

@@ -173,16 +173,16 @@ class ModelConfig:
     # Fixed cost of one forward micro-batch in seconds of padded audio: the packer trades
     # padding against micro-batch count (see chunking.pack_micro_batches). None = by device:
     # 1 s on CPU (measured best of 0/1/4/16 s at 256 rows per call); on a GPU each model actor
-    # measures it (engine.ForwardCost).
+    # measures it (hubert_ray.model.cost.ForwardCost).
     micro_batch_cost_seconds: float | None = None
     # Micro-batches are padded to a multiple of this many seconds (0 = to the longest item):
     # fewer distinct shapes for per-shape caches (cuDNN plans). None = by device: 0 on CPU,
     # 0.25 s on GPU (not yet measured there; benchmarks/gpu_run.sh sweeps it).
     pad_multiple_seconds: float | None = None
-    # torch.compile the transformer layers (model.ExactEncoder.compile_layers): none or a
-    # torch.compile mode. Off by default: each actor pays the compiles and needs a C++ compiler
-    # (CPU) or Triton (GPU); no faster on CPU (docs/performance.md), not yet measured on a
-    # GPU, where fusing the layers' elementwise work is what it is for.
+    # torch.compile the transformer layers (hubert_ray.model.encoder.ExactEncoder.compile_layers):
+    # none or a torch.compile mode. Off by default: each actor pays the compiles and needs a C++
+    # compiler (CPU) or Triton (GPU); no faster on CPU (docs/performance.md), not yet measured
+    # on a GPU, where fusing the layers' elementwise work is what it is for.
     compile: str = "none"
     device: str = "auto"  # auto | cuda | cpu
     # CPU: forwards at once, one torch thread each (engine.Engine); 0 = the process's CPUs

@@ -9,8 +9,8 @@ crossover and what each format gives: :mod:`hubert_ray.corpus.reading`), so a ma
 lists a tenth of a long recording decodes about a tenth of it. Over dense segments it decodes
 the recording front to back, as before. Memory per decode task is bounded by the window and
 the segments in flight, not by the recording's length. Values equal decoding the whole file
-and resampling it in one call (bit for bit where nothing is resampled; ``tests/test_audio.py``
-and ``tests/test_sparse_decode.py``).
+and resampling it in one call (bit for bit where nothing is resampled; ``tests/unit/test_audio.py``
+and ``tests/unit/test_sparse_decode.py``).
 
 A recording whose segments continue in the next batch on the same worker (a decode task runs
 its block's batches in order) continues from the open stream instead of decoding again (it

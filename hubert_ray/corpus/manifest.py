@@ -85,7 +85,7 @@ __all__ = [  # the public API (some of it defined in formats and records)
 
 VALIDATED_KEY = b"hubert_ray.validated"
 """Parquet metadata key of a canonical manifest whose every rule (unique ids, valid times,
-non-empty segment lists) was checked when it was written (``jobs.prepare``)."""
+non-empty segment lists) was checked when it was written (``hubert-ray prepare``)."""
 
 
 def stamp(metadata: dict | None = None) -> dict:
@@ -165,7 +165,7 @@ def read_segments(uri: str, storage_options: dict | None = None) -> pa.Table:
     """The manifest's segment rows (:data:`SEGMENT_SCHEMA`, as :func:`segment_table` of
     :func:`read_manifest`), validated the same way.
 
-    A canonical Parquet manifest (what ``jobs.prepare`` writes, e.g. from WenetSpeech.json) is
+    A canonical Parquet manifest (what ``hubert-ray prepare`` writes, e.g. from WenetSpeech.json) is
     read and checked column-wise with Arrow, without a Python object per segment: at
     WenetSpeech scale (14.6 M segments) the per-segment path cost the driver 71–73 s, this
     one 8–13 s (docs/performance.md). Any other format, or a canonical file that fails a check,

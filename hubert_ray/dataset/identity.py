@@ -26,7 +26,7 @@ def redacted(cfg: ExtractConfig) -> dict:
 # Resume is a home-made skip, not ``ray.data.checkpoint``: before building the dataset the
 # job counts, per recording, the rows already present in ``features/`` and ``errors/`` (a
 # small table, resume.DoneIndex, built by Ray tasks and left in the object store:
-# pipeline.done_index); the tasks that expand the manifest's recordings
+# hubert_ray.backend.checks.done_index); the tasks that expand the manifest's recordings
 # into segments skip a recording whose rows are all there and drop, by id, the written segments
 # of one partly there (read from its own part files). It is exact because (1) a part file
 # appears whole or not at all (temporary name + rename locally, one upload on object storage),
@@ -34,10 +34,11 @@ def redacted(cfg: ExtractConfig) -> dict:
 # row out), and (3) the skip is by id, so a part written just before a kill is simply not
 # redone. Ray's checkpointing (beta) needs a Read datasource and a Write datasink, while this
 # job writes through its own ``FeatureSink``; it also adds a filter actor reserving 1 CPU +
-# 1 GiB that stalls small clusters (docs/design.md). ``tests/test_resume.py`` proves exactness
-# with SIGKILLed runs. A finished run leaves ``_summary.json`` then ``_SUCCESS`` (completion
-# markers); ``_job.json`` (the run's identity) is written before any work so a rerun with a
-# different model, layers or dtype into the same output is refused instead of mixing features.
+# 1 GiB that stalls small clusters (docs/design.md). ``tests/integration/test_resume.py``
+# proves exactness with SIGKILLed runs. A finished run leaves ``_summary.json`` then
+# ``_SUCCESS`` (completion markers); ``_job.json`` (the run's identity) is written before any
+# work so a rerun with a different model, layers or dtype into the same output is refused
+# instead of mixing features.
 # Transient error rows (read errors) are taken out of ``errors/`` by a rerun
 # (output.retry_transient_errors), so their segments count as not done and are decoded again.
 

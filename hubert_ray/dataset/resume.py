@@ -122,7 +122,8 @@ def combine_index(uri: str, files: list[str], ranges: list[pa.Table]) -> DoneInd
 def build_done_index(uri: str, storage_options: dict | None = None) -> DoneIndex:
     """Read the ``recording_id`` column of every part under ``features/`` and ``errors/``
     (a few threads) into a :class:`DoneIndex`, in this process; the job builds it in Ray
-    tasks instead (``pipeline.done_index``), keeping it and the part list off its driver."""
+    tasks instead (``hubert_ray.backend.checks.done_index``), keeping it and the part list off
+    its driver."""
     files = done_part_files(uri, storage_options)
     return combine_index(uri, files, [index_parts(uri, files, 0, len(files), storage_options)])
 

@@ -222,7 +222,7 @@ class ModelStage:
 def assemble(batch: pa.Table, columns: dict, frames: list[int], res, identity: dict) -> pa.Table:
     """The model stage's output table: ``batch``'s rows with their ``columns`` (name -> Arrow
     array: ``layer_<k>``, ``units_<k>``, ...), frame counts, the engine's per-row outcome
-    ``res`` (:class:`hubert_ray.model.engine.Result`) and ``identity`` (model, model_revision,
+    ``res`` (:class:`hubert_ray.model.calls.Result`) and ``identity`` (model, model_revision,
     actor_id)."""
     n = batch.num_rows
     stage = batch.column("error_stage").to_pylist()

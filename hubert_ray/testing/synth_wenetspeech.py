@@ -9,8 +9,8 @@ tails, the mixture has exactly that median, p99 and mean:
 * 0.02 % uniform in [60, 120] s (the few very long ones)
 
 (solved numerically: with no mass above 10 s the median and p99 pin ``mu``/``sigma``; the
-tail weight then sets the mean). :func:`segment_durations` draws from it; ``tests/
-test_wenetspeech.py`` checks the statistics on a large sample.
+tail weight then sets the mean). :func:`segment_durations` draws from it;
+``tests/unit/test_wenetspeech.py`` checks the statistics on a large sample.
 
 Subsets are tagged like the real file: every training segment is ``{L}``, about half also
 ``{M}``, about a fifth also ``{S}`` (so S ⊂ M ⊂ L); DEV, TEST_NET and TEST_MEETING are separate

@@ -15,7 +15,7 @@ from hubert_ray.io import storage
 from hubert_ray.units import centroids as units
 from hubert_ray.units.features import READ_BATCH_ROWS, flat_frames, open_parquet
 
-UNITS_DIR = "units"  # where ``jobs.kmeans assign`` writes the unit parts, under its output
+UNITS_DIR = "units"  # where ``hubert-ray kmeans assign`` writes the unit parts, under its output
 UNIT_TYPE = pa.list_(pa.uint16())
 _KEEP_COLUMNS = ("segment_id", "recording_id", "start_s", "end_s", "num_frames")
 

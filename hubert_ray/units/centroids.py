@@ -112,7 +112,7 @@ def _provenance_of(header: dict, name: str) -> dict:
     meta = header.get("__metadata__") or {}
     if META_KEY not in meta or TENSOR not in header:
         raise ConfigError(
-            f"{name!r} is not a centroid file written by `python -m jobs.kmeans learn` "
+            f"{name!r} is not a centroid file written by `hubert-ray kmeans learn` "
             f"(no {META_KEY!r} metadata or no {TENSOR!r} tensor)",
             field="units",
         )

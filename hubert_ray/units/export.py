@@ -1,5 +1,5 @@
-"""Reading a units dataset (``units_<L>`` columns, from ``jobs.kmeans assign`` or
-``jobs.extract --units``) and exporting it as fairseq's label files, without Ray."""
+"""Reading a units dataset (``units_<L>`` columns, from ``hubert-ray kmeans assign`` or
+``hubert-ray extract --units``) and exporting it as fairseq's label files, without Ray."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from hubert_ray.units.features import part_files
 
 
 def units_directory(uri: str, storage_options=None) -> str:
-    """The directory holding unit parts: ``<uri>/units`` (``jobs.kmeans assign``) or
-    ``<uri>/features`` (units written by ``jobs.extract --units``), or ``uri`` itself."""
+    """The directory holding unit parts: ``<uri>/units`` (``hubert-ray kmeans assign``) or
+    ``<uri>/features`` (units written by ``hubert-ray extract --units``), or ``uri`` itself."""
     fs, path = storage.filesystem(uri, storage_options)
     for sub in (UNITS_DIR, output.FEATURES_DIR):
         if fs.exists(f"{path.rstrip('/')}/{sub}"):

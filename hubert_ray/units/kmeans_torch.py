@@ -1,7 +1,7 @@
 """k-means in torch, on the sample's device: k-means++ initialisation, then full-batch Lloyd.
 
-The learn sample is bounded (``hubert_ray.units.kmeans.sample_features``) and is meant to fit in the
-memory of the device that clusters it, so every iteration sees every frame: Lloyd on the whole
+The learn sample is bounded (``hubert_ray.units.sampling.sample_features``) and is meant to fit in
+the memory of the device that clusters it, so every iteration sees every frame: Lloyd on the whole
 sample reaches a lower inertia than scikit-learn's MiniBatchKMeans with fairseq's parameters
 on the same sample (``python -m benchmarks.kmeans_quality``, docs/units.md).
 

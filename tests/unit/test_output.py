@@ -37,7 +37,8 @@ def _errors(ids, reason):
 
 def test_summarize_parts_counts_part_by_part(tmp_path):
     """Rows, errors by reason, dtypes, frames and audio, read part file by part file (the
-    manifest-wide missing / duplicated checks are the segments module's: test_segments.py)."""
+    manifest-wide missing / duplicated checks are hubert_ray.dataset.resume's:
+    tests/unit/test_segments.py)."""
     out = str(tmp_path)
     feats = f"{out}/{output.FEATURES_DIR}"
     output.write_part(_features(["a", "b", "c"]), feats, None)
