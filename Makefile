@@ -19,13 +19,18 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/hubert-ray demo
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), each file whole in one of them: most
+# of the suite waits (Ray starting, subprocesses, killed jobs), so two overlap on two cores.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # The whole suite, every tier (what CI runs): tests/unit, tests/ray, tests/integration, tests/gpu.
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
-# The unit tier only: no Ray, no subprocess, no S3 server (a few minutes on two cores).
+# The unit tier only: no Ray, no subprocess, no S3 server (about a minute on two cores).
 test-fast: install
-	$(PY) -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 lint: install
 	$(VENV)/bin/ruff check .
