@@ -25,7 +25,7 @@ import pytest
 from hubert_ray.core.config import DecodeConfig, ExtractConfig
 from hubert_ray.dataset import output
 from hubert_ray.io import storage
-from tests.integration.s3_server import FaultProxy, S3Server, upload_dir
+from tests.integration.s3_server import FaultProxy, upload_dir
 from tests.unit.test_s3 import KEY_ID, SECRET
 
 pytest.importorskip("moto.server")
@@ -45,13 +45,6 @@ JOB = dict(
 
 def options(endpoint: str) -> dict:
     return {"key": KEY_ID, "secret": SECRET, "endpoint_url": endpoint}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

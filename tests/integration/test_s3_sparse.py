@@ -23,7 +23,7 @@ from hubert_ray.corpus.audio import (
 )
 from hubert_ray.io import storage
 from hubert_ray.testing.synth import FORMATS
-from tests.integration.s3_server import FaultProxy, S3Server
+from tests.integration.s3_server import FaultProxy
 
 pytest.importorskip("moto.server")
 
@@ -45,13 +45,6 @@ INPUT_SCHEMA = pa.schema(
 
 def options(endpoint: str) -> dict:
     return {"key": KEY_ID, "secret": SECRET, "endpoint_url": endpoint}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
