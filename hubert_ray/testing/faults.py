@@ -1,6 +1,6 @@
 """Fault injection for tests: the one place where the job reads test hooks (off unless set).
 
-Two hooks, read from the environment once when a model actor starts (Ray's local workers
+Three hooks, read from the environment once when a model actor starts (Ray's local workers
 inherit the driver's environment, so a test sets them before ``ray.init``):
 
 - ``HUBERT_RAY_FAULT_SEGMENTS="raise:ID1,ID2;exit:ID3"``: the model stage raises when a call
@@ -10,6 +10,8 @@ inherit the driver's environment, so a test sets them before ``ray.init``):
   ``HUBERT_RAY_FAIL_DIR``: the k-th model-stage call of a process fails; ``raise`` and ``exit``
   once per job (a marker file in the directory records that it did), ``exit-every`` every time.
   ``HUBERT_RAY_FAIL_MODE=start``: every model actor raises in its constructor.
+- ``HUBERT_RAY_FAULT_DELAY_S=s``: every model-stage call first sleeps ``s`` seconds (a slow
+  device: a test that stops or kills a job mid-run gets a run that lasts, whatever the CPU).
 
 Production code calls :meth:`Faults.check` only when :func:`from_env` found a hook.
 """
@@ -17,12 +19,14 @@ Production code calls :meth:`Faults.check` only when :func:`from_env` found a ho
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 SEGMENTS_ENV = "HUBERT_RAY_FAULT_SEGMENTS"
 FAIL_BATCH_ENV = "HUBERT_RAY_FAIL_BATCH"
 FAIL_MODE_ENV = "HUBERT_RAY_FAIL_MODE"
 FAIL_DIR_ENV = "HUBERT_RAY_FAIL_DIR"
+DELAY_ENV = "HUBERT_RAY_FAULT_DELAY_S"
 EXIT_CODE = 17
 
 
@@ -37,10 +41,13 @@ class Faults:
     batch: int | None = None
     mode: str = "raise"
     fail_dir: str | None = None
+    delay_s: float = 0.0
     calls: int = field(default=0)
 
     def check_call(self) -> None:
-        """Count a model-stage call; fail it if it is the k-th."""
+        """Count a model-stage call (after the delay, if one is set); fail it if it is the k-th."""
+        if self.delay_s:
+            time.sleep(self.delay_s)
         self.calls += 1
         if self.batch is None or self.calls != self.batch:
             return
@@ -77,7 +84,8 @@ def from_env() -> Faults | None:
     """The hooks the environment sets, or ``None`` (the production case)."""
     spec = os.environ.get(SEGMENTS_ENV, "")
     batch = os.environ.get(FAIL_BATCH_ENV)
-    if not spec and not batch and os.environ.get(FAIL_MODE_ENV) != "start":
+    delay_s = float(os.environ.get(DELAY_ENV) or 0)
+    if not spec and not batch and not delay_s and os.environ.get(FAIL_MODE_ENV) != "start":
         return None
     ids: dict[str, set] = {"raise": set(), "exit": set()}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
@@ -91,4 +99,5 @@ def from_env() -> Faults | None:
         batch=int(batch) if batch else None,
         mode=os.environ.get(FAIL_MODE_ENV, "raise"),
         fail_dir=os.environ.get(FAIL_DIR_ENV),
+        delay_s=delay_s,
     )

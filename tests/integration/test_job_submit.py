@@ -188,6 +188,7 @@ def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path)
     """``ray job stop`` while parts are being written: the job ends STOPPED with no completion
     marker and its parts kept; the same job submitted again resumes (skips what was written)
     and ends with every segment exactly once."""
+    from hubert_ray.testing.faults import DELAY_ENV
     from hubert_ray.testing.synth import synth_signal, write_audio
 
     address, env = head
@@ -205,9 +206,13 @@ def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path)
         "--rows-per-file", "3", "--quiet",
     ]  # fmt: skip
     submit = ["submit", "--working-dir", ".", "--runtime-env-json", json.dumps(RUNTIME_ENV)]
+    # The first run's model calls each take 0.25 s more (a slow device: 240 calls of 4 rows,
+    # a minute at least), so that the stop lands mid-run however fast this machine is.
+    slow = {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], DELAY_ENV: "0.25"}}
     first = _job(
-        address, env, *submit, "--submission-id", "stop-me", "--no-wait", "--", *entrypoint
-    )
+        address, env, "submit", "--working-dir", ".", "--runtime-env-json", json.dumps(slow),
+        "--submission-id", "stop-me", "--no-wait", "--", *entrypoint,
+    )  # fmt: skip
     assert first.returncode == 0, first.stdout + first.stderr
     deadline = time.time() + 240
     parts = out / "features"
