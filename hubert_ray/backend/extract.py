@@ -248,9 +248,22 @@ def write_features(plan, info, index, placement, tally, done_rows, device) -> fl
     ds = build_manifest_dataset(plan.stage_cfg, plan.manifest_uri, info, index, placement, device)
     sink = make_sink(plan.cfg, plan.metadata, tally)
     todo = max(0, info["segments"] - done_rows)
+    _settle_cpus()
     with progress.Reporter(tally, todo, plan.cfg.progress_seconds):
         write(ds, sink)
     return sink.audio_seconds
+
+
+def _settle_cpus(timeout_s: float = 10.0) -> None:
+    """Wait (at most ``timeout_s``) until Ray's resource view shows a free CPU. Ray Data warns,
+    when the write starts, that a cluster with none "will hang"; the done index's tasks, just
+    finished, can still show as holding theirs on a small or busy node for a moment, which made
+    that warning appear on healthy runs. A cluster that really has no free CPU still gets it."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _tally_retries(tally) -> int:
