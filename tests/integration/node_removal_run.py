@@ -25,12 +25,14 @@ import time
 
 
 def main(manifest_uri: str, model: str, work: str) -> dict:
+    from hubert_ray.testing.faults import DELAY_ENV
+
     trace_dir = os.path.join(work, "trace")
     os.makedirs(trace_dir, exist_ok=True)
     os.environ["HUBERT_RAY_TRACE_DIR"] = trace_dir  # decode tasks record their node id
     # Model calls 0.1 s slower (a slow device; hubert_ray.testing.faults): the removal lands
     # mid-run with decoded blocks still waiting, on any machine.
-    os.environ["HUBERT_RAY_FAULT_DELAY_S"] = "0.1"
+    os.environ[DELAY_ENV] = "0.1"
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.pop("RAY_ADDRESS", None)
 
@@ -94,7 +96,7 @@ def main(manifest_uri: str, model: str, work: str) -> dict:
     ray.shutdown()
     cluster.shutdown()
     os.environ.pop("HUBERT_RAY_TRACE_DIR")
-    os.environ.pop("HUBERT_RAY_FAULT_DELAY_S")
+    os.environ.pop(DELAY_ENV)
     trace = _trace(trace_dir)
     recordings = manifest.read_manifest(manifest_uri)
     sizes = {

@@ -205,14 +205,16 @@ def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path)
         "--output", str(out), "--num-gpus", "0", "--batch-size", "4", "--decode-batch-size", "8",
         "--rows-per-file", "3", "--quiet",
     ]  # fmt: skip
-    submit = ["submit", "--working-dir", ".", "--runtime-env-json", json.dumps(RUNTIME_ENV)]
+
+    def submit(runtime_env: dict) -> list[str]:
+        return ["submit", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env)]
+
     # The first run's model calls each take 0.25 s more (a slow device: 240 calls of 4 rows,
     # a minute at least), so that the stop lands mid-run however fast this machine is.
     slow = {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], DELAY_ENV: "0.25"}}
     first = _job(
-        address, env, "submit", "--working-dir", ".", "--runtime-env-json", json.dumps(slow),
-        "--submission-id", "stop-me", "--no-wait", "--", *entrypoint,
-    )  # fmt: skip
+        address, env, *submit(slow), "--submission-id", "stop-me", "--no-wait", "--", *entrypoint
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     deadline = time.time() + 240
     parts = out / "features"
@@ -227,7 +229,7 @@ def test_job_stop_keeps_parts_and_a_resubmit_resumes(head, tiny_model, tmp_path)
     assert "was stopped" in status.stdout + status.stderr, status.stdout + status.stderr
     assert not (out / "_SUCCESS").exists() and not (out / "_summary.json").exists()
 
-    again = _job(address, env, *submit, "--", *entrypoint)
+    again = _job(address, env, *submit(RUNTIME_ENV), "--", *entrypoint)
     logs = again.stdout + again.stderr
     assert again.returncode == 0 and "succeeded" in logs, logs[-6000:]
     summary = json.loads((out / "_summary.json").read_text())
